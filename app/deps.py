@@ -1,0 +1,45 @@
+"""FastAPI dependencies: the app context, one session per request (committed before the response is
+sent), the authenticated caller and the worker-token guard."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+from sqlalchemy.orm import Session
+
+from app.auth import Caller, authenticate, check_worker_token
+from app.db import session_scope
+from app.state import AppContext
+
+
+def get_ctx(request: Request) -> AppContext:
+    ctx: AppContext = request.app.state.ctx
+    return ctx
+
+
+Ctx = Annotated[AppContext, Depends(get_ctx)]
+
+
+def get_session(ctx: Ctx) -> Iterator[Session]:
+    yield from session_scope(ctx.sessions)
+
+
+# scope="function": the commit happens before the response leaves, so a client never sees a 200 for a
+# write that then failed to commit.
+DbSession = Annotated[Session, Depends(get_session, scope="function")]
+
+
+def get_caller(session: DbSession, authorization: Annotated[str | None, Header()] = None) -> Caller:
+    return authenticate(session, authorization)
+
+
+CurrentCaller = Annotated[Caller, Depends(get_caller)]
+
+
+def require_worker(ctx: Ctx, authorization: Annotated[str | None, Header()] = None) -> None:
+    check_worker_token(ctx.worker_token, authorization)
+
+
+IdempotencyKeyHeader = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)]

@@ -1,0 +1,122 @@
+"""Domain errors and the one place that maps them (and every other failure) to OpenAI's error shape.
+
+Services raise these; routes never build HTTP errors themselves. No stack trace or SQL ever reaches a
+client: unexpected exceptions become a generic 500, database outages a 503 with ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+
+class DomainError(Exception):
+    status = 400
+    type = "invalid_request_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+
+class InvalidRequest(DomainError):
+    status = 400
+
+
+class Unauthorized(DomainError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class NotFound(DomainError):
+    status = 404
+    code = "not_found"
+
+
+class Conflict(DomainError):
+    status = 409
+    code = "conflict"
+
+
+class PayloadTooLarge(DomainError):
+    status = 413
+    code = "file_too_large"
+
+
+class IdempotencyMismatch(DomainError):
+    status = 422
+    code = "idempotency_key_reused"
+
+
+class ServiceUnavailable(DomainError):
+    status = 503
+    type = "server_error"
+    code = "service_unavailable"
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+_UNION_TAGS = {"int", "float", "str", "bool", "list", "dict", "none"}
+
+
+def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
+    """``("body", "method", "ipo", "lora", "r", "constrained-int")`` -> ``method.ipo.lora.r``.
+
+    Pydantic adds the tag of each union member it tried; those are not fields, so they are dropped.
+    """
+    parts: list[str] = []
+    for p in loc[1:] if loc and loc[0] in ("body", "query", "path", "header", "form", "cookie") else loc:
+        text = str(p)
+        if isinstance(p, str) and (text in _UNION_TAGS or any(c in text for c in "[]-")):
+            continue
+        parts.append(text)
+    return ".".join(parts) or None
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(DomainError)
+    async def _domain(_: Request, exc: DomainError) -> JSONResponse:
+        headers = {"Retry-After": "5"} if exc.status == 503 else None
+        return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), exc.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        param = _loc_to_param(tuple(first.get("loc", ())))
+        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+        if len(errors) > 1:
+            message += f" (and {len(errors) - 1} more)"
+        return JSONResponse(error_body(message, "invalid_request_error", param, "invalid_value"), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return JSONResponse(error_body(str(exc.detail), "invalid_request_error", None, code), exc.status_code)
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(DBAPIError)
+    async def _db_down(_: Request, exc: Exception) -> JSONResponse:
+        log.warning("database unavailable: %s", type(exc).__name__)
+        body = error_body("The database is unavailable; retry shortly.", "server_error", None, "service_unavailable")
+        return JSONResponse(body, 503, headers={"Retry-After": "5"})
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return JSONResponse(error_body("Internal server error.", "server_error", None, "internal_error"), 500)

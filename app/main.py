@@ -1,0 +1,63 @@
+"""``create_app()``: the FastAPI application (public ``/v1``, worker ``/internal/v1``, health).
+
+The API process never imports torch, transformers, trl or peft: it starts fast and stays small.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app.db import make_engine, make_sessionmaker
+from app.errors import install_error_handlers
+from app.routes import files, health, internal, jobs
+from app.services.dispatch import CeleryDoorbell, DispatcherThread, Doorbell
+from app.settings import Settings, get_settings
+from app.state import AppContext
+from app.storage import open_storage
+
+log = logging.getLogger(__name__)
+
+
+def build_context(settings: Settings) -> AppContext:
+    engine = make_engine(settings.resolved_database_url, settings.db_pool_size)
+    return AppContext(
+        settings=settings,
+        engine=engine,
+        sessions=make_sessionmaker(engine),
+        storage=open_storage(settings.resolved_storage_url),
+        worker_token=settings.resolved_worker_token(),
+    )
+
+
+def create_app(settings: Settings | None = None, doorbell: Doorbell | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    ctx = build_context(settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        dispatcher = None
+        if settings.run_dispatcher:
+            dispatcher = DispatcherThread(ctx.sessions, settings, doorbell or CeleryDoorbell(settings), ctx.wake_dispatcher)
+            dispatcher.start()
+        try:
+            yield
+        finally:
+            if dispatcher is not None:
+                dispatcher.stop()
+            ctx.engine.dispose()
+
+    app = FastAPI(
+        title="ipo-align",
+        version="0.1.0",
+        summary="IPO/DPO preference alignment with QLoRA, behind an OpenAI-compatible fine-tuning API.",
+        lifespan=lifespan,
+    )
+    app.state.ctx = ctx
+    install_error_handlers(app)
+    for module in (health, files, jobs, internal):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,106 @@
+"""Fine-tuning jobs, their events and checkpoints: the ledger the worker protocol runs on."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import BigInteger, DateTime, ForeignKey, Index, Integer, String, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from app.models.base import Base, JsonDoc, utcnow
+
+
+class JobStatus(enum.StrEnum):
+    VALIDATING_FILES = "validating_files"
+    QUEUED = "queued"
+    RUNNING = "running"
+    PAUSED = "paused"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (
+        Index("ix_jobs_project_created", "project_id", "created_at", "id"),
+        Index("ix_jobs_status_lease", "status", "lease_expires_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    status: Mapped[str] = mapped_column(String(20), default=JobStatus.QUEUED)
+    model: Mapped[str] = mapped_column(String(200))
+    training_file: Mapped[str] = mapped_column(ForeignKey("files.id"))
+    validation_file: Mapped[str | None] = mapped_column(ForeignKey("files.id"))
+    suffix: Mapped[str | None] = mapped_column(String(64))
+    seed: Mapped[int] = mapped_column(BigInteger)
+    job_metadata: Mapped[dict[str, str] | None] = mapped_column("metadata", JsonDoc)
+    method: Mapped[dict[str, Any]] = mapped_column(JsonDoc)
+    """The validated ``method`` block, as the user sent it (``contracts.method.Method``)."""
+    resolved_hyperparameters: Mapped[dict[str, Any] | None] = mapped_column(JsonDoc)
+    """What actually ran, every ``auto`` resolved (reported by the worker)."""
+
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    """Number of claims so far; the current attempt while running."""
+    failed_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_token: Mapped[str | None] = mapped_column(String(64))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    worker_id: Mapped[str | None] = mapped_column(String(200))
+
+    error: Mapped[dict[str, Any] | None] = mapped_column(JsonDoc)
+    fine_tuned_model: Mapped[str | None] = mapped_column(String(300))
+    result_files: Mapped[list[str] | None] = mapped_column(JsonDoc)
+    trained_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    step: Mapped[int | None] = mapped_column(Integer)
+    total_steps: Mapped[int | None] = mapped_column(Integer)
+    estimated_finish: Mapped[int | None] = mapped_column(BigInteger)
+
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    dispatched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    """When the last Celery message for this job was sent (the sweeper re-sends lost ones)."""
+
+
+class JobEvent(Base):
+    __tablename__ = "job_events"
+    __table_args__ = (
+        # A replayed worker report (same attempt + seq) is dropped, never duplicated.
+        UniqueConstraint("job_id", "attempt", "seq"),
+        Index("ix_job_events_job_id_id", "job_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    """Assigned by the database: monotonically increasing, so per job too."""
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    attempt: Mapped[int | None] = mapped_column(Integer)
+    seq: Mapped[int | None] = mapped_column(Integer)
+    """The worker's per-attempt sequence number; NULL for events the API writes itself."""
+    type: Mapped[str] = mapped_column(String(20), default="message")
+    level: Mapped[str] = mapped_column(String(10), default="info")
+    message: Mapped[str] = mapped_column(String(4000))
+    data: Mapped[dict[str, Any] | None] = mapped_column(JsonDoc)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Checkpoint(Base):
+    __tablename__ = "checkpoints"
+    __table_args__ = (Index("ix_checkpoints_job_step", "job_id", "step"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    attempt: Mapped[int] = mapped_column(Integer)
+    step: Mapped[int] = mapped_column(Integer)
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JsonDoc)
+    file_id: Mapped[str] = mapped_column(ForeignKey("files.id"))
+    """The checkpoint archive (adapter + optimizer state), recorded only once fully stored."""
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

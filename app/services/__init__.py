@@ -1,0 +1,1 @@
+"""Business rules. Each function takes a session and a caller/project, raises domain errors, never HTTP."""

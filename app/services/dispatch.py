@@ -1,0 +1,140 @@
+"""The dispatcher loop: sends outbox rows to Celery after commit, re-sends lost doorbells, reaps leases.
+
+Postgres is the ledger and Celery only the doorbell: a message that never arrives (broker flushed,
+API crashed between commit and send) delays a job, it never loses it. Several API replicas can run
+this loop at once: rows are taken with ``FOR UPDATE SKIP LOCKED``, and a doorbell rung twice is
+harmless because the worker's claim is a conditional UPDATE.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import timedelta
+from typing import Any, Protocol
+
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.models import Job, JobStatus, OutboxMessage
+from app.models.base import utcnow
+from app.services.jobs import add_event, enqueue_dispatch
+from app.services.worker_protocol import fail_attempt, release
+from app.settings import Settings
+from contracts.internal import QUEUE, TASK_NAME
+
+log = logging.getLogger(__name__)
+
+
+class Doorbell(Protocol):
+    def ring(self, job_id: str) -> None: ...
+
+
+class CeleryDoorbell:
+    """Sends ``ipo.run_job`` by name: the API never imports the worker's code."""
+
+    def __init__(self, settings: Settings) -> None:
+        from celery import Celery
+
+        self.celery = Celery("ipo-api", broker=settings.resolved_broker_url, set_as_current=False)
+        self.celery.conf.update(
+            broker_transport_options=settings.broker_transport_options(),
+            task_serializer="json",
+            accept_content=["json"],
+            broker_connection_retry_on_startup=True,
+        )
+
+    def ring(self, job_id: str) -> None:
+        self.celery.send_task(TASK_NAME, kwargs={"job_id": job_id}, queue=QUEUE, retry=True,
+                              retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5})
+
+
+def send_pending(session: Session, doorbell: Doorbell, batch: int = 100) -> int:
+    rows = list(session.scalars(
+        select(OutboxMessage).where(OutboxMessage.sent_at.is_(None)).order_by(OutboxMessage.id)
+        .limit(batch).with_for_update(skip_locked=True)
+    ))
+    sent = 0
+    for row in rows:
+        row.attempts += 1
+        try:
+            doorbell.ring(str(row.payload["job_id"]))
+        except Exception as exc:  # broker down: keep the row, try again next tick
+            row.last_error = f"{type(exc).__name__}: {exc}"[:1000]
+            log.warning("dispatch of %s failed: %s", row.payload, row.last_error)
+            break
+        now = utcnow()
+        row.sent_at = now
+        job = session.get(Job, row.payload["job_id"])
+        if job is not None:
+            job.dispatched_at = now
+        sent += 1
+    return sent
+
+
+def redispatch_lost(session: Session, settings: Settings) -> int:
+    """Queued jobs whose doorbell was sent long ago but never answered get a new one."""
+    cutoff = utcnow() - timedelta(seconds=settings.redispatch_after_seconds)
+    jobs = list(session.scalars(
+        select(Job).where(Job.status == JobStatus.QUEUED, Job.lease_token.is_(None),
+                          or_(Job.dispatched_at.is_(None), Job.dispatched_at < cutoff))
+        .limit(100).with_for_update(skip_locked=True)
+    ))
+    unsent = {str(p["job_id"]) for p in session.scalars(select(OutboxMessage.payload).where(OutboxMessage.sent_at.is_(None)))}
+    count = 0
+    for job in jobs:
+        if job.id in unsent:
+            continue
+        enqueue_dispatch(session, job)
+        job.dispatched_at = utcnow()
+        count += 1
+    return count
+
+
+def reap_expired_leases(session: Session, settings: Settings) -> int:
+    """A worker that stopped heartbeating lost its job: a new attempt resumes from the last checkpoint."""
+    now = utcnow()
+    jobs = list(session.scalars(
+        select(Job).where(Job.lease_token.is_not(None), Job.lease_expires_at < now).limit(100)
+        .with_for_update(skip_locked=True)
+    ))
+    for job in jobs:
+        if job.status == JobStatus.RUNNING:
+            fail_attempt(session, settings, job, "worker_lost",
+                         f"worker {job.worker_id} stopped heartbeating (lease expired)", retryable=True)
+        else:  # paused/cancelled while its worker died: just free it
+            release(job)
+            add_event(session, job, f"Worker {job.worker_id} lost while stopping; lease released", level="warn")
+    return len(jobs)
+
+
+def tick(sessions: sessionmaker[Session], settings: Settings, doorbell: Doorbell) -> dict[str, Any]:
+    stats: dict[str, Any] = {}
+    for name, step in (("reaped", lambda s: reap_expired_leases(s, settings)),
+                       ("redispatched", lambda s: redispatch_lost(s, settings)),
+                       ("sent", lambda s: send_pending(s, doorbell))):
+        with sessions() as session, session.begin():
+            stats[name] = step(session)
+    return stats
+
+
+class DispatcherThread(threading.Thread):
+    def __init__(self, sessions: sessionmaker[Session], settings: Settings, doorbell: Doorbell,
+                 wake: threading.Event) -> None:
+        super().__init__(name="ipo-dispatcher", daemon=True)
+        self.sessions, self.settings, self.doorbell, self.wake = sessions, settings, doorbell, wake
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                tick(self.sessions, self.settings, self.doorbell)
+            except Exception as exc:  # database or broker down: log, keep looping, recover by itself
+                log.warning("dispatcher tick failed: %s: %s", type(exc).__name__, exc)
+            self.wake.wait(self.settings.dispatch_interval_seconds)
+            self.wake.clear()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.wake.set()
+        self.join(timeout=10)

@@ -1,0 +1,160 @@
+"""Fine-tuning jobs: create (with its outbox row, one transaction), read, list, and user transitions.
+
+Every status change is one conditional UPDATE naming the states it expects; when it matches no row
+the caller gets a 409 that says why, never a silent overwrite.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session
+
+from app.errors import Conflict, InvalidRequest, NotFound
+from app.models import FileStatus, Job, JobEvent, JobStatus, OutboxMessage
+from app.models.base import new_id, utcnow
+from app.schemas.requests import JobCreate
+from app.services import files as files_service
+from app.services.models_registry import is_allowed, list_base_models
+from contracts.method import Method
+
+ACTIVE = (JobStatus.VALIDATING_FILES, JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.PAUSED)
+
+
+def add_event(
+    session: Session, job: Job, message: str, *, level: str = "info", type_: str = "message",
+    data: dict[str, Any] | None = None, attempt: int | None = None, seq: int | None = None,
+) -> JobEvent:
+    event = JobEvent(
+        job_id=job.id, project_id=job.project_id, attempt=attempt, seq=seq, type=type_, level=level,
+        message=message, data=data, created_at=utcnow(),
+    )
+    session.add(event)
+    return event
+
+
+def enqueue_dispatch(session: Session, job: Job) -> None:
+    """Write the doorbell into the outbox; the dispatcher sends it after this transaction commits."""
+    session.add(OutboxMessage(project_id=job.project_id, kind="dispatch_job", payload={"job_id": job.id}, created_at=utcnow()))
+
+
+def _merge_legacy_hyperparameters(body: JobCreate) -> Method:
+    method = body.method
+    if not body.hyperparameters:
+        return method
+    params = method.params()
+    merged = {**body.hyperparameters, **params.hyperparameters.model_dump(exclude_defaults=True)}
+    data = method.model_dump()
+    data[method.type] = {**params.model_dump(), "hyperparameters": merged}
+    try:
+        return Method.model_validate(data)
+    except ValueError as exc:
+        raise InvalidRequest(f"hyperparameters: {exc}", param="hyperparameters") from exc
+
+
+def _usable_file(session: Session, project_id: str, file_id: str, param: str) -> None:
+    row = files_service.get_file(session, project_id, file_id, param=param)
+    if row.purpose != "fine-tune":
+        raise InvalidRequest(f"{file_id} has purpose {row.purpose!r}, expected 'fine-tune'.", param=param)
+    if row.status == FileStatus.ERROR:
+        raise InvalidRequest(f"{param} {file_id} is not valid preference data: {row.status_details}", param=param,
+                             code="invalid_training_file")
+
+
+def create_job(session: Session, *, project_id: str, body: JobCreate, models_dir: Path) -> Job:
+    if not is_allowed(models_dir, body.model):
+        available = ", ".join(list_base_models(models_dir)) or "none installed"
+        raise InvalidRequest(f"Model {body.model!r} is not available. Available base models: {available}.",
+                             param="model", code="model_not_found")
+    method = _merge_legacy_hyperparameters(body)
+    _usable_file(session, project_id, body.training_file, "training_file")
+    if body.validation_file:
+        _usable_file(session, project_id, body.validation_file, "validation_file")
+    job = Job(
+        id=new_id("ftjob"),
+        project_id=project_id,
+        status=JobStatus.QUEUED,
+        model=body.model,
+        training_file=body.training_file,
+        validation_file=body.validation_file,
+        suffix=body.suffix,
+        seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
+        job_metadata=body.metadata,
+        method=method.model_dump(mode="json"),
+        created_at=utcnow(),
+    )
+    session.add(job)
+    session.flush()
+    add_event(session, job, f"Created fine-tuning job: {job.id}")
+    add_event(session, job, "Files validated, job queued")
+    enqueue_dispatch(session, job)
+    return job
+
+
+def get_job(session: Session, project_id: str, job_id: str) -> Job:
+    job = session.scalar(select(Job).where(Job.id == job_id, Job.project_id == project_id))
+    if job is None:
+        raise NotFound(f"No such fine-tuning job: {job_id}", param="fine_tuning_job_id")
+    return job
+
+
+def list_jobs(
+    session: Session, project_id: str, *, after: str | None, limit: int, metadata: dict[str, str],
+) -> tuple[list[Job], bool]:
+    """Newest first, keyset-paginated on (created_at, id)."""
+    stmt = select(Job).where(Job.project_id == project_id)
+    if after:
+        cursor = get_job(session, project_id, after)
+        stmt = stmt.where(
+            or_(Job.created_at < cursor.created_at, and_(Job.created_at == cursor.created_at, Job.id < cursor.id))
+        )
+    rows = list(session.scalars(stmt.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1 if not metadata else None)))
+    if metadata:  # JSON filters are portable this way; the page is still cut at `limit`.
+        rows = [r for r in rows if all((r.job_metadata or {}).get(k) == v for k, v in metadata.items())][: limit + 1]
+    return rows[:limit], len(rows) > limit
+
+
+def _transition(
+    session: Session, job: Job, expected: Iterable[JobStatus], new: JobStatus, action: str, **values: Any,
+) -> Job:
+    expected = tuple(expected)
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status.in_([s.value for s in expected]))
+        .values(status=new.value, **values)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        session.refresh(job)
+        raise Conflict(f"Cannot {action} job {job.id}: it is {job.status}.", code="invalid_state")
+    session.refresh(job)
+    return job
+
+
+def cancel_job(session: Session, project_id: str, job_id: str) -> Job:
+    job = get_job(session, project_id, job_id)
+    job = _transition(session, job, ACTIVE, JobStatus.CANCELLED, "cancel", finished_at=utcnow())
+    add_event(session, job, "Job cancelled by user")
+    return job
+
+
+def pause_job(session: Session, project_id: str, job_id: str) -> Job:
+    job = get_job(session, project_id, job_id)
+    job = _transition(session, job, [JobStatus.RUNNING], JobStatus.PAUSED, "pause")
+    add_event(session, job, "Pause requested: saving a checkpoint")
+    return job
+
+
+def resume_job(session: Session, project_id: str, job_id: str) -> Job:
+    job = get_job(session, project_id, job_id)
+    if job.status == JobStatus.PAUSED and job.lease_token is not None:
+        raise Conflict(f"Job {job.id} is still saving its pause checkpoint; resume it in a few seconds.",
+                       code="pause_in_progress")
+    job = _transition(session, job, [JobStatus.PAUSED], JobStatus.QUEUED, "resume")
+    add_event(session, job, "Job resumed: queued")
+    enqueue_dispatch(session, job)
+    return job

@@ -1,0 +1,92 @@
+"""API settings: environment variables with prefix ``IPO_``, each with a safe embedded default.
+
+The embedded default (SQLite + Celery filesystem transport + local storage under ``./var``) needs
+nothing installed or running; production sets the URLs to Postgres, Redis and S3.
+"""
+
+from __future__ import annotations
+
+import secrets
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="IPO_", extra="ignore")
+
+    var_dir: Path = Path("./var")
+    """Where the embedded default keeps its database, broker folders, artifacts and secrets."""
+    database_url: str | None = None
+    """SQLAlchemy URL of the ledger. Default: ``sqlite:///{var_dir}/ipo.db``."""
+    broker_url: str | None = None
+    """Celery broker. Default: the filesystem transport under ``{var_dir}/broker``."""
+    storage_url: str | None = None
+    """Artifact store, ``file://PATH``. Default: ``file://{var_dir}/storage``."""
+    models_dir: Path | None = None
+    """Base models (one directory each, with config.json); also the allow-list. Default ``{var_dir}/models``."""
+    worker_token: str | None = None
+    """Shared secret for ``/internal/v1``. Default: generated into ``{var_dir}/worker_token`` on first start."""
+
+    heartbeat_seconds: int = Field(30, ge=1)
+    lease_seconds: int = Field(300, ge=2)
+    max_attempts: int = Field(3, ge=1)
+    max_upload_bytes: int = Field(1 << 30, ge=1)
+    """Largest accepted file upload (413 above it)."""
+    db_pool_size: int = Field(10, ge=1)
+    dispatch_interval_seconds: float = Field(1.0, gt=0)
+    """How often the dispatcher loop sends pending outbox rows, re-dispatches lost jobs and reaps leases."""
+    redispatch_after_seconds: int = Field(60, ge=1)
+    """A job still ``queued`` this long after its message was sent is dispatched again (lost message)."""
+    run_dispatcher: bool = True
+    """Run the outbox dispatcher/reaper loop inside the API process."""
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.var_dir}/ipo.db"
+
+    @property
+    def resolved_storage_url(self) -> str:
+        return self.storage_url or f"file://{self.var_dir.resolve()}/storage"
+
+    @property
+    def resolved_models_dir(self) -> Path:
+        return self.models_dir or self.var_dir / "models"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    def broker_transport_options(self) -> dict[str, str]:
+        """Folder layout of the embedded filesystem broker (shared with the worker's settings)."""
+        if self.broker_url:
+            return {}
+        return filesystem_broker_options(self.var_dir)
+
+    def resolved_worker_token(self) -> str:
+        if self.worker_token:
+            return self.worker_token
+        path = self.var_dir / "worker_token"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(secrets.token_urlsafe(32))
+            path.chmod(0o600)
+        return path.read_text().strip()
+
+
+def filesystem_broker_options(var_dir: Path) -> dict[str, str]:
+    base = (var_dir / "broker").resolve()
+    for sub in ("queue", "processed"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    return {
+        "data_folder_in": str(base / "queue"),
+        "data_folder_out": str(base / "queue"),
+        "processed_folder": str(base / "processed"),
+    }
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,141 @@
+"""Bodies of the worker <-> API protocol (``/internal/v1``) and of the trainer's report lines.
+
+The worker never touches the database: it claims a job, heartbeats, relays reports and uploads
+artifacts through these shapes, every write carrying the lease token it got from the claim (fencing).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from contracts.method import Method
+
+Action = Literal["continue", "cancel", "pause"]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DispatchMessage(_Body):
+    """The Celery message: a doorbell that names a job. Everything else comes from the claim."""
+
+    job_id: str
+
+
+class ClaimRequest(_Body):
+    worker_id: str = Field(max_length=200)
+
+
+class JobSpec(_Body):
+    """What a worker needs to run a job (from the claim response)."""
+
+    job_id: str
+    model: str
+    training_file: str
+    validation_file: str | None = None
+    suffix: str | None = None
+    seed: int
+    method: Method
+
+
+class ResumeFrom(_Body):
+    checkpoint_id: str
+    step: int
+    download_path: str
+    """Relative to the API base URL: GET it (worker token) to fetch the checkpoint zip."""
+
+
+class ClaimResponse(_Body):
+    job_id: str
+    attempt: int
+    lease_token: str
+    lease_seconds: int
+    heartbeat_seconds: int
+    spec: JobSpec
+    resume_from: ResumeFrom | None = None
+
+
+class Leased(_Body):
+    lease_token: str
+
+
+class Progress(_Body):
+    step: int | None = None
+    total_steps: int | None = None
+    trained_tokens: int | None = None
+    estimated_finish: int | None = None
+    """Unix seconds."""
+
+
+class HeartbeatRequest(Leased):
+    progress: Progress | None = None
+    resolved_hyperparameters: dict[str, Any] | None = None
+
+
+class HeartbeatResponse(_Body):
+    action: Action
+    status: str
+    lease_seconds: int
+
+
+class ReportedEvent(_Body):
+    seq: Annotated[int, Field(ge=0)]
+    """Per attempt, assigned by the worker; the API drops a (attempt, seq) it already has."""
+    type: Literal["message", "metrics"] = "message"
+    level: Literal["info", "warn", "error"] = "info"
+    message: str = Field(max_length=4000)
+    data: dict[str, Any] | None = None
+    created_at: int
+    """Unix seconds, when the trainer reported it."""
+
+
+class EventsRequest(Leased):
+    events: Annotated[list[ReportedEvent], Field(max_length=1000)]
+
+
+class EventsResponse(_Body):
+    accepted: int
+    duplicates: int
+
+
+class FinishRequest(Leased):
+    trained_tokens: int | None = None
+    adapter_file_id: str
+    result_file_ids: list[str] = Field(default_factory=list)
+
+
+class FailRequest(Leased):
+    code: str = Field(max_length=100)
+    message: str = Field(max_length=4000)
+    retryable: bool = False
+    """True when a later attempt may succeed (worker died, lost lease); False for bad data, OOM, NaN."""
+
+
+class StoppedRequest(Leased):
+    """The trainer stopped on request (pause or shutdown), leaving the job resumable."""
+
+    reason: Literal["paused", "cancelled", "shutdown"]
+
+
+# ---- trainer -> worker report lines (JSON, one per line, on the report pipe) ----
+
+
+class TrainerReport(_Body):
+    kind: Literal["event", "metrics", "resolved", "checkpoint", "artifact", "done", "error"]
+    level: Literal["info", "warn", "error"] = "info"
+    message: str | None = None
+    data: dict[str, Any] | None = None
+    step: int | None = None
+    path: str | None = None
+    name: str | None = None
+    code: str | None = None
+    time: float | None = None
+
+
+# ---- the Celery doorbell: the API sends by name, the worker registers the task under it ----
+
+TASK_NAME = "ipo.run_job"
+QUEUE = "ipo.jobs"

@@ -1,0 +1,67 @@
+"""The ``method`` block of a fine-tuning job, as users send it (OpenAI's shape, types ``ipo`` and ``dpo``).
+
+Validated at job creation by the API; resolved into a concrete ``TrainingConfig`` by the worker
+(``worker/training/recipe.py``), where every ``"auto"`` becomes a number and every default is documented.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Auto = Literal["auto"]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Hyperparameters(_Strict):
+    """Every field may be ``"auto"`` (resolved on the worker from the dataset and the model)."""
+
+    beta: Annotated[float, Field(gt=0, le=100)] | Auto = "auto"
+    """IPO: the paper's tau (regularisation towards the reference). DPO: the sigmoid temperature."""
+    n_epochs: Annotated[int, Field(ge=1, le=100)] | Auto = "auto"
+    batch_size: Annotated[int, Field(ge=1, le=1024)] | Auto = "auto"
+    learning_rate: Annotated[float, Field(gt=0, le=1.0)] | Auto = "auto"
+    learning_rate_multiplier: Annotated[float, Field(gt=0, le=100)] | Auto = "auto"
+    gradient_accumulation_steps: Annotated[int, Field(ge=1, le=1024)] | Auto = "auto"
+    max_length: Annotated[int, Field(ge=16, le=131072)] | Auto = "auto"
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] | Auto = "auto"
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] | Auto = "auto"
+    sft_weight: Annotated[float, Field(ge=0, le=100)] | Auto = "auto"
+    """Weight of an added NLL loss on the chosen reply (0 = pure IPO/DPO)."""
+    max_steps: Annotated[int, Field(ge=1, le=10_000_000)] | Auto = "auto"
+    """Caps the number of optimiser steps (handy for smoke runs); ``auto`` = n_epochs over the data."""
+    checkpoint_every: Annotated[int, Field(ge=1, le=10_000_000)] | Auto = "auto"
+    """Save a resumable checkpoint every N optimiser steps."""
+
+
+LoraTarget = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.]+$")]
+
+
+class Lora(_Strict):
+    r: Annotated[int, Field(ge=1, le=1024)] | Auto = "auto"
+    alpha: Annotated[float, Field(gt=0, le=4096)] | Auto = "auto"
+    dropout: Annotated[float, Field(ge=0, lt=1)] | Auto = "auto"
+    target_modules: Annotated[list[LoraTarget], Field(min_length=1, max_length=32)] | Auto = "auto"
+    quantization: Literal["nf4", "none"] | Auto = "auto"
+    """``nf4`` = QLoRA (CUDA only); ``none`` = plain LoRA; ``auto`` = nf4 on CUDA, none on CPU."""
+
+
+class MethodParams(_Strict):
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    lora: Lora = Field(default_factory=Lora)
+
+
+class Method(_Strict):
+    type: Literal["ipo", "dpo"] = "ipo"
+    ipo: MethodParams | None = None
+    dpo: MethodParams | None = None
+
+    def params(self) -> MethodParams:
+        """The parameters block matching ``type`` (an empty one when omitted)."""
+        block = self.ipo if self.type == "ipo" else self.dpo
+        return block or MethodParams()

@@ -1,0 +1,60 @@
+"""Shared fixtures: every test run gets its own database (and Redis db + queue), dropped at the end.
+
+With ``TEST_DATABASE_URL`` (CI: a real Postgres) a fresh database ``ipo_test_<random>`` is created
+next to the one named there; without it, a SQLite file in a temp dir (the embedded default).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+RUN_ID = secrets.token_hex(4)
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    base = os.environ.get("TEST_DATABASE_URL")
+    if not base:
+        yield f"sqlite:///{tmp_path_factory.mktemp('db') / 'ipo.db'}"
+        return
+    name = f"ipo_test_{RUN_ID}"
+    admin = create_engine(make_url(base), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(base).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str | None:
+    """A Redis db number of this run's own (1-15), or None to use the embedded filesystem broker."""
+    base = os.environ.get("TEST_REDIS_URL")
+    if not base:
+        return None
+    db = int(RUN_ID, 16) % 15 + 1
+    return base.rsplit("/", 1)[0] + f"/{db}"
+
+
+@pytest.fixture(scope="session")
+def queue_name() -> str:
+    return f"ipo.jobs.test-{RUN_ID}"
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent

@@ -1,0 +1,39 @@
+"""What the supervisor hands the trainer child process: one JSON file, ``request.json`` in its work dir.
+
+The child is started as ``python -m worker.training.run REQUEST_JSON --report-fd N``. It writes
+``contracts.internal.TrainerReport`` lines (JSON, one per line) to fd N and exits with:
+
+- ``0``  success (a ``done`` report and an ``artifact`` named ``adapter`` were sent);
+- ``75`` stopped on request (SIGUSR1 = pause/shutdown: a checkpoint was saved and reported first;
+  SIGTERM = cancel: stop at the next step, nothing saved);
+- anything else: failure (an ``error`` report with ``code`` and ``message`` was sent when possible).
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+from contracts.method import Method
+
+EXIT_OK = 0
+EXIT_STOPPED = 75
+
+
+class TrainRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: str
+    attempt: int
+    model_path: str
+    """Directory with config.json, safetensors weights and tokenizer files (local, never a hub id)."""
+    train_file: str
+    """Local JSONL path (already downloaded by the worker)."""
+    validation_file: str | None = None
+    output_dir: str
+    """Per-attempt directory: checkpoints go to ``output_dir/checkpoints/step-N``, the adapter to ``output_dir/adapter``."""
+    resume_from: str | None = None
+    """A complete checkpoint directory (unzipped) to resume from."""
+    seed: int = 42
+    method: Method
+    device: str = "auto"
+    """``auto`` (cuda when available), ``cuda`` or ``cpu``."""
