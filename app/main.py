@@ -41,7 +41,9 @@ def create_app(settings: Settings | None = None, doorbell: Doorbell | None = Non
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         dispatcher = None
         if settings.run_dispatcher:
-            dispatcher = DispatcherThread(ctx.sessions, settings, doorbell or CeleryDoorbell(settings), ctx.wake_dispatcher)
+            dispatcher = DispatcherThread(
+                ctx.sessions, settings, doorbell or CeleryDoorbell(settings), ctx.wake_dispatcher
+            )
             dispatcher.start()
         try:
             yield

@@ -9,9 +9,13 @@ from __future__ import annotations
 import secrets
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from contracts.broker import filesystem_transport_options
+from contracts.internal import DEFAULT_QUEUE
 
 
 class Settings(BaseSettings):
@@ -30,6 +34,8 @@ class Settings(BaseSettings):
     worker_token: str | None = None
     """Shared secret for ``/internal/v1``. Default: generated into ``{var_dir}/worker_token`` on first start."""
 
+    queue: str = DEFAULT_QUEUE
+    """Celery queue the doorbells go to (the workers consume the same ``IPO_QUEUE``)."""
     heartbeat_seconds: int = Field(30, ge=1)
     lease_seconds: int = Field(300, ge=2)
     max_attempts: int = Field(3, ge=1)
@@ -59,11 +65,11 @@ class Settings(BaseSettings):
     def resolved_broker_url(self) -> str:
         return self.broker_url or "filesystem://"
 
-    def broker_transport_options(self) -> dict[str, str]:
+    def broker_transport_options(self) -> dict[str, Any]:
         """Folder layout of the embedded filesystem broker (shared with the worker's settings)."""
         if self.broker_url:
             return {}
-        return filesystem_broker_options(self.var_dir)
+        return filesystem_transport_options(self.var_dir / "broker")
 
     def resolved_worker_token(self) -> str:
         if self.worker_token:
@@ -74,17 +80,6 @@ class Settings(BaseSettings):
             path.write_text(secrets.token_urlsafe(32))
             path.chmod(0o600)
         return path.read_text().strip()
-
-
-def filesystem_broker_options(var_dir: Path) -> dict[str, str]:
-    base = (var_dir / "broker").resolve()
-    for sub in ("queue", "processed"):
-        (base / sub).mkdir(parents=True, exist_ok=True)
-    return {
-        "data_folder_in": str(base / "queue"),
-        "data_folder_out": str(base / "queue"),
-        "processed_folder": str(base / "processed"),
-    }
 
 
 @lru_cache

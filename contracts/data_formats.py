@@ -250,18 +250,12 @@ def _normalise(record: dict[str, object], shape: str, lineno: int) -> Preference
         rejected = _messages(record["non_preferred_output"], "non_preferred_output")
     else:
         prompt, chosen, rejected = _split_implicit(record)
-    names = (
-        ("preferred_output", "non_preferred_output")
-        if shape == "openai_preference"
-        else ("chosen", "rejected")
-    )
+    names = ("preferred_output", "non_preferred_output") if shape == "openai_preference" else ("chosen", "rejected")
     prompt_name = "input.messages" if shape == "openai_preference" else "prompt"
     _check_prompt(prompt, prompt_name)
     _check_reply(chosen, names[0])
     _check_reply(rejected, names[1])
-    if [(m["role"], m["content"].strip()) for m in chosen] == [
-        (m["role"], m["content"].strip()) for m in rejected
-    ]:
+    if [(m["role"], m["content"].strip()) for m in chosen] == [(m["role"], m["content"].strip()) for m in rejected]:
         raise _Bad(f"{names[0]} and {names[1]} are identical")
     return PreferenceExample(prompt=prompt, chosen=chosen, rejected=rejected, line=lineno)
 

@@ -138,4 +138,5 @@ class TrainerReport(_Body):
 # ---- the Celery doorbell: the API sends by name, the worker registers the task under it ----
 
 TASK_NAME = "ipo.run_job"
-QUEUE = "ipo.jobs"
+DEFAULT_QUEUE = "ipo.jobs"
+"""Overridden on both sides by ``IPO_QUEUE`` (tests give each run its own)."""

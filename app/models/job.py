@@ -53,6 +53,8 @@ class Job(Base):
     lease_token: Mapped[str | None] = mapped_column(String(64))
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     worker_id: Mapped[str | None] = mapped_column(String(200))
+    released_lease_token: Mapped[str | None] = mapped_column(String(64))
+    """The token whose attempt just ended: a retried finish/fail/stopped under it is answered, not refused."""
 
     error: Mapped[dict[str, Any] | None] = mapped_column(JsonDoc)
     fine_tuned_model: Mapped[str | None] = mapped_column(String(300))
@@ -93,7 +95,11 @@ class JobEvent(Base):
 
 class Checkpoint(Base):
     __tablename__ = "checkpoints"
-    __table_args__ = (Index("ix_checkpoints_job_step", "job_id", "step"),)
+    __table_args__ = (
+        Index("ix_checkpoints_job_step", "job_id", "step"),
+        # A retried upload of the same checkpoint is answered with the first one.
+        UniqueConstraint("job_id", "attempt", "step"),
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))

@@ -45,5 +45,8 @@ async def readyz(ctx: Ctx) -> JSONResponse:
     db, broker = await run_in_threadpool(_check_db, ctx), await run_in_threadpool(_check_broker, ctx)
     checks = {"database": db or "ok", "broker": broker or "ok"}
     ok = db is None and broker is None
-    return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, 200 if ok else 503,
-                        headers=None if ok else {"Retry-After": "5"})
+    return JSONResponse(
+        {"status": "ok" if ok else "unavailable", "checks": checks},
+        200 if ok else 503,
+        headers=None if ok else {"Retry-After": "5"},
+    )

@@ -16,8 +16,14 @@ from app.state import AppContext
 
 
 def run_idempotent(
-    ctx: AppContext, session: Session, caller: Caller, key: str | None, print_: str,
-    produce: Callable[[], BaseModel], status: int = 200, on_replay: Callable[[], None] | None = None,
+    ctx: AppContext,
+    session: Session,
+    caller: Caller,
+    key: str | None,
+    print_: str,
+    produce: Callable[[], BaseModel],
+    status: int = 200,
+    on_replay: Callable[[], None] | None = None,
 ) -> Any:
     """Run ``produce`` once per (project, key); replay its first answer to retries."""
     if key is None:

@@ -28,9 +28,12 @@ from contracts.internal import (
     StoppedRequest,
 )
 
-router = APIRouter(prefix="/internal/v1", tags=["internal"], dependencies=[Depends(require_worker)],
-                   responses={401: {"model": ErrorResponse}, 404: {"model": ErrorResponse},
-                              409: {"model": ErrorResponse}})
+router = APIRouter(
+    prefix="/internal/v1",
+    tags=["internal"],
+    dependencies=[Depends(require_worker)],
+    responses={401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}},
+)
 
 
 class Ack(BaseModel):
@@ -59,8 +62,13 @@ def events(session: DbSession, job_id: str, body: EventsRequest) -> EventsRespon
 
 @router.post("/jobs/{job_id}/checkpoints", response_model=Ack)
 def checkpoint(
-    ctx: Ctx, session: DbSession, job_id: str, lease_token: Annotated[str, Form()], step: Annotated[int, Form(ge=0)],
-    file: Annotated[UploadFile, Form()], metrics: Annotated[str, Form()] = "{}",
+    ctx: Ctx,
+    session: DbSession,
+    job_id: str,
+    lease_token: Annotated[str, Form()],
+    step: Annotated[int, Form(ge=0)],
+    file: Annotated[UploadFile, Form()],
+    metrics: Annotated[str, Form()] = "{}",
 ) -> Ack:
     try:
         parsed = json.loads(metrics)
@@ -68,14 +76,19 @@ def checkpoint(
         raise InvalidRequest("metrics must be a JSON object", param="metrics") from exc
     if not isinstance(parsed, dict):
         raise InvalidRequest("metrics must be a JSON object", param="metrics")
-    ckpt = wp.add_checkpoint(session, ctx.storage, job_id, lease_token, step, parsed, file.file,
-                             file.filename or f"{job_id}-step-{step}.zip")
+    ckpt = wp.add_checkpoint(
+        session, ctx.storage, job_id, lease_token, step, parsed, file.file, file.filename or f"{job_id}-step-{step}.zip"
+    )
     return Ack(id=ckpt.id)
 
 
 @router.post("/jobs/{job_id}/artifacts", response_model=ArtifactAck)
 def artifact(
-    ctx: Ctx, session: DbSession, job_id: str, lease_token: Annotated[str, Form()], name: Annotated[str, Form()],
+    ctx: Ctx,
+    session: DbSession,
+    job_id: str,
+    lease_token: Annotated[str, Form()],
+    name: Annotated[str, Form()],
     file: Annotated[UploadFile, Form()],
 ) -> ArtifactAck:
     row = wp.add_artifact(session, ctx.storage, job_id, lease_token, file.file, file.filename or f"{job_id}-{name}")
@@ -107,5 +120,8 @@ def internal_file_content(ctx: Ctx, session: DbSession, file_id: str) -> Streami
     row = session.scalar(select(StoredFile).where(StoredFile.id == file_id))
     if row is None:
         raise NotFound(f"No such file: {file_id}")
-    return StreamingResponse(file_content(ctx.storage, row), media_type="application/octet-stream",
-                             headers={"Content-Length": str(row.bytes)})
+    return StreamingResponse(
+        file_content(ctx.storage, row),
+        media_type="application/octet-stream",
+        headers={"Content-Length": str(row.bytes)},
+    )

@@ -21,7 +21,7 @@ from app.models.base import utcnow
 from app.services.jobs import add_event, enqueue_dispatch
 from app.services.worker_protocol import fail_attempt, release
 from app.settings import Settings
-from contracts.internal import QUEUE, TASK_NAME
+from contracts.internal import TASK_NAME
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ class CeleryDoorbell:
     def __init__(self, settings: Settings) -> None:
         from celery import Celery
 
+        self.queue = settings.queue
         self.celery = Celery("ipo-api", broker=settings.resolved_broker_url, set_as_current=False)
         self.celery.conf.update(
             broker_transport_options=settings.broker_transport_options(),
@@ -45,15 +46,25 @@ class CeleryDoorbell:
         )
 
     def ring(self, job_id: str) -> None:
-        self.celery.send_task(TASK_NAME, kwargs={"job_id": job_id}, queue=QUEUE, retry=True,
-                              retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5})
+        self.celery.send_task(
+            TASK_NAME,
+            kwargs={"job_id": job_id},
+            queue=self.queue,
+            retry=True,
+            retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
+        )
 
 
 def send_pending(session: Session, doorbell: Doorbell, batch: int = 100) -> int:
-    rows = list(session.scalars(
-        select(OutboxMessage).where(OutboxMessage.sent_at.is_(None)).order_by(OutboxMessage.id)
-        .limit(batch).with_for_update(skip_locked=True)
-    ))
+    rows = list(
+        session.scalars(
+            select(OutboxMessage)
+            .where(OutboxMessage.sent_at.is_(None))
+            .order_by(OutboxMessage.id)
+            .limit(batch)
+            .with_for_update(skip_locked=True)
+        )
+    )
     sent = 0
     for row in rows:
         row.attempts += 1
@@ -75,12 +86,21 @@ def send_pending(session: Session, doorbell: Doorbell, batch: int = 100) -> int:
 def redispatch_lost(session: Session, settings: Settings) -> int:
     """Queued jobs whose doorbell was sent long ago but never answered get a new one."""
     cutoff = utcnow() - timedelta(seconds=settings.redispatch_after_seconds)
-    jobs = list(session.scalars(
-        select(Job).where(Job.status == JobStatus.QUEUED, Job.lease_token.is_(None),
-                          or_(Job.dispatched_at.is_(None), Job.dispatched_at < cutoff))
-        .limit(100).with_for_update(skip_locked=True)
-    ))
-    unsent = {str(p["job_id"]) for p in session.scalars(select(OutboxMessage.payload).where(OutboxMessage.sent_at.is_(None)))}
+    jobs = list(
+        session.scalars(
+            select(Job)
+            .where(
+                Job.status == JobStatus.QUEUED,
+                Job.lease_token.is_(None),
+                or_(Job.dispatched_at.is_(None), Job.dispatched_at < cutoff),
+            )
+            .limit(100)
+            .with_for_update(skip_locked=True)
+        )
+    )
+    unsent = {
+        str(p["job_id"]) for p in session.scalars(select(OutboxMessage.payload).where(OutboxMessage.sent_at.is_(None)))
+    }
     count = 0
     for job in jobs:
         if job.id in unsent:
@@ -94,14 +114,24 @@ def redispatch_lost(session: Session, settings: Settings) -> int:
 def reap_expired_leases(session: Session, settings: Settings) -> int:
     """A worker that stopped heartbeating lost its job: a new attempt resumes from the last checkpoint."""
     now = utcnow()
-    jobs = list(session.scalars(
-        select(Job).where(Job.lease_token.is_not(None), Job.lease_expires_at < now).limit(100)
-        .with_for_update(skip_locked=True)
-    ))
+    jobs = list(
+        session.scalars(
+            select(Job)
+            .where(Job.lease_token.is_not(None), Job.lease_expires_at < now)
+            .limit(100)
+            .with_for_update(skip_locked=True)
+        )
+    )
     for job in jobs:
         if job.status == JobStatus.RUNNING:
-            fail_attempt(session, settings, job, "worker_lost",
-                         f"worker {job.worker_id} stopped heartbeating (lease expired)", retryable=True)
+            fail_attempt(
+                session,
+                settings,
+                job,
+                "worker_lost",
+                f"worker {job.worker_id} stopped heartbeating (lease expired)",
+                retryable=True,
+            )
         else:  # paused/cancelled while its worker died: just free it
             release(job)
             add_event(session, job, f"Worker {job.worker_id} lost while stopping; lease released", level="warn")
@@ -110,17 +140,20 @@ def reap_expired_leases(session: Session, settings: Settings) -> int:
 
 def tick(sessions: sessionmaker[Session], settings: Settings, doorbell: Doorbell) -> dict[str, Any]:
     stats: dict[str, Any] = {}
-    for name, step in (("reaped", lambda s: reap_expired_leases(s, settings)),
-                       ("redispatched", lambda s: redispatch_lost(s, settings)),
-                       ("sent", lambda s: send_pending(s, doorbell))):
+    for name, step in (
+        ("reaped", lambda s: reap_expired_leases(s, settings)),
+        ("redispatched", lambda s: redispatch_lost(s, settings)),
+        ("sent", lambda s: send_pending(s, doorbell)),
+    ):
         with sessions() as session, session.begin():
             stats[name] = step(session)
     return stats
 
 
 class DispatcherThread(threading.Thread):
-    def __init__(self, sessions: sessionmaker[Session], settings: Settings, doorbell: Doorbell,
-                 wake: threading.Event) -> None:
+    def __init__(
+        self, sessions: sessionmaker[Session], settings: Settings, doorbell: Doorbell, wake: threading.Event
+    ) -> None:
         super().__init__(name="ipo-dispatcher", daemon=True)
         self.sessions, self.settings, self.doorbell, self.wake = sessions, settings, doorbell, wake
         self.stopping = threading.Event()

@@ -74,14 +74,26 @@ def store_file(
 
 
 def upload(
-    session: Session, storage: Storage, *, project_id: str, stream: BinaryIO, filename: str | None, purpose: str,
+    session: Session,
+    storage: Storage,
+    *,
+    project_id: str,
+    stream: BinaryIO,
+    filename: str | None,
+    purpose: str,
     max_bytes: int,
 ) -> StoredFile:
     if purpose not in PURPOSES:
         raise InvalidRequest(f"purpose must be one of {sorted(PURPOSES)}", param="purpose")
     return store_file(
-        session, storage, project_id=project_id, stream=stream, filename=filename, purpose=purpose,
-        max_bytes=max_bytes, validate=True,
+        session,
+        storage,
+        project_id=project_id,
+        stream=stream,
+        filename=filename,
+        purpose=purpose,
+        max_bytes=max_bytes,
+        validate=True,
     )
 
 

@@ -51,17 +51,22 @@ def reserve(sessions: sessionmaker[Session], project_id: str, key: str, print_: 
                 continue
             if row.fingerprint != print_:
                 raise IdempotencyMismatch(
-                    "This Idempotency-Key was already used with a different request body.", param="Idempotency-Key")
+                    "This Idempotency-Key was already used with a different request body.", param="Idempotency-Key"
+                )
             if row.response_status is not None:
                 return row
             if as_utc(row.created_at) < now - IN_FLIGHT_TIMEOUT:
                 row.created_at = now
                 session.commit()
                 return None
-            raise Conflict("A request with this Idempotency-Key is still in progress.", param="Idempotency-Key",
-                           code="idempotency_key_in_use")
-    raise Conflict("Could not reserve the Idempotency-Key; retry.", param="Idempotency-Key",
-                   code="idempotency_key_in_use")
+            raise Conflict(
+                "A request with this Idempotency-Key is still in progress.",
+                param="Idempotency-Key",
+                code="idempotency_key_in_use",
+            )
+    raise Conflict(
+        "Could not reserve the Idempotency-Key; retry.", param="Idempotency-Key", code="idempotency_key_in_use"
+    )
 
 
 def record(session: Session, project_id: str, key: str, status: int, body: dict[str, Any]) -> None:
@@ -75,9 +80,13 @@ def record(session: Session, project_id: str, key: str, status: int, body: dict[
 def release(sessions: sessionmaker[Session], project_id: str, key: str) -> None:
     """The request failed before answering: free the key so a retry runs it again."""
     with sessions() as session:
-        session.execute(delete(IdempotencyRecord).where(
-            IdempotencyRecord.project_id == project_id, IdempotencyRecord.key == key,
-            IdempotencyRecord.response_status.is_(None)))
+        session.execute(
+            delete(IdempotencyRecord).where(
+                IdempotencyRecord.project_id == project_id,
+                IdempotencyRecord.key == key,
+                IdempotencyRecord.response_status.is_(None),
+            )
+        )
         session.commit()
 
 

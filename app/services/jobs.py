@@ -15,7 +15,7 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.errors import Conflict, InvalidRequest, NotFound
-from app.models import FileStatus, Job, JobEvent, JobStatus, OutboxMessage
+from app.models import Checkpoint, FileStatus, Job, JobEvent, JobStatus, OutboxMessage
 from app.models.base import new_id, utcnow
 from app.schemas.requests import JobCreate
 from app.services import files as files_service
@@ -26,12 +26,26 @@ ACTIVE = (JobStatus.VALIDATING_FILES, JobStatus.QUEUED, JobStatus.RUNNING, JobSt
 
 
 def add_event(
-    session: Session, job: Job, message: str, *, level: str = "info", type_: str = "message",
-    data: dict[str, Any] | None = None, attempt: int | None = None, seq: int | None = None,
+    session: Session,
+    job: Job,
+    message: str,
+    *,
+    level: str = "info",
+    type_: str = "message",
+    data: dict[str, Any] | None = None,
+    attempt: int | None = None,
+    seq: int | None = None,
 ) -> JobEvent:
     event = JobEvent(
-        job_id=job.id, project_id=job.project_id, attempt=attempt, seq=seq, type=type_, level=level,
-        message=message, data=data, created_at=utcnow(),
+        job_id=job.id,
+        project_id=job.project_id,
+        attempt=attempt,
+        seq=seq,
+        type=type_,
+        level=level,
+        message=message,
+        data=data,
+        created_at=utcnow(),
     )
     session.add(event)
     return event
@@ -39,7 +53,9 @@ def add_event(
 
 def enqueue_dispatch(session: Session, job: Job) -> None:
     """Write the doorbell into the outbox; the dispatcher sends it after this transaction commits."""
-    session.add(OutboxMessage(project_id=job.project_id, kind="dispatch_job", payload={"job_id": job.id}, created_at=utcnow()))
+    session.add(
+        OutboxMessage(project_id=job.project_id, kind="dispatch_job", payload={"job_id": job.id}, created_at=utcnow())
+    )
 
 
 def _merge_legacy_hyperparameters(body: JobCreate) -> Method:
@@ -61,15 +77,21 @@ def _usable_file(session: Session, project_id: str, file_id: str, param: str) ->
     if row.purpose != "fine-tune":
         raise InvalidRequest(f"{file_id} has purpose {row.purpose!r}, expected 'fine-tune'.", param=param)
     if row.status == FileStatus.ERROR:
-        raise InvalidRequest(f"{param} {file_id} is not valid preference data: {row.status_details}", param=param,
-                             code="invalid_training_file")
+        raise InvalidRequest(
+            f"{param} {file_id} is not valid preference data: {row.status_details}",
+            param=param,
+            code="invalid_training_file",
+        )
 
 
 def create_job(session: Session, *, project_id: str, body: JobCreate, models_dir: Path) -> Job:
     if not is_allowed(models_dir, body.model):
         available = ", ".join(list_base_models(models_dir)) or "none installed"
-        raise InvalidRequest(f"Model {body.model!r} is not available. Available base models: {available}.",
-                             param="model", code="model_not_found")
+        raise InvalidRequest(
+            f"Model {body.model!r} is not available. Available base models: {available}.",
+            param="model",
+            code="model_not_found",
+        )
     method = _merge_legacy_hyperparameters(body)
     _usable_file(session, project_id, body.training_file, "training_file")
     if body.validation_file:
@@ -103,7 +125,12 @@ def get_job(session: Session, project_id: str, job_id: str) -> Job:
 
 
 def list_jobs(
-    session: Session, project_id: str, *, after: str | None, limit: int, metadata: dict[str, str],
+    session: Session,
+    project_id: str,
+    *,
+    after: str | None,
+    limit: int,
+    metadata: dict[str, str],
 ) -> tuple[list[Job], bool]:
     """Newest first, keyset-paginated on (created_at, id)."""
     stmt = select(Job).where(Job.project_id == project_id)
@@ -112,14 +139,21 @@ def list_jobs(
         stmt = stmt.where(
             or_(Job.created_at < cursor.created_at, and_(Job.created_at == cursor.created_at, Job.id < cursor.id))
         )
-    rows = list(session.scalars(stmt.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1 if not metadata else None)))
+    rows = list(
+        session.scalars(stmt.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1 if not metadata else None))
+    )
     if metadata:  # JSON filters are portable this way; the page is still cut at `limit`.
         rows = [r for r in rows if all((r.job_metadata or {}).get(k) == v for k, v in metadata.items())][: limit + 1]
     return rows[:limit], len(rows) > limit
 
 
 def _transition(
-    session: Session, job: Job, expected: Iterable[JobStatus], new: JobStatus, action: str, **values: Any,
+    session: Session,
+    job: Job,
+    expected: Iterable[JobStatus],
+    new: JobStatus,
+    action: str,
+    **values: Any,
 ) -> Job:
     expected = tuple(expected)
     result = session.execute(
@@ -152,9 +186,27 @@ def pause_job(session: Session, project_id: str, job_id: str) -> Job:
 def resume_job(session: Session, project_id: str, job_id: str) -> Job:
     job = get_job(session, project_id, job_id)
     if job.status == JobStatus.PAUSED and job.lease_token is not None:
-        raise Conflict(f"Job {job.id} is still saving its pause checkpoint; resume it in a few seconds.",
-                       code="pause_in_progress")
+        raise Conflict(
+            f"Job {job.id} is still saving its pause checkpoint; resume it in a few seconds.", code="pause_in_progress"
+        )
     job = _transition(session, job, [JobStatus.PAUSED], JobStatus.QUEUED, "resume")
     add_event(session, job, "Job resumed: queued")
     enqueue_dispatch(session, job)
     return job
+
+
+def list_checkpoints(
+    session: Session, project_id: str, job_id: str, *, after: str | None, limit: int
+) -> tuple[list[Checkpoint], bool]:
+    """Newest (highest step) first, like OpenAI's checkpoint list."""
+    job = get_job(session, project_id, job_id)
+    stmt = select(Checkpoint).where(Checkpoint.job_id == job.id)
+    if after:
+        cursor = session.scalar(select(Checkpoint).where(Checkpoint.id == after, Checkpoint.job_id == job.id))
+        if cursor is None:
+            raise InvalidRequest(f"after: no such checkpoint {after}", param="after")
+        stmt = stmt.where(
+            or_(Checkpoint.step < cursor.step, and_(Checkpoint.step == cursor.step, Checkpoint.id < cursor.id))
+        )
+    rows = list(session.scalars(stmt.order_by(Checkpoint.step.desc(), Checkpoint.id.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit

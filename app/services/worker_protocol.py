@@ -82,12 +82,16 @@ def claim(session: Session, settings: Settings, job_id: str, worker_id: str) -> 
     if job.started_at is None:
         job.started_at = now
     latest = session.scalar(
-        select(Checkpoint).where(Checkpoint.job_id == job.id).order_by(Checkpoint.step.desc(), Checkpoint.created_at.desc()).limit(1)
+        select(Checkpoint)
+        .where(Checkpoint.job_id == job.id)
+        .order_by(Checkpoint.step.desc(), Checkpoint.created_at.desc())
+        .limit(1)
     )
     resume = None
     if latest is not None:
-        resume = ResumeFrom(checkpoint_id=latest.id, step=latest.step,
-                            download_path=f"/internal/v1/files/{latest.file_id}/content")
+        resume = ResumeFrom(
+            checkpoint_id=latest.id, step=latest.step, download_path=f"/internal/v1/files/{latest.file_id}/content"
+        )
     msg = f"Attempt {job.attempt} started on worker {worker_id}"
     add_event(session, job, msg + (f", resuming from step {latest.step}" if latest else ""))
     return ClaimResponse(
@@ -97,8 +101,13 @@ def claim(session: Session, settings: Settings, job_id: str, worker_id: str) -> 
         lease_seconds=settings.lease_seconds,
         heartbeat_seconds=settings.heartbeat_seconds,
         spec=JobSpec(
-            job_id=job.id, model=job.model, training_file=job.training_file, validation_file=job.validation_file,
-            suffix=job.suffix, seed=job.seed, method=Method.model_validate(job.method),
+            job_id=job.id,
+            model=job.model,
+            training_file=job.training_file,
+            validation_file=job.validation_file,
+            suffix=job.suffix,
+            seed=job.seed,
+            method=Method.model_validate(job.method),
         ),
         resume_from=resume,
     )
@@ -121,9 +130,17 @@ def heartbeat(session: Session, settings: Settings, job_id: str, body: Heartbeat
 def report_events(session: Session, job_id: str, body: EventsRequest) -> EventsResponse:
     job = _fenced(session, job_id, body.lease_token, (JobStatus.RUNNING, JobStatus.PAUSED))
     seqs = [e.seq for e in body.events]
-    known = set(session.scalars(
-        select(JobEvent.seq).where(JobEvent.job_id == job.id, JobEvent.attempt == job.attempt, JobEvent.seq.in_(seqs))
-    )) if seqs else set()
+    known = (
+        set(
+            session.scalars(
+                select(JobEvent.seq).where(
+                    JobEvent.job_id == job.id, JobEvent.attempt == job.attempt, JobEvent.seq.in_(seqs)
+                )
+            )
+        )
+        if seqs
+        else set()
+    )
     accepted = 0
     for e in sorted(body.events, key=lambda e: e.seq):
         if e.seq in known:
@@ -145,38 +162,82 @@ def report_events(session: Session, job_id: str, body: EventsRequest) -> EventsR
 
 
 def store_result_file(
-    session: Session, storage: Storage, job: Job, stream: BinaryIO, filename: str,
+    session: Session,
+    storage: Storage,
+    job: Job,
+    stream: BinaryIO,
+    filename: str,
 ) -> StoredFile:
     return files_service.store_file(
-        session, storage, project_id=job.project_id, stream=stream, filename=filename,
-        purpose=files_service.RESULT_PURPOSE, max_bytes=None, validate=False,
+        session,
+        storage,
+        project_id=job.project_id,
+        stream=stream,
+        filename=filename,
+        purpose=files_service.RESULT_PURPOSE,
+        max_bytes=None,
+        validate=False,
     )
 
 
 def add_checkpoint(
-    session: Session, storage: Storage, job_id: str, token: str, step: int, metrics: dict[str, Any],
-    stream: BinaryIO, filename: str,
+    session: Session,
+    storage: Storage,
+    job_id: str,
+    token: str,
+    step: int,
+    metrics: dict[str, Any],
+    stream: BinaryIO,
+    filename: str,
 ) -> Checkpoint:
     job = _fenced(session, job_id, token)
+    existing = session.scalar(
+        select(Checkpoint).where(
+            Checkpoint.job_id == job.id, Checkpoint.attempt == job.attempt, Checkpoint.step == step
+        )
+    )
+    if existing is not None:  # a retried upload: the first one is complete and recorded
+        return existing
     stored = store_result_file(session, storage, job, stream, filename)
-    ckpt = Checkpoint(id=new_id("ftckpt"), job_id=job.id, project_id=job.project_id, attempt=job.attempt, step=step,
-                      metrics=metrics, file_id=stored.id, created_at=utcnow())
+    ckpt = Checkpoint(
+        id=new_id("ftckpt"),
+        job_id=job.id,
+        project_id=job.project_id,
+        attempt=job.attempt,
+        step=step,
+        metrics=metrics,
+        file_id=stored.id,
+        created_at=utcnow(),
+    )
     session.add(ckpt)
     add_event(session, job, f"Checkpoint saved at step {step}", data={"checkpoint_id": ckpt.id, "step": step})
     return ckpt
 
 
 def add_artifact(
-    session: Session, storage: Storage, job_id: str, token: str, stream: BinaryIO, filename: str,
+    session: Session,
+    storage: Storage,
+    job_id: str,
+    token: str,
+    stream: BinaryIO,
+    filename: str,
 ) -> StoredFile:
     job = _fenced(session, job_id, token, (JobStatus.RUNNING,))
     return store_result_file(session, storage, job, stream, filename)
 
 
 def finish(session: Session, job_id: str, body: FinishRequest) -> Job:
+    if (done := _already_ended(session, job_id, body.lease_token)) is not None:
+        return done
     job = _fenced(session, job_id, body.lease_token, (JobStatus.RUNNING,))
-    owned = set(session.scalars(select(StoredFile.id).where(
-        StoredFile.project_id == job.project_id, StoredFile.id.in_([body.adapter_file_id, *body.result_file_ids]))))
+    owned = set(
+        session.scalars(
+            select(StoredFile.id).where(
+                StoredFile.project_id == job.project_id,
+                StoredFile.id.in_([body.adapter_file_id, *body.result_file_ids]),
+            )
+        )
+    )
     missing = {body.adapter_file_id, *body.result_file_ids} - owned
     if missing:
         raise NotFound(f"Unknown result files: {sorted(missing)}")
@@ -185,14 +246,15 @@ def finish(session: Session, job_id: str, body: FinishRequest) -> Job:
     job.result_files = [body.adapter_file_id, *[f for f in body.result_file_ids if f != body.adapter_file_id]]
     job.fine_tuned_model = f"ft:{job.model}:{job.suffix or 'ipo'}:{job.id}"
     job.trained_tokens = body.trained_tokens
-    job.lease_token = None
-    job.lease_expires_at = None
+    release(job)
     add_event(session, job, f"New fine-tuned model created: {job.fine_tuned_model}")
     add_event(session, job, "The job has successfully completed")
     return job
 
 
 def fail(session: Session, settings: Settings, job_id: str, body: FailRequest) -> Job:
+    if (done := _already_ended(session, job_id, body.lease_token)) is not None:
+        return done
     job = _fenced(session, job_id, body.lease_token)
     if job.status != JobStatus.RUNNING:  # cancelled/paused while it crashed: keep the user's decision
         release(job)
@@ -208,8 +270,13 @@ def fail_attempt(session: Session, settings: Settings, job: Job, code: str, mess
     release(job)
     if retryable and job.failed_attempts < settings.max_attempts:
         job.status = JobStatus.QUEUED
-        add_event(session, job, f"Attempt {job.attempt} failed ({code}: {message}); retrying "
-                  f"({job.failed_attempts}/{settings.max_attempts} attempts failed)", level="warn")
+        add_event(
+            session,
+            job,
+            f"Attempt {job.attempt} failed ({code}: {message}); retrying "
+            f"({job.failed_attempts}/{settings.max_attempts} attempts failed)",
+            level="warn",
+        )
         enqueue_dispatch(session, job)
         return
     job.status = JobStatus.FAILED
@@ -221,6 +288,8 @@ def fail_attempt(session: Session, settings: Settings, job: Job, code: str, mess
 
 
 def stopped(session: Session, job_id: str, body: StoppedRequest) -> Job:
+    if (done := _already_ended(session, job_id, body.lease_token)) is not None:
+        return done
     job = _fenced(session, job_id, body.lease_token)
     release(job)
     if job.status == JobStatus.RUNNING:  # shutdown (deploy) or a stop nobody asked for: run it again
@@ -233,5 +302,15 @@ def stopped(session: Session, job_id: str, body: StoppedRequest) -> Job:
 
 
 def release(job: Job) -> None:
+    job.released_lease_token = job.lease_token
     job.lease_token = None
     job.lease_expires_at = None
+
+
+def _already_ended(session: Session, job_id: str, token: str) -> Job | None:
+    """The job, when ``token``'s attempt already ended: a retried end-of-attempt call is a no-op."""
+    job = session.get(Job, job_id)
+    if job is not None and job.lease_token is None and job.released_lease_token is not None:
+        if secrets.compare_digest(job.released_lease_token, token):
+            return job
+    return None

@@ -41,8 +41,14 @@ def settings(migrated_url: str, tmp_path: Path) -> Settings:
     (models / "tiny-mistral").mkdir(parents=True)
     (models / "tiny-mistral" / "config.json").write_text(json.dumps({"model_type": "mistral"}))
     return Settings(
-        var_dir=tmp_path / "var", database_url=migrated_url, models_dir=models, worker_token="worker-secret",
-        run_dispatcher=False, max_upload_bytes=200_000, lease_seconds=60, max_attempts=2,
+        var_dir=tmp_path / "var",
+        database_url=migrated_url,
+        models_dir=models,
+        worker_token="worker-secret",
+        run_dispatcher=False,
+        max_upload_bytes=200_000,
+        lease_seconds=60,
+        max_attempts=2,
     )
 
 
@@ -74,11 +80,13 @@ WORKER = {"Authorization": "Bearer worker-secret"}
 
 
 def pref_line(i: int) -> str:
-    return json.dumps({
-        "prompt": [{"role": "user", "content": f"What is {i} plus 1?"}],
-        "chosen": [{"role": "assistant", "content": f"{i} plus 1 is {i + 1}."}],
-        "rejected": [{"role": "assistant", "content": f"{i} plus 1 is {i + 3}."}],
-    })
+    return json.dumps(
+        {
+            "prompt": [{"role": "user", "content": f"What is {i} plus 1?"}],
+            "chosen": [{"role": "assistant", "content": f"{i} plus 1 is {i + 1}."}],
+            "rejected": [{"role": "assistant", "content": f"{i} plus 1 is {i + 3}."}],
+        }
+    )
 
 
 @pytest.fixture
@@ -89,6 +97,8 @@ def good_jsonl() -> bytes:
 @pytest.fixture
 def upload(client: TestClient, auth: dict[str, str], good_jsonl: bytes):  # type: ignore[no-untyped-def]
     def _upload(content: bytes = good_jsonl, name: str = "train.jsonl", headers: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
-        return client.post("/v1/files", headers=headers or auth, files={"file": (name, content)},
-                           data={"purpose": "fine-tune"})
+        return client.post(
+            "/v1/files", headers=headers or auth, files={"file": (name, content)}, data={"purpose": "fine-tune"}
+        )
+
     return _upload

@@ -26,14 +26,19 @@ def _claim(client: TestClient, job_id: str, worker: str = "w1"):  # type: ignore
 
 
 def _events(n0: int, n: int) -> list[dict[str, object]]:
-    return [{"seq": i, "type": "metrics", "message": f"Step {i}", "data": {"step": i, "total_steps": 10},
-             "created_at": 0} for i in range(n0, n0 + n)]
+    return [
+        {"seq": i, "type": "metrics", "message": f"Step {i}", "data": {"step": i, "total_steps": 10}, "created_at": 0}
+        for i in range(n0, n0 + n)
+    ]
 
 
 def test_worker_token_required(client: TestClient, upload, auth) -> None:  # type: ignore[no-untyped-def]
     job_id = _queued_job(client, upload, auth)
     for headers in ({}, auth, {"Authorization": "Bearer wrong"}):
-        assert client.post(f"/internal/v1/jobs/{job_id}/claim", headers=headers, json={"worker_id": "w"}).status_code == 401
+        assert (
+            client.post(f"/internal/v1/jobs/{job_id}/claim", headers=headers, json={"worker_id": "w"}).status_code
+            == 401
+        )
 
 
 def test_claim_is_exclusive_and_writes_are_fenced(client: TestClient, upload, auth) -> None:  # type: ignore[no-untyped-def]
@@ -46,39 +51,70 @@ def test_claim_is_exclusive_and_writes_are_fenced(client: TestClient, upload, au
     assert second.status_code == 409 and second.json()["error"]["code"] == "not_claimable"
     token = claim["lease_token"]
 
-    stale = client.post(f"/internal/v1/jobs/{job_id}/events", headers=WORKER,
-                        json={"lease_token": "0" * 32, "events": _events(0, 1)})
+    stale = client.post(
+        f"/internal/v1/jobs/{job_id}/events", headers=WORKER, json={"lease_token": "0" * 32, "events": _events(0, 1)}
+    )
     assert stale.status_code == 409 and stale.json()["error"]["code"] == "lease_lost"
 
-    r = client.post(f"/internal/v1/jobs/{job_id}/events", headers=WORKER, json={"lease_token": token, "events": _events(0, 3)})
+    r = client.post(
+        f"/internal/v1/jobs/{job_id}/events", headers=WORKER, json={"lease_token": token, "events": _events(0, 3)}
+    )
     assert r.json() == {"accepted": 3, "duplicates": 0}
-    r = client.post(f"/internal/v1/jobs/{job_id}/events", headers=WORKER, json={"lease_token": token, "events": _events(1, 4)})
+    r = client.post(
+        f"/internal/v1/jobs/{job_id}/events", headers=WORKER, json={"lease_token": token, "events": _events(1, 4)}
+    )
     assert r.json() == {"accepted": 2, "duplicates": 2}
     job = client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=auth).json()
     assert job["status"] == "running" and job["step"] == 4 and job["total_steps"] == 10
-    steps = [e["data"]["step"] for e in client.get(f"/v1/fine_tuning/jobs/{job_id}/events?limit=100", headers=auth).json()["data"]
-             if e["type"] == "metrics"]
+    steps = [
+        e["data"]["step"]
+        for e in client.get(f"/v1/fine_tuning/jobs/{job_id}/events?limit=100", headers=auth).json()["data"]
+        if e["type"] == "metrics"
+    ]
     assert sorted(steps) == [0, 1, 2, 3, 4]
 
-    hb = client.post(f"/internal/v1/jobs/{job_id}/heartbeat", headers=WORKER,
-                     json={"lease_token": token, "resolved_hyperparameters": {"beta": 0.1, "n_epochs": 2}})
+    hb = client.post(
+        f"/internal/v1/jobs/{job_id}/heartbeat",
+        headers=WORKER,
+        json={"lease_token": token, "resolved_hyperparameters": {"beta": 0.1, "n_epochs": 2}},
+    )
     assert hb.json()["action"] == "continue"
     assert client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=auth).json()["hyperparameters"]["n_epochs"] == 2
 
-    ck = client.post(f"/internal/v1/jobs/{job_id}/checkpoints", headers=WORKER,
-                     data={"lease_token": token, "step": "4", "metrics": '{"train_loss": 0.5}'},
-                     files={"file": ("ckpt.zip", io.BytesIO(b"zipbytes"))})
+    ck = client.post(
+        f"/internal/v1/jobs/{job_id}/checkpoints",
+        headers=WORKER,
+        data={"lease_token": token, "step": "4", "metrics": '{"train_loss": 0.5}'},
+        files={"file": ("ckpt.zip", io.BytesIO(b"zipbytes"))},
+    )
     assert ck.status_code == 200, ck.text
-    art = client.post(f"/internal/v1/jobs/{job_id}/artifacts", headers=WORKER,
-                      data={"lease_token": token, "name": "adapter"}, files={"file": ("a.zip", io.BytesIO(b"adapter"))})
+    art = client.post(
+        f"/internal/v1/jobs/{job_id}/artifacts",
+        headers=WORKER,
+        data={"lease_token": token, "name": "adapter"},
+        files={"file": ("a.zip", io.BytesIO(b"adapter"))},
+    )
     adapter_id = art.json()["file_id"]
-    done = client.post(f"/internal/v1/jobs/{job_id}/finish", headers=WORKER,
-                       json={"lease_token": token, "trained_tokens": 1234, "adapter_file_id": adapter_id})
+    done = client.post(
+        f"/internal/v1/jobs/{job_id}/finish",
+        headers=WORKER,
+        json={"lease_token": token, "trained_tokens": 1234, "adapter_file_id": adapter_id},
+    )
     assert done.json()["status"] == "succeeded"
     job = client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=auth).json()
     assert job["result_files"] == [adapter_id] and job["fine_tuned_model"].startswith("ft:tiny-mistral:")
     assert job["trained_tokens"] == 1234 and job["finished_at"] is not None
     assert client.get(f"/v1/files/{adapter_id}/content", headers=auth).content == b"adapter"
+    # A retried finish (the worker timed out waiting for the first answer) is answered, not refused.
+    again = client.post(
+        f"/internal/v1/jobs/{job_id}/finish",
+        headers=WORKER,
+        json={"lease_token": token, "trained_tokens": 1, "adapter_file_id": adapter_id},
+    )
+    assert again.status_code == 200 and again.json()["status"] == "succeeded"
+    assert client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=auth).json()["trained_tokens"] == 1234
+    ckpts = client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints", headers=auth).json()["data"]
+    assert [(c["step_number"], c["metrics"]) for c in ckpts] == [(4, {"train_loss": 0.5})]
     # After finishing, the lease is gone: any further write is fenced off.
     late = client.post(f"/internal/v1/jobs/{job_id}/heartbeat", headers=WORKER, json={"lease_token": token})
     assert late.status_code == 409
@@ -97,10 +133,15 @@ def test_cancel_and_pause_reach_the_worker_through_heartbeats(client: TestClient
     claim2 = _claim(client, job_id).json()
     assert claim2["attempt"] == 2
     client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel", headers=auth)
-    hb = client.post(f"/internal/v1/jobs/{job_id}/heartbeat", headers=WORKER, json={"lease_token": claim2["lease_token"]})
+    hb = client.post(
+        f"/internal/v1/jobs/{job_id}/heartbeat", headers=WORKER, json={"lease_token": claim2["lease_token"]}
+    )
     assert hb.json()["action"] == "cancel"
-    late = client.post(f"/internal/v1/jobs/{job_id}/events", headers=WORKER,
-                       json={"lease_token": claim2["lease_token"], "events": _events(0, 1)})
+    late = client.post(
+        f"/internal/v1/jobs/{job_id}/events",
+        headers=WORKER,
+        json={"lease_token": claim2["lease_token"], "events": _events(0, 1)},
+    )
     assert late.status_code == 409  # no events after a cancel
 
 
@@ -108,8 +149,11 @@ def test_retryable_failure_requeues_then_fails_after_max_attempts(client: TestCl
     job_id = _queued_job(client, upload, auth)
     for attempt in (1, 2):  # settings.max_attempts == 2
         token = _claim(client, job_id).json()["lease_token"]
-        r = client.post(f"/internal/v1/jobs/{job_id}/fail", headers=WORKER,
-                        json={"lease_token": token, "code": "worker_crashed", "message": "boom", "retryable": True})
+        r = client.post(
+            f"/internal/v1/jobs/{job_id}/fail",
+            headers=WORKER,
+            json={"lease_token": token, "code": "worker_crashed", "message": "boom", "retryable": True},
+        )
         assert r.json()["status"] == ("queued" if attempt == 1 else "failed")
     job = client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=auth).json()
     assert job["error"]["code"] == "worker_crashed" and "2 failed attempts" in job["error"]["message"]
@@ -118,8 +162,12 @@ def test_retryable_failure_requeues_then_fails_after_max_attempts(client: TestCl
 def test_reaper_requeues_expired_lease_with_resume_point(client: TestClient, upload, auth, settings) -> None:  # type: ignore[no-untyped-def]
     job_id = _queued_job(client, upload, auth)
     token = _claim(client, job_id).json()["lease_token"]
-    client.post(f"/internal/v1/jobs/{job_id}/checkpoints", headers=WORKER,
-                data={"lease_token": token, "step": "6"}, files={"file": ("c.zip", io.BytesIO(b"c"))})
+    client.post(
+        f"/internal/v1/jobs/{job_id}/checkpoints",
+        headers=WORKER,
+        data={"lease_token": token, "step": "6"},
+        files={"file": ("c.zip", io.BytesIO(b"c"))},
+    )
     sessions = client.app.state.ctx.sessions  # type: ignore[attr-defined]
     with sessions() as session, session.begin():
         session.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=utcnow() - timedelta(seconds=1)))

@@ -1,0 +1,60 @@
+# ipo-align developer commands. `make demo` and `make test` work from a fresh clone.
+# CPU installs take the local CPU torch wheel through constraints/cpu.txt (never a CUDA download);
+# the GPU image installs ".[worker,gpu]" without it (see Dockerfile).
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PYTEST := $(BIN)/python -m pytest
+
+.PHONY: help venv demo test test-slow test-all lint format serve worker up clean
+
+help:
+	@echo "make demo       build everything and run a real IPO job end to end"
+	@echo "make test       the default test suite (uses TEST_DATABASE_URL / TEST_REDIS_URL when set)"
+	@echo "make test-slow  slow suites (convergence, fault injection)"
+	@echo "make lint       ruff, mypy, import-linter"
+	@echo "make serve | worker | up   run the API / one worker / everything embedded"
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints/cpu.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -c constraints/cpu.txt -e ".[worker,dev]"
+	touch $(STAMP)
+
+demo: venv
+	HF_HUB_OFFLINE=1 $(BIN)/ipo demo
+
+test: venv
+	$(PYTEST)
+
+test-slow: venv
+	$(PYTEST) -m slow
+
+test-all: venv
+	$(PYTEST) -m "not gpu or gpu"
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check app ipo_cli contracts migrations
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+format: venv
+	$(BIN)/ruff format app ipo_cli contracts migrations
+	$(BIN)/ruff check --fix .
+
+serve: venv
+	$(BIN)/ipo serve
+
+worker: venv
+	$(BIN)/ipo worker
+
+up: venv
+	$(BIN)/ipo up
+
+clean:
+	rm -rf var .pytest_cache .ruff_cache .mypy_cache

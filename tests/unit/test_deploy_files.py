@@ -1,0 +1,345 @@
+"""Structural checks of the deployment files: docker-compose.yml, Dockerfile, .dockerignore, .ci/run.
+
+No Docker engine runs in CI, so these tests pin down what would otherwise only fail on a GPU host at
+deploy time: a missing GPU reservation, an API image that drags in torch, a migration that is not a
+one-shot, a worker token with a default. When a compose binary is on PATH, `config` also validates the
+file the way Compose itself reads it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+CI_RUN = ROOT / ".ci" / "run"
+
+IPO_SERVICES = ("migrate", "api", "worker")
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    data = yaml.safe_load(COMPOSE_FILE.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+@pytest.fixture(scope="module")
+def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    result: dict[str, dict[str, Any]] = compose["services"]
+    return result
+
+
+def _depends_on(service: dict[str, Any]) -> dict[str, str]:
+    """depends_on as {service: condition}; the short list form means `service_started`."""
+    raw = service.get("depends_on", {})
+    if isinstance(raw, list):
+        return {name: "service_started" for name in raw}
+    return {name: spec.get("condition", "service_started") for name, spec in raw.items()}
+
+
+def _healthcheck_text(service: dict[str, Any]) -> str:
+    test = service["healthcheck"]["test"]
+    return " ".join(test) if isinstance(test, list) else str(test)
+
+
+def _gpu_devices(service: dict[str, Any]) -> list[dict[str, Any]]:
+    devices: list[dict[str, Any]] = (
+        service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+    )
+    return devices
+
+
+def _dockerfile_stages() -> dict[str, str]:
+    """Stage name -> the stage's text (from its FROM line up to the next FROM), line continuations joined."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    stages: dict[str, str] = {}
+    current: str | None = None
+    for line in text.splitlines():
+        match = re.match(r"^FROM\s+\S+(?:\s+AS\s+(\S+))?", line, flags=re.IGNORECASE)
+        if match:
+            current = match.group(1) or f"<unnamed {len(stages)}>"
+            stages[current] = ""
+        if current is not None and not line.lstrip().startswith("#"):
+            stages[current] += line + "\n"
+    return stages
+
+
+def _pip_installs(stage_text: str) -> list[str]:
+    """The arguments of every `pip install` in a stage (up to the next `&&`, `;` or end of line)."""
+    return [args.strip() for args in re.findall(r"\bpip install\s+([^&;\n]*)", stage_text)]
+
+
+# --------------------------------------------------------------------------------------------------
+# docker-compose.yml
+
+
+def test_compose_has_no_obsolete_version_key(compose: dict[str, Any]) -> None:
+    # `version:` is obsolete in Compose v2 and not needed by docker-compose 1.29 for the spec format.
+    assert "version" not in compose
+
+
+def test_required_services_present(services: dict[str, dict[str, Any]]) -> None:
+    assert {"postgres", "redis", "migrate", "api", "worker"} <= services.keys()
+
+
+def test_shared_env_anchor_reaches_every_ipo_service(compose: dict[str, Any], services: dict[str, Any]) -> None:
+    shared = compose["x-ipo-env"]
+    for key in (
+        "IPO_BROKER_URL",
+        "IPO_API_URL",
+        "IPO_WORKER_TOKEN",
+        "IPO_MODELS_DIR",
+        "IPO_HEARTBEAT_SECONDS",
+        "IPO_LEASE_SECONDS",
+        "IPO_MAX_ATTEMPTS",
+    ):
+        assert key in shared, key
+    for name in IPO_SERVICES:
+        env = services[name]["environment"]
+        for key, value in shared.items():
+            assert env.get(key) == value, f"{name} lacks shared {key}"
+
+
+def test_worker_token_has_no_default(compose: dict[str, Any]) -> None:
+    # `${VAR:?msg}` makes compose refuse to start without it; a default would be a shared secret in git.
+    assert re.fullmatch(r"\$\{IPO_WORKER_TOKEN:\?[^}]+\}", compose["x-ipo-env"]["IPO_WORKER_TOKEN"])
+
+
+def test_only_api_side_gets_ledger_credentials(services: dict[str, dict[str, Any]]) -> None:
+    # DESIGN.md: app/ is the only process that writes the database; a worker needs no DB credentials.
+    for name in ("migrate", "api"):
+        url = services[name]["environment"]["IPO_DATABASE_URL"]
+        assert url.startswith("postgresql+psycopg://") and "@postgres:5432/" in url
+        assert "${POSTGRES_PASSWORD:-" in url  # from the environment, with a local default
+    assert "IPO_DATABASE_URL" not in services["worker"]["environment"]
+    assert services["api"]["environment"]["IPO_STORAGE_URL"].endswith("file:///data/storage}")
+    assert services["api"]["environment"]["IPO_BROKER_URL"].startswith("redis://redis:6379")
+
+
+def test_postgres_and_redis_have_healthchecks_and_postgres_a_volume(services: dict[str, dict[str, Any]]) -> None:
+    assert "pg_isready" in _healthcheck_text(services["postgres"])
+    assert "ping" in _healthcheck_text(services["redis"])
+    assert any(str(v).endswith(":/var/lib/postgresql/data") for v in services["postgres"]["volumes"])
+    assert services["postgres"]["environment"]["POSTGRES_PASSWORD"].startswith("${POSTGRES_PASSWORD:-")
+
+
+def test_migrate_is_a_one_shot(services: dict[str, dict[str, Any]]) -> None:
+    migrate = services["migrate"]
+    assert migrate["command"] == ["migrate"]
+    assert migrate["restart"] == "no"
+    assert _depends_on(migrate) == {"postgres": "service_healthy"}
+    assert migrate["build"]["target"] == "api"  # alembic lives in the small image
+    assert "ports" not in migrate
+
+
+def test_api_service(services: dict[str, dict[str, Any]]) -> None:
+    api = services["api"]
+    assert api["build"]["target"] == "api"
+    assert api["command"] == ["serve", "--host", "0.0.0.0", "--port", "8000", "--workers", "4"]
+    deps = _depends_on(api)
+    assert deps["migrate"] == "service_completed_successfully"
+    assert deps["redis"] == "service_healthy"
+    assert "/healthz" in _healthcheck_text(api)
+    assert any(str(p).endswith(":8000") for p in api["ports"])
+    assert any(v == "storage:/data/storage" for v in api["volumes"])
+    assert any(str(v).endswith(":/models:ro") for v in api["volumes"])
+
+
+def test_worker_service(services: dict[str, dict[str, Any]]) -> None:
+    worker = services["worker"]
+    assert worker["build"]["target"] == "worker"
+    assert worker["command"] == ["worker"]
+    assert _depends_on(worker)["api"] == "service_healthy"
+    env = worker["environment"]
+    assert env["CUDA_VISIBLE_DEVICES"] == "0"
+    assert env["HF_HUB_OFFLINE"] == "1"
+    assert any(str(v).endswith(":/models:ro") for v in worker["volumes"])
+    assert any(str(v).startswith("hf-cache:") for v in worker["volumes"])
+    assert "ports" not in worker
+
+
+def test_worker_reserves_exactly_one_gpu(services: dict[str, dict[str, Any]]) -> None:
+    assert _gpu_devices(services["worker"]) == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+
+
+def test_every_worker_reserves_one_distinct_gpu(services: dict[str, dict[str, Any]]) -> None:
+    workers = {n: s for n, s in services.items() if s.get("build", {}).get("target") == "worker"}
+    assert "worker-gpu1" in workers, "the second-GPU example is missing"
+    claimed: list[str] = []
+    for name, svc in workers.items():
+        (device,) = _gpu_devices(svc)
+        assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"], name
+        # Docker rejects count together with device_ids; count N means device indices 0..N-1.
+        assert ("count" in device) != ("device_ids" in device), name
+        ids = [str(i) for i in range(device["count"])] if "count" in device else device["device_ids"]
+        assert len(ids) == 1, f"{name}: one container per GPU"
+        claimed += ids
+        if name != "worker":
+            assert svc.get("profiles"), f"{name} must be opt-in (a profile), not start on 1-GPU hosts"
+    assert len(claimed) == len(set(claimed)), f"two workers share a GPU: {claimed}"
+
+
+def test_minio_is_optional(services: dict[str, dict[str, Any]]) -> None:
+    for name in ("minio", "minio-init"):
+        assert services[name]["profiles"] == ["s3"]
+
+
+def test_named_volumes_declared(compose: dict[str, Any], services: dict[str, dict[str, Any]]) -> None:
+    declared = set(compose["volumes"])
+    assert {"pg-data", "storage", "hf-cache"} <= declared
+    for name, svc in services.items():
+        for volume in svc.get("volumes", []):
+            source = str(volume).split(":", 1)[0]
+            if not source.startswith(("/", ".", "$")):
+                assert source in declared, f"{name} uses undeclared volume {source}"
+
+
+def _compose_command() -> list[str] | None:
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    if shutil.which("docker"):
+        probe = subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=30, check=False)
+        if probe.returncode == 0:
+            return ["docker", "compose"]
+    return None
+
+
+COMPOSE_CMD = _compose_command()
+needs_compose = pytest.mark.skipif(
+    COMPOSE_CMD is None,
+    reason="no compose binary on PATH (apt-get install docker-compose, or the docker compose plugin)",
+)
+
+
+def _run_compose_config(extra_env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    assert COMPOSE_CMD is not None
+    env = {k: v for k, v in os.environ.items() if k != "IPO_WORKER_TOKEN"} | extra_env
+    # --project-directory pins where `.env` would be read from; the repo has none, so results are
+    # independent of the developer's local secrets.
+    return subprocess.run(
+        [*COMPOSE_CMD, "-f", str(COMPOSE_FILE), "--project-directory", str(ROOT), *args, "config"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+
+
+@needs_compose
+def test_compose_config_accepts_file_with_all_profiles() -> None:
+    done = _run_compose_config({"IPO_WORKER_TOKEN": "test-token"}, "--profile", "s3", "--profile", "multi-gpu")
+    assert done.returncode == 0, done.stderr
+    rendered = yaml.safe_load(done.stdout)
+    assert {"postgres", "redis", "migrate", "api", "worker", "worker-gpu1", "minio"} <= rendered["services"].keys()
+    assert rendered["services"]["api"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+
+
+@needs_compose
+def test_compose_config_refuses_missing_worker_token() -> None:
+    if (ROOT / ".env").exists():
+        pytest.skip("a local .env may define IPO_WORKER_TOKEN")
+    done = _run_compose_config({})
+    assert done.returncode != 0
+    assert "IPO_WORKER_TOKEN" in done.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# Dockerfile
+
+
+def test_dockerfile_targets() -> None:
+    stages = _dockerfile_stages()
+    assert {"source", "api", "worker"} <= stages.keys()
+
+
+def test_api_image_installs_base_package_only() -> None:
+    api = _dockerfile_stages()["api"]
+    # Exactly `pip install .`: no extras (the worker extra is what pulls torch), no constraints, and no
+    # direct install of anything else.
+    assert _pip_installs(api) == ["."]
+
+
+def test_worker_image_installs_worker_and_gpu_extras_keeping_cuda_torch() -> None:
+    worker = _dockerfile_stages()["worker"]
+    installs = _pip_installs(worker)
+    assert len(installs) == 1 and installs[0].endswith('".[worker,gpu]"'), installs
+    # constraints/cpu.txt pins the CPU torch wheel; the worker image keeps its base's CUDA torch.
+    assert "constraints/cpu.txt" not in worker
+    assert re.search(r"^FROM\s+\$\{TORCH_IMAGE\}", worker, flags=re.MULTILINE)
+    assert re.search(r"^ARG TORCH_IMAGE=pytorch/pytorch:\S+-cuda", DOCKERFILE.read_text(), flags=re.MULTILINE)
+
+
+def test_base_dependencies_pull_no_training_stack() -> None:
+    # `pip install .` in the api image is only torch-free while the base dependencies are.
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = {re.split(r"[\s\[<>=!~;]", dep, maxsplit=1)[0].lower() for dep in project["dependencies"]}
+    assert not names & {"torch", "transformers", "trl", "peft", "accelerate", "bitsandbytes"}
+    extras = project["optional-dependencies"]
+    assert any(dep.startswith("torch") for dep in extras["worker"])
+    assert any(dep.startswith("bitsandbytes") for dep in extras["gpu"])
+
+
+@pytest.mark.parametrize("stage", ["api", "worker"])
+def test_runtime_stages_are_non_root_unbuffered_and_enter_via_ipo(stage: str) -> None:
+    text = _dockerfile_stages()[stage]
+    users = re.findall(r"^USER\s+(\S+)", text, flags=re.MULTILINE)
+    assert users and users[-1] not in ("root", "0"), users
+    assert "PYTHONUNBUFFERED=1" in text
+    # app/migrate.py finds alembic.ini + migrations/ beside the `app` package: the source tree must win.
+    assert "PYTHONPATH=/opt/ipo" in text
+    assert re.search(r'^ENTRYPOINT \["ipo"\]', text, flags=re.MULTILINE)
+
+
+def test_worker_runs_hub_offline_and_api_has_healthcheck() -> None:
+    stages = _dockerfile_stages()
+    assert "HF_HUB_OFFLINE=1" in stages["worker"]
+    assert "HF_HUB_OFFLINE" not in stages["api"]
+    healthcheck = re.search(r"^HEALTHCHECK .*$", stages["api"], flags=re.MULTILINE)
+    assert healthcheck and "urllib.request" in healthcheck.group(0) and "/healthz" in healthcheck.group(0)
+
+
+def test_dockerignore_keeps_local_state_and_secrets_out() -> None:
+    entries = {line.strip() for line in DOCKERIGNORE.read_text().splitlines()}
+    assert {".git", ".venv", "var", ".env"} <= entries
+    # pyproject.toml names README.md as the readme; the build fails without it.
+    assert "!README.md" in entries
+
+
+# --------------------------------------------------------------------------------------------------
+# .ci/run
+
+
+def test_ci_script_is_strict_executable_bash() -> None:
+    text = CI_RUN.read_text()
+    assert text.startswith(("#!/usr/bin/env bash\n", "#!/bin/bash\n"))
+    assert "set -euo pipefail" in text
+    assert os.access(CI_RUN, os.X_OK)
+
+
+def test_ci_script_uses_the_makefile_entry_points() -> None:
+    text = CI_RUN.read_text()
+    for needle in (
+        "make venv",
+        "make test",
+        "make test-slow",
+        "TEST_DATABASE_URL=postgresql+psycopg://postgres@127.0.0.1:5432/test",
+        "TEST_REDIS_URL=redis://127.0.0.1:6379/0",
+    ):
+        assert needle in text, needle

@@ -1,0 +1,121 @@
+"""The Celery app: a doorbell, not a ledger (DESIGN.md, "The worker protocol").
+
+Start a worker (one per GPU) with ``celery -A worker.celery_app worker`` (``ipo worker`` wraps it).
+The message only names a job; the claim over ``/internal/v1`` decides who runs it, so messages are
+acked early, results are ignored and redelivery is relied on for nothing.
+
+The API sends with ``send_task(TASK_NAME, kwargs={"job_id": ...}, queue=IPO_QUEUE)``; both names live in
+``contracts`` (``app`` must not import ``worker``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_init, worker_shutting_down
+from celery.worker import state as worker_state
+
+from contracts.broker import FILESYSTEM_BROKER, filesystem_transport_options
+from contracts.internal import DEFAULT_QUEUE, TASK_NAME
+from worker.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "ipo"
+QUEUE = DEFAULT_QUEUE  # the default; IPO_QUEUE overrides it on both sides
+
+
+def celery_config(broker_url: str, transport_options: dict[str, Any], queue: str = QUEUE) -> dict[str, Any]:
+    """Every setting the protocol relies on, in one place (asserted by tests/worker/test_celery_app.py)."""
+    return {
+        "broker_url": broker_url,
+        "broker_transport_options": transport_options,
+        "broker_connection_retry_on_startup": True,
+        "task_default_queue": queue,
+        "task_routes": {TASK_NAME: {"queue": queue}},
+        # Early ack: a message is a doorbell; a lost one is re-sent by the API's outbox sweeper, and a
+        # duplicate finds nothing to claim. Late acks would re-run jobs whose worker died mid-training.
+        "task_acks_late": False,
+        "worker_prefetch_multiplier": 1,
+        "worker_concurrency": 1,  # one GPU, one job
+        "worker_max_tasks_per_child": 1,  # a fresh process per job: no leaked CUDA/allocator state
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_serializer": "json",
+        "task_ignore_result": True,
+        "result_backend": None,
+        "worker_hijack_root_logger": False,
+    }
+
+
+def make_celery(
+    broker_url: str | None = None,
+    *,
+    broker_dir: Path | None = None,
+    include_tasks: bool = False,
+    create_dirs: bool = True,
+) -> Celery:
+    """A configured app. The API uses it to send (``include_tasks=False``); the worker to consume.
+
+    For ``filesystem://`` both sides must point at the same ``broker_dir`` (default ``{IPO_VAR_DIR}/broker``).
+    """
+    settings = WorkerSettings()
+    url = broker_url or settings.broker_url
+    if url.startswith(FILESYSTEM_BROKER):
+        options = filesystem_transport_options(broker_dir or settings.broker_dir, create=create_dirs)
+    else:
+        options = {}
+    celery = Celery(APP_NAME, include=["worker.tasks"] if include_tasks else [])
+    celery.conf.update(celery_config(url, options, settings.queue))
+    return celery
+
+
+def run_worker(extra_args: list[str] | None = None) -> None:
+    """``ipo worker``: one Celery worker process consuming ``IPO_QUEUE``, one job at a time.
+
+    prefork with one child and ``max_tasks_per_child=1``: every job runs in a fresh process, so no CUDA
+    context or allocator state leaks from one job into the next.
+    """
+    settings = WorkerSettings()
+    argv = ["worker", "--loglevel=INFO", f"--queues={settings.queue}", "--concurrency=1", "--pool=prefork",
+            "--without-gossip", "--without-mingle", f"--hostname=ipo-{settings.worker_id.replace(':', '-')}@%h",
+            *(extra_args or [])]
+    app.worker_main(argv)
+
+
+app = make_celery(include_tasks=True, create_dirs=False)
+
+
+@worker_init.connect
+def _create_broker_dirs(**_: Any) -> None:
+    """The filesystem transport's folders, created when a worker starts rather than on import."""
+    options = app.conf.broker_transport_options or {}
+    for key in ("data_folder_in", "data_folder_out", "processed_folder", "control_folder"):
+        if key in options:
+            Path(options[key]).mkdir(parents=True, exist_ok=True)
+
+
+@worker_shutting_down.connect
+def _forward_shutdown(sig: str | None = None, how: str | None = None, **_: Any) -> None:
+    """Runs in the worker's main process on SIGTERM/SIGINT/SIGQUIT: tell running jobs to checkpoint and stop.
+
+    The task runs in a pool child that Celery's warm shutdown just waits for; SIGTERM makes that child's
+    task call :meth:`Supervisor.shutdown` (see ``worker.tasks``), which saves a checkpoint, reports
+    ``stopped`` (reason ``shutdown``) and returns, letting the warm shutdown complete.
+    """
+    from worker import tasks  # the solo pool runs the task in this very process
+
+    if tasks.request_shutdown():
+        return
+    for request in list(worker_state.active_requests):
+        pid = getattr(request, "worker_pid", None)
+        if pid and pid != os.getpid():
+            log.info("worker %s shutdown (%s): asking task process %d to checkpoint and stop", how, sig, pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)

@@ -1,0 +1,103 @@
+"""Worker configuration: ``IPO_*`` environment variables with embedded defaults under ``./var``.
+
+A worker machine needs only the API URL, the broker URL, the worker token and a GPU (DESIGN.md).
+Paths left unset are derived from ``IPO_VAR_DIR`` so one variable moves the whole embedded setup.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from contracts.broker import FILESYSTEM_BROKER, filesystem_transport_options
+from contracts.internal import DEFAULT_QUEUE
+
+WORKER_TOKEN_FILE = "worker_token"
+
+
+class WorkerTokenMissing(RuntimeError):
+    """Neither ``IPO_WORKER_TOKEN`` nor ``{var_dir}/worker_token`` (written by the API) is there."""
+
+
+def _default_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class WorkerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="IPO_", extra="ignore")
+
+    var_dir: Path = Path("./var")
+    """Root of the embedded default layout (broker folders, models, work dirs, worker token)."""
+    api_url: str = "http://127.0.0.1:8000"
+    broker_url: str = FILESYSTEM_BROKER
+    """``filesystem://`` = kombu's filesystem transport under ``{var_dir}/broker``; else e.g. ``redis://...``."""
+    queue: str = DEFAULT_QUEUE
+    """Celery queue to consume (``IPO_QUEUE``; the API sends to the same one)."""
+    worker_token: SecretStr | None = None
+    """Overrides the token the API generates into ``{var_dir}/worker_token`` on first start."""
+    models_dir: Path | None = None
+    """Base models, one directory per allow-listed name (``{models_dir}/{model}/config.json``).
+
+    Default ``{var_dir}/models``."""
+    work_dir: Path | None = None
+    """Per-attempt scratch directories. Default ``{var_dir}/work``."""
+    heartbeat_seconds: float | None = None
+    """Overrides the heartbeat interval the API hands out with each claim (tests, debugging)."""
+    stop_grace_seconds: float = Field(default=60.0, gt=0)
+    """How long a trainer asked to stop (cancel/pause/shutdown) may take before its process group is killed."""
+    device: str = "auto"
+    """``auto`` (cuda when available), ``cuda`` or ``cpu``: passed to the trainer."""
+    trainer_module: str = "worker.training.run"
+    """Started as ``python -m {trainer_module} REQUEST_JSON --report-fd N`` (tests swap in a fake)."""
+    worker_id: str = Field(default_factory=_default_worker_id)
+    """Names this worker in claims (shown by the API, useful when tracing a fenced-off worker)."""
+    api_retry_seconds: float = Field(default=300.0, gt=0)
+    """How long a transient API failure (connect error, 5xx, 429) is retried before giving up."""
+    keep_work_dirs: bool = False
+    """Keep per-attempt directories after the attempt ends (they are always kept after a failure)."""
+
+    @model_validator(mode="after")
+    def _derive_paths(self) -> WorkerSettings:
+        if self.models_dir is None:
+            self.models_dir = self.var_dir / "models"
+        if self.work_dir is None:
+            self.work_dir = self.var_dir / "work"
+        return self
+
+    @property
+    def models_path(self) -> Path:
+        assert self.models_dir is not None  # set by _derive_paths
+        return self.models_dir
+
+    @property
+    def work_path(self) -> Path:
+        assert self.work_dir is not None  # set by _derive_paths
+        return self.work_dir
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.var_dir / "broker"
+
+    def resolve_worker_token(self) -> str:
+        """The token for ``/internal/v1``, read at call time: the API may write the file after we start."""
+        if self.worker_token is not None:
+            return self.worker_token.get_secret_value()
+        path = self.var_dir / WORKER_TOKEN_FILE
+        try:
+            token = path.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            token = ""
+        if not token:
+            raise WorkerTokenMissing(f"no worker token: set IPO_WORKER_TOKEN or start the API once so it writes {path}")
+        return token
+
+    def broker_transport_options(self, *, create: bool = True) -> dict[str, Any]:
+        """Transport options for the broker; for ``filesystem://`` creates the folders it needs."""
+        if not self.broker_url.startswith(FILESYSTEM_BROKER):
+            return {}
+        return filesystem_transport_options(self.broker_dir, create=create)

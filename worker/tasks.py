@@ -1,0 +1,214 @@
+"""The one Celery task: claim a job over HTTP, stage its inputs, hand it to the supervisor.
+
+``run_job`` is a thin Celery wrapper around :func:`execute_job`, which tests (and ``ipo`` tools) call
+directly. Nothing here retries through Celery: a job that could not be started is failed (or left for
+the API's reaper when the API itself is unreachable), never re-queued by the worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from contracts.internal import ClaimResponse, DispatchMessage, FailRequest, StoppedRequest
+from worker.api_client import ApiClient, ApiError, ApiUnavailable, LeaseLost, NotClaimable
+from worker.archive import UnsafeArchive, unzip_safe
+from worker.celery_app import TASK_NAME, app
+from worker.settings import WorkerSettings
+from worker.supervisor import DEFAULT_TRAINER, Outcome, Supervisor
+from worker.training.request import TrainRequest
+
+log = logging.getLogger(__name__)
+
+_lock = threading.Lock()
+_shutdown = threading.Event()
+_current: Supervisor | None = None
+
+
+class StartFailure(Exception):
+    """The attempt cannot start; ``code``/``retryable`` go to ``/fail``."""
+
+    def __init__(self, code: str, message: str, *, retryable: bool) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retryable = retryable
+
+
+def request_shutdown() -> bool:
+    """Ask the job running in this process (if any) to checkpoint and stop. Signal-handler safe.
+
+    Returns whether a job was running here.
+    """
+    _shutdown.set()
+    supervisor = _current
+    if supervisor is not None:
+        supervisor.shutdown()
+        return True
+    return False
+
+
+@contextmanager
+def _shutdown_on_sigterm() -> Iterator[None]:
+    """In a pool child SIGTERM means "the worker is shutting down" (forwarded by celery_app)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        request_shutdown()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def resolve_model_path(models_dir: Path, model: str) -> Path:
+    """``models_dir/model``; must stay inside ``models_dir`` and hold a ``config.json``."""
+    root = models_dir.resolve()
+    path = (root / model).resolve()
+    if root not in path.parents or not (path / "config.json").is_file():
+        raise StartFailure(
+            "model_not_found", f"Base model {model!r} is not available on this worker.", retryable=False
+        )
+    return path
+
+
+def stage_attempt(api: ApiClient, claim: ClaimResponse, settings: WorkerSettings) -> tuple[Path, Path]:
+    """Download inputs into ``work_dir/{job}/attempt-{n}/`` and write ``request.json``. Returns (dir, request)."""
+    spec = claim.spec
+    model_path = resolve_model_path(settings.models_path, spec.model)
+    attempt_dir = settings.work_path / claim.job_id / f"attempt-{claim.attempt}"
+    if attempt_dir.exists():  # a leftover from a worker that died mid-staging on this machine
+        shutil.rmtree(attempt_dir)
+    inputs = attempt_dir / "inputs"
+    train_file = api.download_file(spec.training_file, inputs / "train.jsonl")
+    validation_file = (
+        api.download_file(spec.validation_file, inputs / "validation.jsonl") if spec.validation_file else None
+    )
+    resume_dir: Path | None = None
+    if claim.resume_from is not None:
+        archive = api.download(claim.resume_from.download_path, inputs / "resume.zip")
+        try:
+            resume_dir = unzip_safe(archive, attempt_dir / "resume")
+        except UnsafeArchive as exc:
+            raise StartFailure(
+                "invalid_checkpoint", f"Checkpoint cannot be resumed from: {exc}", retryable=False
+            ) from exc
+        finally:
+            archive.unlink(missing_ok=True)
+    request = TrainRequest(
+        job_id=claim.job_id,
+        attempt=claim.attempt,
+        model_path=str(model_path),
+        train_file=str(train_file.resolve()),
+        validation_file=str(validation_file.resolve()) if validation_file else None,
+        output_dir=str(attempt_dir.resolve()),
+        resume_from=str(resume_dir.resolve()) if resume_dir else None,
+        seed=spec.seed,
+        method=spec.method,
+        device=settings.device,
+    )
+    request_path = attempt_dir / "request.json"
+    request_path.write_text(request.model_dump_json(indent=2), encoding="utf-8")
+    return attempt_dir, request_path
+
+
+def execute_job(
+    job_id: str,
+    settings: WorkerSettings,
+    *,
+    api: ApiClient | None = None,
+    trainer_argv: Sequence[str] = DEFAULT_TRAINER,
+    env: Mapping[str, str] | None = None,
+    on_supervisor: Callable[[Supervisor], None] | None = None,
+) -> Outcome | None:
+    """Claim, stage, supervise. Returns None when there was nothing to claim (or staging was cut short)."""
+    global _current
+    message = DispatchMessage(job_id=job_id)
+    own_api = api is None
+    client = api or ApiClient(
+        settings.api_url, settings.resolve_worker_token(), retry_seconds=settings.api_retry_seconds
+    )
+    try:
+        try:
+            claim = client.claim(message.job_id, settings.worker_id)
+        except NotClaimable as exc:
+            log.info("job %s: nothing to claim (%s)", job_id, exc.message)
+            return None
+        log.info("job %s: claimed attempt %d", job_id, claim.attempt)
+        try:
+            attempt_dir, request_path = stage_attempt(client, claim, settings)
+            if _shutdown.is_set():
+                client.stopped(job_id, StoppedRequest(lease_token=claim.lease_token, reason="shutdown"))
+                return Outcome("stopped", None, "shutdown")
+        except StartFailure as exc:
+            _fail(client, claim, exc.code, exc.message, retryable=exc.retryable)
+            return Outcome("failed", None, exc.code, exc.message)
+        except LeaseLost:
+            log.warning("job %s: lease lost while staging", job_id)
+            return Outcome("lease_lost", None)
+        except ApiUnavailable as exc:
+            # The lease runs out and the reaper requeues the job; nothing more we can tell the API.
+            log.error("job %s: API unreachable while staging: %s", job_id, exc)
+            return Outcome("unreported", None, "api_unavailable", str(exc))
+        except (ApiError, OSError) as exc:
+            _fail(client, claim, "staging_failed", f"Could not prepare the job's inputs: {exc}", retryable=True)
+            return Outcome("failed", None, "staging_failed", str(exc))
+        supervisor = Supervisor(
+            client,
+            claim,
+            request_path,
+            attempt_dir,
+            heartbeat_seconds=settings.heartbeat_seconds,
+            stop_grace_seconds=settings.stop_grace_seconds,
+            trainer_argv=trainer_argv,
+            env=env,
+        )
+        with _lock:
+            _current = supervisor
+        if on_supervisor is not None:
+            on_supervisor(supervisor)
+        try:
+            if _shutdown.is_set():
+                supervisor.shutdown()
+            outcome = supervisor.run()
+        finally:
+            with _lock:
+                _current = None
+        if outcome.status in ("succeeded", "stopped") and not settings.keep_work_dirs:
+            shutil.rmtree(attempt_dir, ignore_errors=True)  # everything worth keeping was uploaded
+        return outcome
+    finally:
+        if own_api:
+            client.close()
+
+
+def _fail(client: ApiClient, claim: ClaimResponse, code: str, message: str, *, retryable: bool) -> None:
+    try:
+        client.fail(
+            claim.job_id,
+            FailRequest(lease_token=claim.lease_token, code=code, message=message[:4000], retryable=retryable),
+        )
+    except (ApiError, ApiUnavailable) as exc:
+        log.error("job %s: could not report failure %s: %s", claim.job_id, code, exc)
+
+
+@app.task(name=TASK_NAME, ignore_result=True, acks_late=False, shared=False)
+def run_job(job_id: str) -> dict[str, Any] | None:
+    """The Celery entry point (kwargs ``{"job_id": ...}``, validated as ``DispatchMessage``)."""
+    settings = WorkerSettings()
+    _shutdown.clear()
+    with _shutdown_on_sigterm():
+        outcome = execute_job(job_id, settings, trainer_argv=(sys.executable, "-m", settings.trainer_module))
+    return None if outcome is None else {"status": outcome.status, "reason": outcome.reason}
