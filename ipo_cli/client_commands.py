@@ -1,0 +1,179 @@
+"""``ipo files ...`` and ``ipo jobs ...``: the public API from the terminal (``--json`` for scripts)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ipo_cli.errors import CliError
+from ipo_cli.http import ApiClient
+from ipo_cli.watch import watch_job
+
+BaseUrl = Annotated[str | None, typer.Option("--base-url", envvar="IPO_BASE_URL", help="API base URL.")]
+ApiKey = Annotated[str | None, typer.Option("--api-key", envvar="IPO_API_KEY", help="API key.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+files = typer.Typer(help="Upload and inspect files.", no_args_is_help=True)
+jobs = typer.Typer(help="Create and follow fine-tuning jobs.", no_args_is_help=True)
+
+
+def _print(obj: Any, as_json: bool, line: str) -> None:
+    typer.echo(json.dumps(obj, indent=None if as_json else 2) if as_json else line)
+
+
+@files.command("upload")
+def files_upload(path: Path, base_url: BaseUrl = None, api_key: ApiKey = None, as_json: AsJson = False) -> None:
+    obj = ApiClient(base_url, api_key).upload(path)
+    _print(
+        obj,
+        as_json,
+        f"{obj['id']}  {obj['filename']}  {obj['bytes']} bytes  {obj['status']}"
+        + (f"\n{obj['status_details']}" if obj.get("status_details") else ""),
+    )
+
+
+@files.command("get")
+def files_get(file_id: str, base_url: BaseUrl = None, api_key: ApiKey = None, as_json: AsJson = False) -> None:
+    obj = ApiClient(base_url, api_key).json("GET", f"/v1/files/{file_id}")
+    _print(obj, as_json, f"{obj['id']}  {obj['filename']}  {obj['bytes']} bytes  {obj['status']}")
+
+
+@jobs.command("create")
+def jobs_create(
+    training_file: Annotated[str, typer.Option(help="File id (file-...) or a local JSONL path to upload.")],
+    model: Annotated[str, typer.Option()] = "tiny-mistral",
+    validation_file: Annotated[str | None, typer.Option()] = None,
+    method: Annotated[str, typer.Option(help="ipo or dpo")] = "ipo",
+    beta: Annotated[float | None, typer.Option(help="IPO tau / DPO beta")] = None,
+    n_epochs: Annotated[int | None, typer.Option()] = None,
+    learning_rate: Annotated[float | None, typer.Option()] = None,
+    suffix: Annotated[str | None, typer.Option()] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    spec: Annotated[Path | None, typer.Option(help="A JSON/YAML job spec; flags override it.")] = None,
+    base_url: BaseUrl = None,
+    api_key: ApiKey = None,
+    as_json: AsJson = False,
+) -> None:
+    client = ApiClient(base_url, api_key)
+    body: dict[str, Any] = _load_spec(spec) if spec else {}
+    body["model"] = body.get("model", model)
+    body["training_file"] = _file_id(client, training_file)
+    if validation_file:
+        body["validation_file"] = _file_id(client, validation_file)
+    hp = {
+        k: v for k, v in {"beta": beta, "n_epochs": n_epochs, "learning_rate": learning_rate}.items() if v is not None
+    }
+    body.setdefault("method", {"type": method})
+    if hp:
+        block = body["method"].setdefault(body["method"]["type"], {})
+        block.setdefault("hyperparameters", {}).update(hp)
+    for key, value in (("suffix", suffix), ("seed", seed)):
+        if value is not None:
+            body[key] = value
+    obj = client.json("POST", "/v1/fine_tuning/jobs", json=body)
+    _print(obj, as_json, f"{obj['id']}  {obj['status']}")
+
+
+def _load_spec(path: Path) -> dict[str, Any]:
+    import yaml
+
+    if not path.is_file():
+        raise CliError(f"no such spec file: {path}")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise CliError(f"{path}: not valid JSON/YAML: {exc}") from exc
+    if not isinstance(loaded, dict):
+        raise CliError(f"{path}: a job spec must be a mapping")
+    return loaded
+
+
+def _file_id(client: ApiClient, ref: str) -> str:
+    if ref.startswith("file-"):
+        return ref
+    obj = client.upload(Path(ref))
+    if obj["status"] == "error":
+        raise CliError(f"{ref}: {obj['status_details']}")
+    return str(obj["id"])
+
+
+@jobs.command("get")
+def jobs_get(job_id: str, base_url: BaseUrl = None, api_key: ApiKey = None, as_json: AsJson = False) -> None:
+    obj = ApiClient(base_url, api_key).json("GET", f"/v1/fine_tuning/jobs/{job_id}")
+    _print(
+        obj,
+        as_json,
+        f"{obj['id']}  {obj['status']}  step {obj.get('step')}/{obj.get('total_steps')}"
+        + (f"  error: {obj['error']['message']}" if obj.get("error") else ""),
+    )
+
+
+@jobs.command("list")
+def jobs_list(limit: int = 20, base_url: BaseUrl = None, api_key: ApiKey = None, as_json: AsJson = False) -> None:
+    obj = ApiClient(base_url, api_key).json("GET", "/v1/fine_tuning/jobs", params={"limit": limit})
+    _print(obj, as_json, "\n".join(f"{j['id']}  {j['status']:<10} {j['model']}" for j in obj["data"]))
+
+
+def _transition(name: str):  # type: ignore[no-untyped-def]
+    def command(job_id: str, base_url: BaseUrl = None, api_key: ApiKey = None, as_json: AsJson = False) -> None:
+        obj = ApiClient(base_url, api_key).json("POST", f"/v1/fine_tuning/jobs/{job_id}/{name}")
+        _print(obj, as_json, f"{obj['id']}  {obj['status']}")
+
+    command.__doc__ = f"{name.capitalize()} a job."
+    jobs.command(name)(command)
+
+
+for _name in ("cancel", "pause", "resume"):
+    _transition(_name)
+
+
+@jobs.command("events")
+def jobs_events(
+    job_id: str, limit: int = 50, base_url: BaseUrl = None, api_key: ApiKey = None, as_json: AsJson = False
+) -> None:
+    obj = ApiClient(base_url, api_key).json("GET", f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": limit})
+    _print(obj, as_json, "\n".join(f"{e['id']}  {e['level']:<5} {e['message']}" for e in reversed(obj["data"])))
+
+
+@jobs.command("watch")
+def jobs_watch(job_id: str, base_url: BaseUrl = None, api_key: ApiKey = None) -> None:
+    """Live progress until the job ends; exit 0 when it succeeded, 1 otherwise."""
+    status = watch_job(ApiClient(base_url, api_key), job_id)
+    raise typer.Exit(0 if status == "succeeded" else 1)
+
+
+@jobs.command("download")
+def jobs_download(
+    job_id: str,
+    out: Annotated[Path, typer.Option(help="Directory for the adapter.")] = Path("adapter"),
+    base_url: BaseUrl = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Download and unpack the job's adapter (adapter_model.safetensors, adapter_config.json, tokenizer)."""
+    client = ApiClient(base_url, api_key)
+    adapter_dir = download_adapter(client, job_id, out)
+    typer.echo(f"adapter in {adapter_dir}")
+
+
+def download_adapter(client: ApiClient, job_id: str, out: Path) -> Path:
+    job = client.json("GET", f"/v1/fine_tuning/jobs/{job_id}")
+    if job["status"] != "succeeded" or not job["result_files"]:
+        raise CliError(f"job {job_id} has no adapter (status {job['status']})")
+    archive = client.download(job["result_files"][0], out.with_suffix(".zip"))
+    from worker.archive import unzip_safe  # the same zip-slip-safe unpacking the worker uses
+
+    unzip_safe(archive, out)
+    return out
+
+
+def demo_command() -> None:
+    """Run the demo end to end: build, start, train, evaluate, stop."""
+    from ipo_cli.demo import run_demo
+
+    raise typer.Exit(run_demo())
+
+
+__all__ = ["demo_command", "download_adapter", "files", "jobs"]

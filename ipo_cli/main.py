@@ -1,0 +1,34 @@
+"""Entry point of the ``ipo`` command: assembles the sub-commands. Errors are one line on stderr."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from ipo_cli import admin, client_commands, local, server
+from ipo_cli.errors import CliError
+
+app = typer.Typer(
+    help="ipo-align: IPO/DPO preference alignment as a service.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+server.register(app)
+app.add_typer(admin.keys, name="keys")
+app.add_typer(local.models, name="models")
+app.add_typer(local.data, name="data")
+app.add_typer(client_commands.files, name="files")
+app.add_typer(client_commands.jobs, name="jobs")
+app.command("demo")(client_commands.demo_command)
+
+
+def main() -> None:
+    try:
+        app()
+    except CliError as exc:
+        print(f"ipo: error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,91 @@
+"""``ipo up | serve | worker | migrate``: run the parts of the service.
+
+``ipo up`` is the embedded default in one command: SQLite, the Celery filesystem transport and a
+local artifact directory under ``./var``, the API (with its dispatcher) and one worker process.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from typing import Annotated
+
+import typer
+
+Host = Annotated[str, typer.Option(help="Interface to bind.")]
+Port = Annotated[int, typer.Option(help="TCP port.")]
+
+
+def register(app: typer.Typer) -> None:
+    app.command("up")(up)
+    app.command("serve")(serve)
+    app.command("worker")(worker)
+    app.command("migrate")(migrate)
+
+
+def migrate() -> None:
+    """Apply database migrations (alembic upgrade head)."""
+    from app.migrate import upgrade
+    from app.settings import Settings
+
+    upgrade(Settings().resolved_database_url)
+    typer.echo("database is at the latest schema")
+
+
+def serve(
+    host: Host = "127.0.0.1",
+    port: Port = 8000,
+    workers: Annotated[int, typer.Option(help="uvicorn worker processes.")] = 1,
+) -> None:
+    """Run the API server (uvicorn)."""
+    import uvicorn
+
+    uvicorn.run(
+        "app.main:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level="info",
+        access_log=False,
+        timeout_graceful_shutdown=10,
+    )
+
+
+def worker() -> None:
+    """Run one Celery worker (one per GPU): concurrency 1, one task per child process."""
+    from worker.celery_app import run_worker
+
+    run_worker()
+
+
+def up(host: Host = "127.0.0.1", port: Port = 8000) -> None:
+    """Start everything, embedded: schema, a local API key, the API + dispatcher, and one worker."""
+    from app.bootstrap import bootstrap
+    from app.settings import Settings
+
+    settings = Settings()
+    key, created = bootstrap(settings)
+    env = {**os.environ, "IPO_API_URL": os.environ.get("IPO_API_URL", f"http://{host}:{port}")}
+    worker_proc = subprocess.Popen([sys.executable, "-m", "ipo_cli.main", "worker"], env=env, start_new_session=True)
+    typer.echo(f"ipo-align is up at http://{host}:{port}  (worker pid {worker_proc.pid})")
+    typer.echo(
+        f"API key {'created' if created else 'in'} {settings.var_dir / 'api_key'}" + (f": {key}" if created else "")
+    )
+    try:
+        serve(host=host, port=port, workers=1)
+    finally:
+        _stop(worker_proc)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
