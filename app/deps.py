@@ -31,8 +31,10 @@ def get_session(ctx: Ctx) -> Iterator[Session]:
 DbSession = Annotated[Session, Depends(get_session, scope="function")]
 
 
-def get_caller(session: DbSession, authorization: Annotated[str | None, Header()] = None) -> Caller:
-    return authenticate(session, authorization)
+def get_caller(ctx: Ctx, session: DbSession, authorization: Annotated[str | None, Header()] = None) -> Caller:
+    caller = authenticate(session, authorization)
+    ctx.rate_limiter.check(caller.key_id)  # per key, per API process (see app.services.rate_limit)
+    return caller
 
 
 CurrentCaller = Annotated[Caller, Depends(get_caller)]

@@ -22,13 +22,20 @@ class DomainError(Exception):
     status = 400
     type = "invalid_request_error"
     code: str | None = None
+    retryable: bool | None = None
+    """Sent as ``x-should-retry`` when set: the openai SDK retries 409/429 by default, which is pointless
+    for a conflict that a retry cannot resolve (a job that is already cancelled)."""
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, param: str | None = None, code: str | None = None, retryable: bool | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         if code is not None:
             self.code = code
+        if retryable is not None:
+            self.retryable = retryable
 
 
 class InvalidRequest(DomainError):
@@ -49,11 +56,40 @@ class NotFound(DomainError):
 class Conflict(DomainError):
     status = 409
     code = "conflict"
+    retryable = False
+
+
+class Forbidden(DomainError):
+    status = 403
+    code = "forbidden"
 
 
 class PayloadTooLarge(DomainError):
     status = 413
     code = "file_too_large"
+
+
+class RateLimited(DomainError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(
+        self, message: str, *, retry_after: int, param: str | None = None, retryable: bool | None = None
+    ) -> None:
+        super().__init__(message, param=param, retryable=retryable)
+        self.retry_after = max(1, retry_after)
+
+
+class RequestTooLarge(StarletteHTTPException):
+    """Raised from inside the ASGI ``receive`` channel (see ``app.routes.body_limit``) as soon as a request
+    body passes its limit. It is an ``HTTPException`` so FastAPI's body parsing lets it through unchanged
+    instead of turning it into a generic "error parsing the body" 400."""
+
+    def __init__(self, message: str, param: str | None) -> None:
+        super().__init__(413, message)
+        self.message = message
+        self.param = param
 
 
 class IdempotencyMismatch(DomainError):
@@ -70,6 +106,8 @@ class ServiceUnavailable(DomainError):
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
+
+_HTTP_CODES = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
 _UNION_TAGS = {"int", "float", "str", "bool", "list", "dict", "none"}
 
@@ -91,7 +129,13 @@ def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(DomainError)
     async def _domain(_: Request, exc: DomainError) -> JSONResponse:
-        headers = {"Retry-After": "5"} if exc.status == 503 else None
+        headers: dict[str, str] = {}
+        if exc.status == 503:
+            headers["Retry-After"] = "5"
+        elif isinstance(exc, RateLimited):
+            headers["Retry-After"] = str(exc.retry_after)
+        if exc.retryable is not None:
+            headers["x-should-retry"] = "true" if exc.retryable else "false"
         return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
@@ -104,10 +148,23 @@ def install_error_handlers(app: FastAPI) -> None:
             message += f" (and {len(errors) - 1} more)"
         return JSONResponse(error_body(message, "invalid_request_error", param, "invalid_value"), 400)
 
+    @app.exception_handler(RequestTooLarge)
+    async def _too_large(_: Request, exc: RequestTooLarge) -> JSONResponse:
+        code = "file_too_large" if exc.param == "file" else "request_too_large"
+        # The unread rest of the body is not drained: the server closes the connection after this answer.
+        return JSONResponse(
+            error_body(exc.message, "invalid_request_error", exc.param, code), 413, headers={"Connection": "close"}
+        )
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return JSONResponse(error_body(str(exc.detail), "invalid_request_error", None, code), exc.status_code)
+        code = _HTTP_CODES.get(exc.status_code)
+        message = str(exc.detail)
+        if exc.status_code == 400 and message == "There was an error parsing the body":
+            # FastAPI's answer to a body it could not parse: a truncated multipart form, a JSON document
+            # nested deeper than the parser allows, and the like.
+            message = "The request body could not be parsed (malformed, truncated or too deeply nested)."
+        return JSONResponse(error_body(message, "invalid_request_error", None, code), exc.status_code, exc.headers)
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(DBAPIError)

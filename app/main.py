@@ -13,8 +13,10 @@ from fastapi import FastAPI
 
 from app.db import make_engine, make_sessionmaker
 from app.errors import install_error_handlers
-from app.routes import files, health, internal, jobs
+from app.routes import files, health, internal, jobs, models
+from app.routes.body_limit import BodyLimitMiddleware, limits_for
 from app.services.dispatch import CeleryDoorbell, DispatcherThread, Doorbell
+from app.services.rate_limit import RequestRateLimiter
 from app.settings import Settings, get_settings
 from app.state import AppContext
 from app.storage import open_storage
@@ -30,6 +32,7 @@ def build_context(settings: Settings) -> AppContext:
         sessions=make_sessionmaker(engine),
         storage=open_storage(settings.resolved_storage_url),
         worker_token=settings.resolved_worker_token(),
+        rate_limiter=RequestRateLimiter(settings.rate_limit_per_minute),
     )
 
 
@@ -60,6 +63,7 @@ def create_app(settings: Settings | None = None, doorbell: Doorbell | None = Non
     )
     app.state.ctx = ctx
     install_error_handlers(app)
-    for module in (health, files, jobs, internal):
+    app.add_middleware(BodyLimitMiddleware, pick=limits_for(settings.max_upload_bytes, settings.max_request_body_bytes))
+    for module in (health, files, jobs, models, internal):
         app.include_router(module.router)
     return app

@@ -40,7 +40,14 @@ class Settings(BaseSettings):
     lease_seconds: int = Field(300, ge=2)
     max_attempts: int = Field(3, ge=1)
     max_upload_bytes: int = Field(1 << 30, ge=1)
-    """Largest accepted file upload (413 above it)."""
+    """Largest accepted file upload (413 above it, checked while the body streams in)."""
+    max_request_body_bytes: int = Field(1 << 20, ge=1024)
+    """Largest accepted body of any other public (``/v1``) request, e.g. a job's JSON (413 above it)."""
+    rate_limit_per_minute: int = Field(600, ge=0)
+    """Requests per minute per API key (token bucket, bursts up to the same number); 0 disables it.
+    Counted in each API process: with N uvicorn workers or replicas a key gets up to N times this."""
+    max_active_jobs: int = Field(8, ge=0)
+    """Most jobs a project may have validating, queued, running or paused at once (429 above); 0 disables it."""
     db_pool_size: int = Field(10, ge=1)
     dispatch_interval_seconds: float = Field(1.0, gt=0)
     """How often the dispatcher loop sends pending outbox rows, re-dispatches lost jobs and reaps leases."""

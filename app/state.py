@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.services.rate_limit import RequestRateLimiter
 from app.settings import Settings
 from app.storage import Storage
 
@@ -19,5 +20,6 @@ class AppContext:
     sessions: sessionmaker[Session]
     storage: Storage
     worker_token: str
+    rate_limiter: RequestRateLimiter
     wake_dispatcher: threading.Event = field(default_factory=threading.Event)
     """Set after a commit that wrote outbox rows, so they are sent at once rather than on the next tick."""

@@ -34,3 +34,5 @@ class StoredFile(Base):
     data_format: Mapped[str | None] = mapped_column(String(40))
     validation: Mapped[dict[str, Any] | None] = mapped_column(JsonDoc)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    """Set by ``DELETE /v1/files/{id}``: the row stays (jobs and checkpoints reference it), the blob goes."""

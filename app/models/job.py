@@ -57,7 +57,9 @@ class Job(Base):
     """The token whose attempt just ended: a retried finish/fail/stopped under it is answered, not refused."""
 
     error: Mapped[dict[str, Any] | None] = mapped_column(JsonDoc)
-    fine_tuned_model: Mapped[str | None] = mapped_column(String(300))
+    fine_tuned_model: Mapped[str | None] = mapped_column(String(300), index=True)
+    fine_tuned_model_deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    """Set by ``DELETE /v1/models/{id}``: the model no longer lists or resolves; the job keeps its history."""
     result_files: Mapped[list[str] | None] = mapped_column(JsonDoc)
     trained_tokens: Mapped[int | None] = mapped_column(BigInteger)
     step: Mapped[int | None] = mapped_column(Integer)

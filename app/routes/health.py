@@ -8,13 +8,14 @@ from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
 from app.deps import Ctx
+from app.schemas.objects import HealthStatus, ReadyStatus
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz")
-def healthz() -> dict[str, str]:
-    return {"status": "ok"}
+@router.get("/healthz", response_model=HealthStatus)
+def healthz() -> HealthStatus:
+    return HealthStatus(status="ok")
 
 
 def _check_db(ctx: Ctx) -> str | None:
@@ -40,7 +41,7 @@ def _check_broker(ctx: Ctx) -> str | None:
         return type(exc).__name__
 
 
-@router.get("/readyz")
+@router.get("/readyz", response_model=ReadyStatus, responses={503: {"model": ReadyStatus}})
 async def readyz(ctx: Ctx) -> JSONResponse:
     db, broker = await run_in_threadpool(_check_db, ctx), await run_in_threadpool(_check_broker, ctx)
     checks = {"database": db or "ok", "broker": broker or "ok"}

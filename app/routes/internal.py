@@ -32,7 +32,12 @@ router = APIRouter(
     prefix="/internal/v1",
     tags=["internal"],
     dependencies=[Depends(require_worker)],
-    responses={401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}},
+    responses={
+        400: {"model": ErrorResponse},
+        401: {"model": ErrorResponse},
+        404: {"model": ErrorResponse},
+        409: {"model": ErrorResponse},
+    },
 )
 
 
@@ -115,7 +120,11 @@ def stopped(ctx: Ctx, session: DbSession, job_id: str, body: StoppedRequest) -> 
     return Ack(id=job.id, status=job.status)
 
 
-@router.get("/files/{file_id}/content", response_class=StreamingResponse)
+@router.get(
+    "/files/{file_id}/content",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}},
+)
 def internal_file_content(ctx: Ctx, session: DbSession, file_id: str) -> StreamingResponse:
     row = session.scalar(select(StoredFile).where(StoredFile.id == file_id))
     if row is None:

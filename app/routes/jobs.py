@@ -8,8 +8,10 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 
 from app.deps import Ctx, CurrentCaller, DbSession, IdempotencyKeyHeader
+from app.errors import InvalidRequest
 from app.routes.events_stream import sse_events
 from app.routes.idempotent import run_idempotent
+from app.routes.params import Cursor, JobId
 from app.schemas.objects import CheckpointObject, ErrorResponse, EventObject, JobObject, ListObject
 from app.schemas.requests import JobCreate
 from app.services import events as events_service
@@ -26,13 +28,15 @@ router = APIRouter(
         404: {"model": ErrorResponse},
         409: {"model": ErrorResponse},
         422: {"model": ErrorResponse},
+        429: {"model": ErrorResponse},
     },
 )
 
 Limit = Annotated[int, Query(ge=1, le=100)]
+MAX_METADATA_FILTERS = 16
 
 
-@router.post("", response_model=JobObject)
+@router.post("", response_model=JobObject, responses={413: {"model": ErrorResponse}})
 def create_job(
     ctx: Ctx,
     session: DbSession,
@@ -42,7 +46,11 @@ def create_job(
 ) -> JobObject:
     def produce() -> JobObject:
         job = jobs_service.create_job(
-            session, project_id=caller.project_id, body=body, models_dir=ctx.settings.resolved_models_dir
+            session,
+            project_id=caller.project_id,
+            body=body,
+            models_dir=ctx.settings.resolved_models_dir,
+            max_active=ctx.settings.max_active_jobs,
         )
         session.flush()
         return job_view(job)
@@ -58,14 +66,10 @@ def list_jobs(
     session: DbSession,
     caller: CurrentCaller,
     request: Request,
-    after: str | None = None,
+    after: Cursor = None,
     limit: Limit = 20,
 ) -> ListObject[JobObject]:
-    metadata = {
-        k[len("metadata[") : -1]: v
-        for k, v in request.query_params.items()
-        if k.startswith("metadata[") and k.endswith("]")
-    }
+    metadata = _metadata_filters(request)
     rows, has_more = jobs_service.list_jobs(session, caller.project_id, after=after, limit=limit, metadata=metadata)
     data = [job_view(r) for r in rows]
     return ListObject[JobObject](
@@ -73,8 +77,25 @@ def list_jobs(
     )
 
 
+def _metadata_filters(request: Request) -> dict[str, str]:
+    """``?metadata[k]=v`` (OpenAI's filter syntax; the square brackets may arrive percent-encoded)."""
+    metadata: dict[str, str] = {}
+    for k, v in request.query_params.multi_items():
+        if not (k.startswith("metadata[") and k.endswith("]")):
+            continue
+        key = k[len("metadata[") : -1]
+        if not key or len(key) > 64 or len(v) > 512 or any(ord(c) < 32 or ord(c) == 127 for c in key + v):
+            raise InvalidRequest(f"Invalid metadata filter {k!r}.", param="metadata")
+        if key in metadata and metadata[key] != v:
+            raise InvalidRequest(f"metadata[{key}] is given twice with different values.", param="metadata")
+        metadata[key] = v
+    if len(metadata) > MAX_METADATA_FILTERS:
+        raise InvalidRequest(f"At most {MAX_METADATA_FILTERS} metadata filters are accepted.", param="metadata")
+    return metadata
+
+
 @router.get("/{job_id}", response_model=JobObject)
-def retrieve_job(session: DbSession, caller: CurrentCaller, job_id: str) -> JobObject:
+def retrieve_job(session: DbSession, caller: CurrentCaller, job_id: JobId) -> JobObject:
     return job_view(jobs_service.get_job(session, caller.project_id, job_id))
 
 
@@ -84,7 +105,7 @@ def _transition_route(name: str):  # type: ignore[no-untyped-def]
     ]
 
     def handler(
-        ctx: Ctx, session: DbSession, caller: CurrentCaller, job_id: str, idempotency_key: IdempotencyKeyHeader = None
+        ctx: Ctx, session: DbSession, caller: CurrentCaller, job_id: JobId, idempotency_key: IdempotencyKeyHeader = None
     ) -> JobObject:
         print_ = idempotency.fingerprint("POST", f"/v1/fine_tuning/jobs/{job_id}/{name}", None)
         result = run_idempotent(
@@ -108,8 +129,8 @@ def list_events(
     ctx: Ctx,
     session: DbSession,
     caller: CurrentCaller,
-    job_id: str,
-    after: str | None = None,
+    job_id: JobId,
+    after: Cursor = None,
     limit: Limit = 20,
     stream: bool = False,
     accept: Annotated[str | None, Header()] = None,
@@ -132,7 +153,7 @@ def list_events(
 
 @router.get("/{job_id}/checkpoints", response_model=ListObject[CheckpointObject])
 def list_checkpoints(
-    session: DbSession, caller: CurrentCaller, job_id: str, after: str | None = None, limit: Limit = 10
+    session: DbSession, caller: CurrentCaller, job_id: JobId, after: Cursor = None, limit: Limit = 10
 ) -> ListObject[CheckpointObject]:
     rows, has_more = jobs_service.list_checkpoints(session, caller.project_id, job_id, after=after, limit=limit)
     job = jobs_service.get_job(session, caller.project_id, job_id)

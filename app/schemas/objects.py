@@ -33,9 +33,33 @@ class FileObject(BaseModel):
 
 
 class DeletedObject(BaseModel):
+    """OpenAI's answer to a DELETE: ``{"id", "object": "file" | "model", "deleted": true}``."""
+
     id: str
     object: str
     deleted: bool
+
+
+class ModelObject(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    """``system`` for allow-listed base models, the project id for its fine-tuned models."""
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelObject]
+
+
+class HealthStatus(BaseModel):
+    status: str
+
+
+class ReadyStatus(BaseModel):
+    status: str
+    checks: dict[str, str]
 
 
 class JobError(BaseModel):

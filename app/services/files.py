@@ -1,20 +1,23 @@
-"""Files: upload (streamed to storage, validated), retrieve, download."""
+"""Files: upload (streamed to storage, validated), list, retrieve, download, delete."""
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterator
-from typing import BinaryIO
+from typing import BinaryIO, Literal
 
-from sqlalchemy import select
+from sqlalchemy import and_, event, exists, or_, select, update
 from sqlalchemy.orm import Session
 
-from app.errors import InvalidRequest, NotFound, PayloadTooLarge
-from app.models import FileStatus, StoredFile
+from app.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
+from app.models import Checkpoint, FileStatus, Job, JobStatus, StoredFile
 from app.models.base import new_id, utcnow
 from app.storage import Storage
 from app.storage.base import TooLarge
 from contracts.data_formats import parse_preference_file
+
+log = logging.getLogger(__name__)
 
 PURPOSES = {"fine-tune"}
 RESULT_PURPOSE = "fine-tune-results"
@@ -97,11 +100,111 @@ def upload(
     )
 
 
-def get_file(session: Session, project_id: str, file_id: str, *, param: str = "file_id") -> StoredFile:
-    row = session.scalar(select(StoredFile).where(StoredFile.id == file_id, StoredFile.project_id == project_id))
+def get_file(
+    session: Session, project_id: str, file_id: str, *, param: str = "file_id", for_update: bool = False
+) -> StoredFile:
+    """The project's file; deleted files and other projects' ids answer 404 like missing ones.
+
+    ``for_update`` locks the row (Postgres) so that job creation and file deletion serialise on it.
+    """
+    stmt = select(StoredFile).where(
+        StoredFile.id == file_id, StoredFile.project_id == project_id, StoredFile.deleted_at.is_(None)
+    )
+    row = session.scalar(stmt.with_for_update() if for_update else stmt)
     if row is None:
         raise NotFound(f"No such file: {file_id}", param=param)
     return row
+
+
+def list_files(
+    session: Session,
+    project_id: str,
+    *,
+    purpose: str | None,
+    after: str | None,
+    limit: int,
+    order: Literal["asc", "desc"],
+) -> tuple[list[StoredFile], bool]:
+    """Keyset-paginated on (created_at, id), in ``order``; ``after`` is the last id of the previous page."""
+    stmt = select(StoredFile).where(StoredFile.project_id == project_id, StoredFile.deleted_at.is_(None))
+    if purpose:
+        stmt = stmt.where(StoredFile.purpose == purpose)
+    if after:
+        cursor = session.scalar(select(StoredFile).where(StoredFile.id == after, StoredFile.project_id == project_id))
+        if cursor is None:
+            raise InvalidRequest(f"after: no such file {after}", param="after")
+        if order == "desc":
+            stmt = stmt.where(
+                or_(
+                    StoredFile.created_at < cursor.created_at,
+                    and_(StoredFile.created_at == cursor.created_at, StoredFile.id < cursor.id),
+                )
+            )
+        else:
+            stmt = stmt.where(
+                or_(
+                    StoredFile.created_at > cursor.created_at,
+                    and_(StoredFile.created_at == cursor.created_at, StoredFile.id > cursor.id),
+                )
+            )
+    keys = (StoredFile.created_at, StoredFile.id)
+    ordering = [k.desc() for k in keys] if order == "desc" else list(keys)
+    rows = list(session.scalars(stmt.order_by(*ordering).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+_BUSY = (JobStatus.VALIDATING_FILES, JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.PAUSED)
+
+
+def delete_file(session: Session, storage: Storage, project_id: str, file_id: str) -> StoredFile:
+    """Mark the file deleted and remove its blob once (and only if) the transaction commits.
+
+    Refused with 409 while an active job trains or validates on it, or may resume from it (a checkpoint).
+    The row stays, so jobs and checkpoints that name it keep their history.
+    """
+    row = get_file(session, project_id, file_id, for_update=True)
+    active = [s.value for s in _BUSY]
+    user = session.scalar(
+        select(Job.id)
+        .where(
+            Job.status.in_(active),
+            or_(Job.training_file == row.id, Job.validation_file == row.id),
+        )
+        .limit(1)
+    )
+    if user is None:
+        user = session.scalar(
+            select(Job.id)
+            .where(
+                Job.status.in_(active),
+                exists().where(Checkpoint.job_id == Job.id, Checkpoint.file_id == row.id),
+            )
+            .limit(1)
+        )
+    if user is not None:
+        raise Conflict(
+            f"File {row.id} is in use by job {user}; cancel the job or wait for it to finish first.",
+            param="file_id",
+            code="file_in_use",
+        )
+    result = session.execute(
+        update(StoredFile)
+        .where(StoredFile.id == row.id, StoredFile.deleted_at.is_(None))
+        .values(deleted_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        raise NotFound(f"No such file: {file_id}", param="file_id")
+    key = row.storage_key
+    event.listen(session, "after_commit", lambda _s: _delete_blob(storage, key), once=True)
+    return row
+
+
+def _delete_blob(storage: Storage, key: str) -> None:
+    try:
+        storage.delete(key)
+    except Exception:  # the row is already deleted; a leftover blob is only wasted space
+        log.warning("could not delete blob %s of a deleted file", key, exc_info=True)
 
 
 def file_content(storage: Storage, row: StoredFile) -> Iterator[bytes]:

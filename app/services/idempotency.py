@@ -63,9 +63,13 @@ def reserve(sessions: sessionmaker[Session], project_id: str, key: str, print_: 
                 "A request with this Idempotency-Key is still in progress.",
                 param="Idempotency-Key",
                 code="idempotency_key_in_use",
+                retryable=True,  # the first request will answer soon; the SDK's retry then gets its replay
             )
     raise Conflict(
-        "Could not reserve the Idempotency-Key; retry.", param="Idempotency-Key", code="idempotency_key_in_use"
+        "Could not reserve the Idempotency-Key; retry.",
+        param="Idempotency-Key",
+        code="idempotency_key_in_use",
+        retryable=True,
     )
 
 

@@ -6,16 +6,17 @@ the caller gets a 409 that says why, never a silent overwrite.
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from app.errors import Conflict, InvalidRequest, NotFound
-from app.models import Checkpoint, FileStatus, Job, JobEvent, JobStatus, OutboxMessage
+from app.errors import Conflict, InvalidRequest, NotFound, RateLimited
+from app.models import Checkpoint, FileStatus, Job, JobEvent, JobStatus, OutboxMessage, Project
 from app.models.base import new_id, utcnow
 from app.schemas.requests import JobCreate
 from app.services import files as files_service
@@ -23,6 +24,10 @@ from app.services.models_registry import is_allowed, list_base_models
 from contracts.method import Method
 
 ACTIVE = (JobStatus.VALIDATING_FILES, JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.PAUSED)
+ACTIVE_JOBS_RETRY_AFTER = 30
+"""``Retry-After`` of the too-many-active-jobs 429: jobs take minutes, so polling faster is pointless."""
+METADATA_SCAN_BATCH = 200
+"""Rows read per round while filtering a job list by metadata."""
 
 
 def add_event(
@@ -73,7 +78,8 @@ def _merge_legacy_hyperparameters(body: JobCreate) -> Method:
 
 
 def _usable_file(session: Session, project_id: str, file_id: str, param: str) -> None:
-    row = files_service.get_file(session, project_id, file_id, param=param)
+    # Locked (Postgres) so a concurrent DELETE of the file waits for this job, then sees it and refuses.
+    row = files_service.get_file(session, project_id, file_id, param=param, for_update=True)
     if row.purpose != "fine-tune":
         raise InvalidRequest(f"{file_id} has purpose {row.purpose!r}, expected 'fine-tune'.", param=param)
     if row.status == FileStatus.ERROR:
@@ -84,7 +90,27 @@ def _usable_file(session: Session, project_id: str, file_id: str, param: str) ->
         )
 
 
-def create_job(session: Session, *, project_id: str, body: JobCreate, models_dir: Path) -> Job:
+def check_active_jobs(session: Session, project_id: str, max_active: int) -> None:
+    """429 once the project has ``max_active`` jobs in flight. The project row is locked first (Postgres)
+    so two concurrent creates cannot both see room for one more."""
+    if max_active <= 0:
+        return
+    session.execute(select(Project.id).where(Project.id == project_id).with_for_update())
+    count = session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(Job.project_id == project_id, Job.status.in_([s.value for s in ACTIVE]))
+    )
+    if (count or 0) >= max_active:
+        raise RateLimited(
+            f"This project already has {count} active fine-tuning jobs (the limit is {max_active}); "
+            "wait for one to finish or cancel one.",
+            retry_after=ACTIVE_JOBS_RETRY_AFTER,
+            retryable=False,  # jobs take minutes: an immediate SDK retry cannot succeed
+        )
+
+
+def create_job(session: Session, *, project_id: str, body: JobCreate, models_dir: Path, max_active: int = 0) -> Job:
     if not is_allowed(models_dir, body.model):
         available = ", ".join(list_base_models(models_dir)) or "none installed"
         raise InvalidRequest(
@@ -96,6 +122,7 @@ def create_job(session: Session, *, project_id: str, body: JobCreate, models_dir
     _usable_file(session, project_id, body.training_file, "training_file")
     if body.validation_file:
         _usable_file(session, project_id, body.validation_file, "validation_file")
+    check_active_jobs(session, project_id, max_active)
     job = Job(
         id=new_id("ftjob"),
         project_id=project_id,
@@ -132,19 +159,42 @@ def list_jobs(
     limit: int,
     metadata: dict[str, str],
 ) -> tuple[list[Job], bool]:
-    """Newest first, keyset-paginated on (created_at, id)."""
+    """Newest first, keyset-paginated on (created_at, id); ``metadata`` entries must all match exactly.
+
+    Metadata filters are pushed into SQL where the dialect can do so safely (Postgres ``->>``, SQLite
+    ``json_extract`` for plain keys) and always re-checked in Python, reading the ordered rows in batches
+    until ``limit + 1`` matches are found, so a page is full, ``has_more`` is exact and the next page
+    starts right after the last row returned.
+    """
     stmt = select(Job).where(Job.project_id == project_id)
     if after:
         cursor = get_job(session, project_id, after)
-        stmt = stmt.where(
-            or_(Job.created_at < cursor.created_at, and_(Job.created_at == cursor.created_at, Job.id < cursor.id))
-        )
-    rows = list(
-        session.scalars(stmt.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1 if not metadata else None))
-    )
-    if metadata:  # JSON filters are portable this way; the page is still cut at `limit`.
-        rows = [r for r in rows if all((r.job_metadata or {}).get(k) == v for k, v in metadata.items())][: limit + 1]
-    return rows[:limit], len(rows) > limit
+        stmt = stmt.where(_older_than(cursor))
+    if not metadata:
+        rows = list(session.scalars(stmt.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
+        return rows[:limit], len(rows) > limit
+    dialect = session.get_bind().dialect.name
+    for key, value in metadata.items():
+        if dialect == "postgresql" or (dialect == "sqlite" and _SQLITE_SAFE_KEY.match(key)):
+            stmt = stmt.where(Job.job_metadata[key].as_string() == value)
+    matches: list[Job] = []
+    last: Job | None = None
+    while len(matches) <= limit:
+        page = stmt if last is None else stmt.where(_older_than(last))
+        batch = list(session.scalars(page.order_by(Job.created_at.desc(), Job.id.desc()).limit(METADATA_SCAN_BATCH)))
+        matches += [r for r in batch if all((r.job_metadata or {}).get(k) == v for k, v in metadata.items())]
+        if len(batch) < METADATA_SCAN_BATCH:
+            break
+        last = batch[-1]
+    return matches[:limit], len(matches) > limit
+
+
+_SQLITE_SAFE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+"""Keys that need no quoting inside a SQLite JSON path; others are filtered in Python only."""
+
+
+def _older_than(cursor: Job) -> Any:
+    return or_(Job.created_at < cursor.created_at, and_(Job.created_at == cursor.created_at, Job.id < cursor.id))
 
 
 def _transition(
@@ -187,7 +237,9 @@ def resume_job(session: Session, project_id: str, job_id: str) -> Job:
     job = get_job(session, project_id, job_id)
     if job.status == JobStatus.PAUSED and job.lease_token is not None:
         raise Conflict(
-            f"Job {job.id} is still saving its pause checkpoint; resume it in a few seconds.", code="pause_in_progress"
+            f"Job {job.id} is still saving its pause checkpoint; resume it in a few seconds.",
+            code="pause_in_progress",
+            retryable=True,
         )
     job = _transition(session, job, [JobStatus.PAUSED], JobStatus.QUEUED, "resume")
     add_event(session, job, "Job resumed: queued")

@@ -20,3 +20,11 @@ def list_base_models(models_dir: Path) -> list[str]:
 
 def is_allowed(models_dir: Path, name: str) -> bool:
     return bool(_NAME.match(name)) and (models_dir / name / "config.json").is_file()
+
+
+def base_model_created(models_dir: Path, name: str) -> int:
+    """``created`` of a base model: when its ``config.json`` was written (seconds since the epoch)."""
+    try:
+        return int((models_dir / name / "config.json").stat().st_mtime)
+    except OSError:
+        return 0

@@ -310,7 +310,7 @@ def release(job: Job) -> None:
 def _already_ended(session: Session, job_id: str, token: str) -> Job | None:
     """The job, when ``token``'s attempt already ended: a retried end-of-attempt call is a no-op."""
     job = session.get(Job, job_id)
-    if job is not None and job.lease_token is None and job.released_lease_token is not None:
-        if secrets.compare_digest(job.released_lease_token, token):
-            return job
+    ended = job is not None and job.lease_token is None and job.released_lease_token is not None
+    if ended and secrets.compare_digest(job.released_lease_token or "", token):
+        return job
     return None

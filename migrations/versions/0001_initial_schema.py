@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: (none)
-Create Date: 2026-11-25 14:23:27.098788
+Create Date: 2026-11-25 14:26:08.300928
 """
 
 from collections.abc import Sequence
@@ -61,6 +61,7 @@ def upgrade() -> None:
             "validation", sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"), nullable=True
         ),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("deleted_at", sa.DateTime(timezone=True), nullable=True),
         sa.ForeignKeyConstraint(
             ["project_id"], ["projects.id"], name=op.f("fk_files_project_id_projects"), ondelete="CASCADE"
         ),
@@ -138,6 +139,7 @@ def upgrade() -> None:
             "error", sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"), nullable=True
         ),
         sa.Column("fine_tuned_model", sa.String(length=300), nullable=True),
+        sa.Column("fine_tuned_model_deleted_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column(
             "result_files", sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"), nullable=True
         ),
@@ -157,6 +159,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_jobs")),
     )
     with op.batch_alter_table("jobs", schema=None) as batch_op:
+        batch_op.create_index(batch_op.f("ix_jobs_fine_tuned_model"), ["fine_tuned_model"], unique=False)
         batch_op.create_index("ix_jobs_project_created", ["project_id", "created_at", "id"], unique=False)
         batch_op.create_index("ix_jobs_status_lease", ["status", "lease_expires_at"], unique=False)
 
@@ -218,6 +221,7 @@ def downgrade() -> None:
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.drop_index("ix_jobs_status_lease")
         batch_op.drop_index("ix_jobs_project_created")
+        batch_op.drop_index(batch_op.f("ix_jobs_fine_tuned_model"))
 
     op.drop_table("jobs")
     with op.batch_alter_table("outbox", schema=None) as batch_op:

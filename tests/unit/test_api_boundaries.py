@@ -15,7 +15,8 @@ def test_api_does_not_import_training_libraries(tmp_path) -> None:  # type: igno
         "from app.settings import Settings\n"
         f"app = create_app(Settings(var_dir={str(tmp_path)!r}, run_dispatcher=False))\n"
         "TestClient(app).get('/healthz')\n"
-        "print(json.dumps([m for m in ('torch', 'transformers', 'trl', 'peft', 'bitsandbytes', 'worker') if m in sys.modules]))\n"
+        "heavy = ('torch', 'transformers', 'trl', 'peft', 'bitsandbytes', 'worker')\n"
+        "print(json.dumps([m for m in heavy if m in sys.modules]))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []

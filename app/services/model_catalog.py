@@ -1,0 +1,89 @@
+"""``/v1/models``: the allow-listed base models plus the caller project's fine-tuned models.
+
+A fine-tuned model is the ``fine_tuned_model`` of one of the project's succeeded jobs. Deleting it marks
+the job's model deleted (it no longer lists or resolves); the job, its events, checkpoints and result
+files are kept. Base models belong to the installation and cannot be deleted through the API.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from app.errors import Forbidden, NotFound
+from app.models import Job, JobStatus
+from app.models.base import unix, utcnow
+from app.services.models_registry import base_model_created, is_allowed, list_base_models
+
+SYSTEM_OWNER = "system"
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    id: str
+    created: int
+    owned_by: str
+
+
+def _fine_tuned(session: Session, project_id: str, model_id: str | None = None) -> list[Job]:
+    stmt = select(Job).where(
+        Job.project_id == project_id,
+        Job.status == JobStatus.SUCCEEDED.value,
+        Job.fine_tuned_model.is_not(None),
+        Job.fine_tuned_model_deleted_at.is_(None),
+    )
+    if model_id is not None:
+        stmt = stmt.where(Job.fine_tuned_model == model_id)
+    return list(session.scalars(stmt.order_by(Job.finished_at, Job.id)))
+
+
+def _entry(job: Job) -> ModelEntry:
+    return ModelEntry(
+        id=job.fine_tuned_model or "", created=unix(job.finished_at or job.created_at) or 0, owned_by=job.project_id
+    )
+
+
+def list_models(session: Session, project_id: str, models_dir: Path) -> list[ModelEntry]:
+    base = [
+        ModelEntry(name, base_model_created(models_dir, name), SYSTEM_OWNER) for name in list_base_models(models_dir)
+    ]
+    return base + [_entry(job) for job in _fine_tuned(session, project_id)]
+
+
+def _not_found(model_id: str) -> NotFound:
+    return NotFound(f"The model '{model_id}' does not exist or you do not have access to it.", param="model")
+
+
+def get_model(session: Session, project_id: str, models_dir: Path, model_id: str) -> ModelEntry:
+    if is_allowed(models_dir, model_id):
+        return ModelEntry(model_id, base_model_created(models_dir, model_id), SYSTEM_OWNER)
+    jobs = _fine_tuned(session, project_id, model_id)
+    if not jobs:
+        raise _not_found(model_id)
+    return _entry(jobs[0])
+
+
+def delete_model(session: Session, project_id: str, models_dir: Path, model_id: str) -> str:
+    if is_allowed(models_dir, model_id):
+        raise Forbidden(
+            f"'{model_id}' is a base model of this installation; only fine-tuned models can be deleted.",
+            param="model",
+            code="base_model_not_deletable",
+        )
+    result = session.execute(
+        update(Job)
+        .where(
+            Job.project_id == project_id,
+            Job.status == JobStatus.SUCCEEDED.value,
+            Job.fine_tuned_model == model_id,
+            Job.fine_tuned_model_deleted_at.is_(None),
+        )
+        .values(fine_tuned_model_deleted_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    if not result.rowcount:  # type: ignore[attr-defined]
+        raise _not_found(model_id)
+    return model_id

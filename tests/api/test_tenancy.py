@@ -1,0 +1,65 @@
+"""Tenancy walk: a second project's key gets 404 on every endpoint for the first project's ids, exactly
+as for ids that do not exist, and the first project's objects are unchanged afterwards."""
+
+from __future__ import annotations
+
+from fastapi.testclient import TestClient
+
+from tests.api.conftest import WORKER
+from tests.api.worker_steps import succeed
+
+
+def _ids(client: TestClient, upload, auth) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    file_id = upload().json()["id"]
+    done = client.post("/v1/fine_tuning/jobs", headers=auth, json={"model": "tiny-mistral", "training_file": file_id})
+    succeed(client, WORKER, done.json()["id"])
+    live = client.post("/v1/fine_tuning/jobs", headers=auth, json={"model": "tiny-mistral", "training_file": file_id})
+    finished = client.get(f"/v1/fine_tuning/jobs/{done.json()['id']}", headers=auth).json()
+    return {"file_id": file_id, "job_id": live.json()["id"], "model_id": finished["fine_tuned_model"]}
+
+
+def test_every_public_path_answers_404_to_another_project(client: TestClient, upload, auth, other_auth) -> None:  # type: ignore[no-untyped-def]
+    ids = _ids(client, upload, auth)
+    before = {
+        "file": client.get(f"/v1/files/{ids['file_id']}", headers=auth).json(),
+        "job": client.get(f"/v1/fine_tuning/jobs/{ids['job_id']}", headers=auth).json(),
+    }
+    spec = client.get("/openapi.json").json()
+    walked = 0
+    for path, ops in spec["paths"].items():
+        if not path.startswith("/v1/") or "{" not in path:
+            continue
+        for method in ops:
+            concrete = path.format(**ids)
+            foreign = client.request(method.upper(), concrete, headers=other_auth)
+            missing = client.request(method.upper(), concrete.replace("-", "-0000", 1), headers=other_auth)
+            assert foreign.status_code == 404, (method, concrete, foreign.text)
+            assert foreign.json()["error"]["code"] == "not_found"
+            assert missing.status_code == 404 and set(missing.json()) == set(foreign.json()) == {"error"}
+            walked += 1
+    assert walked >= 11, walked
+    stream = client.get(f"/v1/fine_tuning/jobs/{ids['job_id']}/events?stream=true", headers=other_auth)
+    assert stream.status_code == 404 and stream.json()["error"]["code"] == "not_found"
+    # Creating a job on someone else's files, or paging from someone else's cursors.
+    own_file = upload(headers=other_auth).json()["id"]
+    for body, param in (
+        ({"model": "tiny-mistral", "training_file": ids["file_id"]}, "training_file"),
+        ({"model": "tiny-mistral", "training_file": own_file, "validation_file": ids["file_id"]}, "validation_file"),
+    ):
+        r = client.post("/v1/fine_tuning/jobs", headers=other_auth, json=body)
+        assert r.status_code == 404 and r.json()["error"]["param"] == param
+    r = client.post(
+        "/v1/fine_tuning/jobs", headers=other_auth, json={"model": ids["model_id"], "training_file": "file-x"}
+    )
+    assert r.status_code == 400 and r.json()["error"]["code"] == "model_not_found"
+    for path in (f"/v1/fine_tuning/jobs?after={ids['job_id']}", f"/v1/files?after={ids['file_id']}"):
+        foreign = client.get(path, headers=other_auth)
+        missing = client.get(path.replace("-", "-0000", 1), headers=other_auth)
+        assert foreign.status_code == missing.status_code and foreign.status_code in (400, 404)
+    # Nothing of the first project changed (no cancel, pause, delete went through).
+    assert client.get(f"/v1/files/{ids['file_id']}", headers=auth).json() == before["file"]
+    assert client.get(f"/v1/fine_tuning/jobs/{ids['job_id']}", headers=auth).json() == before["job"]
+    assert client.get(f"/v1/models/{ids['model_id']}", headers=auth).status_code == 200
+    assert [m["id"] for m in client.get("/v1/models", headers=other_auth).json()["data"]] == ["tiny-mistral"]
+    assert [f["id"] for f in client.get("/v1/files", headers=other_auth).json()["data"]] == [own_file]
+    assert client.get("/v1/fine_tuning/jobs", headers=other_auth).json()["data"] == []

@@ -1,0 +1,116 @@
+"""A live API server (uvicorn, real socket) on a loopback port, for driving with the official openai SDK.
+
+The server runs as a subprocess on this test run's database (migrated here), with its own var dir and
+a models directory holding only ``tiny-mistral/config.json`` (enough for the allow-list; nothing trains).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.auth import create_key
+from app.db import make_engine, make_sessionmaker
+from app.migrate import upgrade
+
+WORKER_TOKEN = "sdk-worker-token"
+MAX_UPLOAD_BYTES = 300_000
+
+
+@dataclass(frozen=True)
+class LiveServer:
+    url: str
+    database_url: str
+    var_dir: Path
+
+    def new_key(self, project: str | None = None) -> str:
+        engine = make_engine(self.database_url)
+        with make_sessionmaker(engine)() as session, session.begin():
+            _, raw = create_key(session, project or f"sdk-{secrets.token_hex(4)}")
+        engine.dispose()
+        return raw
+
+    def worker(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30)
+
+    def stored_blobs(self) -> list[Path]:
+        store = self.var_dir / "storage"
+        return [p for p in store.rglob("*") if p.is_file()] if store.exists() else []
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def live_server(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    upgrade(database_url)
+    root = tmp_path_factory.mktemp("live")
+    models = root / "models"
+    (models / "tiny-mistral").mkdir(parents=True)
+    (models / "tiny-mistral" / "config.json").write_text(json.dumps({"model_type": "mistral"}))
+    port = _free_port()
+    env = {
+        **os.environ,
+        "IPO_DATABASE_URL": database_url,
+        "IPO_VAR_DIR": str(root / "var"),
+        "IPO_MODELS_DIR": str(models),
+        "IPO_WORKER_TOKEN": WORKER_TOKEN,
+        "IPO_RUN_DISPATCHER": "false",
+        "IPO_MAX_UPLOAD_BYTES": str(MAX_UPLOAD_BYTES),
+        "IPO_MAX_ACTIVE_JOBS": "100",
+    }
+    log = (root / "server.log").open("wb")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "app.main:create_app",
+            "--factory",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited: {(root / 'server.log').read_text()[-4000:]}")
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("server did not start in 60 s")
+            time.sleep(0.1)
+        yield LiveServer(url=url, database_url=database_url, var_dir=root / "var")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
