@@ -131,17 +131,20 @@ def run_demo() -> int:
 
 
 def _report(before: dict[str, Any], after: dict[str, Any]) -> None:
-    table = Table(title="held-out evaluation")
+    table = Table(title=f"held-out evaluation ({before['n_pairs']} pairs, {before['n_samples']} sampled replies)")
     table.add_column("metric")
     table.add_column("base", justify="right")
     table.add_column("base + IPO adapter", justify="right")
-    for key, value in before.items():
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            table.add_row(key, f"{value:.3f}", f"{after.get(key, float('nan')):.3f}")
+    for key, label in (("preference_accuracy", "preference accuracy (chosen more likely per token)"),
+                       ("mean_margin_per_token", "mean per-token log-prob margin"),
+                       ("behaviour_rate", "sampled replies that answer correctly")):
+        table.add_row(label, f"{before[key]:.3f}", f"{after[key]:.3f}")
     console.print(table)
-    for label, result in (("base", before), ("after IPO", after)):
-        for sample in (result.get("samples") or [])[:3]:
-            console.print(f"[dim]{label}[/dim]  {json.dumps(sample, ensure_ascii=False)}")
+    for label, result in (("base", before), ("base + IPO adapter", after)):
+        console.print(f"[bold]{label}[/bold] sampled replies:")
+        for ex in (result.get("examples") or [])[:4]:
+            mark = "[green]ok[/green]" if ex.get("preferred") == "true" else "[red]no[/red]"
+            console.print(f"  {mark}  Q: {ex['prompt']}  A: {ex['reply']}")
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:

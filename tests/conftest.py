@@ -6,8 +6,11 @@ next to the one named there; without it, a SQLite file in a temp dir (the embedd
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -58,3 +61,31 @@ def queue_name() -> str:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_models_dir() -> Path:
+    """A models directory holding the tiny Mistral-architecture model.
+
+    Built once and cached under ``.cache/test-models/<hash of the code that builds it>`` (a changed
+    builder gets a fresh model; concurrent runs build into a temp dir and rename atomically).
+    ``IPO_TEST_TINY_MODEL=<dir>`` points at an already-built model instead.
+    """
+    prebuilt = os.environ.get("IPO_TEST_TINY_MODEL")
+    if prebuilt:
+        models = Path(tempfile.mkdtemp(prefix="ipo-models-"))
+        (models / "tiny-mistral").symlink_to(Path(prebuilt).resolve())
+        return models
+    from worker.training import demo_data, tiny
+
+    digest = hashlib.sha256(Path(tiny.__file__).read_bytes() + Path(demo_data.__file__).read_bytes()).hexdigest()[:16]
+    models = Path(__file__).resolve().parent.parent / ".cache" / "test-models" / digest
+    if not (models / "tiny-mistral" / "config.json").exists():
+        models.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix="building-", dir=models.parent))
+        tiny.build_tiny_model(staging / "tiny-mistral", seed=0)
+        try:
+            staging.rename(models)
+        except OSError:  # another run finished first: use its copy
+            shutil.rmtree(staging, ignore_errors=True)
+    return models

@@ -30,7 +30,8 @@ class TrainRequest(BaseModel):
     """Local JSONL path (already downloaded by the worker)."""
     validation_file: str | None = None
     output_dir: str
-    """Per-attempt directory: checkpoints go to ``output_dir/checkpoints/step-N``, the adapter to ``output_dir/adapter``."""
+    """Per-attempt directory: checkpoints go to ``output_dir/checkpoints/step-N``,
+    the adapter to ``output_dir/adapter``."""
     resume_from: str | None = None
     """A complete checkpoint directory (unzipped) to resume from."""
     seed: int = 42

@@ -1,0 +1,111 @@
+"""A live stack for end-to-end tests: ``ipo serve`` (uvicorn) and ``ipo worker`` (Celery) as real
+processes on this run's database and broker (Redis db + queue of its own in CI, else the embedded
+filesystem transport), with the tiny model in a models directory."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.auth import create_key
+from app.db import make_engine, make_sessionmaker
+from app.migrate import upgrade
+
+
+@dataclass
+class Stack:
+    url: str
+    api_key: str
+    env: dict[str, str]
+    var_dir: Path
+    models_dir: Path
+    logs: Path
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "ipo_cli.main", *cmd], env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def wait_ready(url: str, procs: list[subprocess.Popen[bytes]], logs: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in procs:
+            if p.poll() is not None:
+                raise RuntimeError(f"process exited early ({p.returncode}); logs in {logs}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} not ready after {timeout}s; logs in {logs}")
+
+
+@pytest.fixture(scope="module")
+def stack(database_url: str, redis_url: str | None, queue_name: str, tiny_models_dir: Path,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    upgrade(database_url)
+    var = tmp_path_factory.mktemp("var")
+    logs = tmp_path_factory.mktemp("logs")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {
+        **os.environ,
+        "IPO_DATABASE_URL": database_url,
+        "IPO_VAR_DIR": str(var),
+        "IPO_MODELS_DIR": str(tiny_models_dir),
+        "IPO_WORKER_TOKEN": "e2e-worker-token",
+        "IPO_API_URL": url,
+        "IPO_QUEUE": queue_name,
+        "IPO_HEARTBEAT_SECONDS": "2",
+        "IPO_DISPATCH_INTERVAL_SECONDS": "0.5",
+        "IPO_DEVICE": "cpu",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    if redis_url:
+        env["IPO_BROKER_URL"] = redis_url
+    engine = make_engine(database_url)
+    with make_sessionmaker(engine)() as session, session.begin():
+        _, key = create_key(session, f"e2e-{port}")
+    engine.dispose()
+    api = start(["serve", "--port", str(port)], env, logs / "api.log")
+    worker = start(["worker"], env, logs / "worker.log")
+    try:
+        wait_ready(url, [api, worker], logs)
+        yield Stack(url=url, api_key=key, env=env, var_dir=var, models_dir=tiny_models_dir, logs=logs)
+    finally:
+        stop(worker, 90)
+        stop(api)

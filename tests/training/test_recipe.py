@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from contracts.method import Method
+from worker.training.recipe import ZEPHYR_IPO, ConfigError, resolve_config
+
+MISTRAL_7B: dict[str, Any] = {
+    "model_type": "mistral",
+    "hidden_size": 4096,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 32768,
+}
+TINY: dict[str, Any] = {**MISTRAL_7B, "hidden_size": 192, "num_hidden_layers": 3, "max_position_embeddings": 512}
+
+
+def _method(**blocks: Any) -> Method:
+    return Method.model_validate({"type": "ipo", "ipo": blocks})
+
+
+def test_auto_on_cuda_is_the_seed_recipe() -> None:
+    cfg = resolve_config(Method(), n_train_examples=1000, model_config_dict=MISTRAL_7B, device="cuda")
+    assert cfg.loss_type == "ipo"
+    assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout) == (16, 64, 0.1)
+    assert cfg.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert cfg.quantization == "nf4" and cfg.double_quant and cfg.compute_dtype == "bfloat16"
+    assert cfg.gradient_checkpointing and cfg.optim == "paged_adamw_8bit"
+    assert cfg.lr_scheduler == "cosine" and cfg.warmup_ratio == 0.1
+    assert cfg.beta == ZEPHYR_IPO["beta"] and cfg.learning_rate == ZEPHYR_IPO["learning_rate"]
+    # 1000 examples / (4 * 4) per step, 1 epoch
+    assert cfg.total_steps == 63
+    resolved = cfg.resolved_dict()
+    assert resolved["quantization"] == "nf4" and "auto" not in resolved.values()
+
+
+def test_cpu_auto_is_plain_lora_fp32() -> None:
+    cfg = resolve_config(Method(), n_train_examples=320, model_config_dict=TINY, device="cpu")
+    assert cfg.quantization == "none" and cfg.compute_dtype == "float32"
+    assert cfg.optim == "adamw_torch" and not cfg.gradient_checkpointing
+    assert cfg.max_length <= 512
+
+
+def test_explicit_values_win_and_dpo_uses_sigmoid() -> None:
+    method = Method.model_validate(
+        {
+            "type": "dpo",
+            "dpo": {"hyperparameters": {"beta": 0.3, "batch_size": 2, "n_epochs": 2, "learning_rate": 1e-4}},
+        }
+    )
+    cfg = resolve_config(method, n_train_examples=10, model_config_dict=MISTRAL_7B, device="cuda")
+    assert cfg.loss_type == "sigmoid" and cfg.beta == 0.3 and cfg.batch_size == 2
+    assert cfg.total_steps == 2 * 2  # ceil(10 / (2 * 4)) * 2 epochs
+
+
+def test_nf4_on_cpu_is_refused() -> None:
+    with pytest.raises(ConfigError) as err:
+        resolve_config(_method(lora={"quantization": "nf4"}), n_train_examples=10, model_config_dict=TINY, device="cpu")
+    assert err.value.field == "lora.quantization"
+    assert isinstance(err.value, ValueError)
+
+
+def test_unknown_target_module_names_the_field() -> None:
+    with pytest.raises(ConfigError) as err:
+        resolve_config(
+            _method(lora={"target_modules": ["q_proj", "attn.c_attn"]}),
+            n_train_examples=10,
+            model_config_dict=TINY,
+            device="cpu",
+        )
+    assert err.value.field == "lora.target_modules"
+    assert "attn.c_attn" in str(err.value)

@@ -1,0 +1,173 @@
+"""Real TRL runs on the tiny model (CPU)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from contracts.method import Method
+from worker.training.callbacks import StopFlag
+from worker.training.reporter import ListReporter
+from worker.training.request import EXIT_OK, EXIT_STOPPED, TrainRequest
+from worker.training.run import train
+
+METRIC_FIELDS = {
+    "step", "total_steps", "epoch", "train_loss", "learning_rate", "grad_norm", "tokens_per_second",
+    "eta_seconds", "ipo_margin", "ipo_margin_target", "preference_accuracy",
+}  # fmt: skip
+
+
+def _request(model: Path, data: tuple[Path, Path], out: Path, validation: bool = True, **hp: Any) -> TrainRequest:
+    return TrainRequest(
+        job_id="job-test",
+        attempt=1,
+        model_path=str(model),
+        train_file=str(data[0]),
+        validation_file=str(data[1]) if validation else None,
+        output_dir=str(out),
+        seed=0,
+        device="cpu",
+        method=Method.model_validate({"type": "ipo", "ipo": {"hyperparameters": hp}}),
+    )
+
+
+def test_train_reports_checkpoints_and_adapter(
+    tiny_model_dir: Path, demo_files: tuple[Path, Path], tmp_path: Path
+) -> None:
+    reporter = ListReporter()
+    request = _request(
+        tiny_model_dir, demo_files, tmp_path / "run", max_steps=4, checkpoint_every=2, batch_size=4, beta=0.5
+    )
+    assert train(request, reporter) == EXIT_OK
+    kinds = [r.kind for r in reporter.reports]
+    assert kinds[0] == "resolved" and kinds[-1] == "done"
+    resolved = reporter.reports[0].data or {}
+    assert resolved["beta"] == 0.5 and resolved["quantization"] == "none" and resolved["total_steps"] == 4
+
+    train_metrics = [r.data for r in reporter.of_kind("metrics") if r.data and "train_loss" in r.data]
+    assert [m["step"] for m in train_metrics] == [1, 2, 3, 4]  # logging_steps=1 for a 4-step run
+    for m in train_metrics:
+        assert set(m) >= METRIC_FIELDS, METRIC_FIELDS - set(m)
+        assert m["ipo_margin_target"] == pytest.approx(1.0)
+        assert 0.0 <= m["preference_accuracy"] <= 1.0
+    valid = [r.data for r in reporter.of_kind("metrics") if r.data and "valid_loss" in r.data]
+    assert valid and "valid_preference_accuracy" in valid[-1]
+
+    checkpoints = reporter.of_kind("checkpoint")
+    assert [c.step for c in checkpoints] == [2, 4]
+    for c in checkpoints:
+        assert c.path and Path(c.path).name == f"step-{c.step}"
+        assert (Path(c.path) / "adapter_model.safetensors").exists() and (Path(c.path) / "trainer_state.json").exists()
+        assert c.data and "train_loss" in c.data
+    # a checkpoint is reported after (not before) the metrics of its step
+    assert kinds.index("checkpoint") > kinds.index("metrics")
+
+    artifacts = {r.name: Path(r.path or "") for r in reporter.of_kind("artifact")}
+    adapter = artifacts["adapter"]
+    assert (adapter / "adapter_model.safetensors").exists() and (adapter / "adapter_config.json").exists()
+    assert (adapter / "tokenizer.json").exists()
+    with artifacts["metrics"].open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) >= 4
+    assert (reporter.of_kind("done")[0].data or {})["trained_tokens"] > 0
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = PeftModel.from_pretrained(base, str(adapter))
+    tok = AutoTokenizer.from_pretrained(adapter)
+    assert tok.chat_template
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 1 plus 2?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    out = model.generate(**ids, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] > ids["input_ids"].shape[1]
+
+
+def test_bad_training_file_is_reported(tiny_model_dir: Path, demo_files: tuple[Path, Path], tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x", "chosen": "same", "rejected": "same"}\nnot json\n')
+    reporter = ListReporter()
+    rc = train(_request(tiny_model_dir, (bad, demo_files[1]), tmp_path / "run"), reporter)
+    assert rc not in (EXIT_OK, EXIT_STOPPED)
+    errors = reporter.of_kind("error")
+    assert errors and errors[0].code == "invalid_training_file" and "line 2" in (errors[0].message or "")
+
+
+def test_nf4_on_cpu_fails_clearly(tiny_model_dir: Path, demo_files: tuple[Path, Path], tmp_path: Path) -> None:
+    request = _request(tiny_model_dir, demo_files, tmp_path / "run")
+    request.method = Method.model_validate({"type": "ipo", "ipo": {"lora": {"quantization": "nf4"}}})
+    reporter = ListReporter()
+    assert train(request, reporter) not in (EXIT_OK, EXIT_STOPPED)
+    assert "lora.quantization" in (reporter.of_kind("error")[0].message or "")
+
+
+def test_cancel_stops_without_checkpoint(tiny_model_dir: Path, demo_files: tuple[Path, Path], tmp_path: Path) -> None:
+    flag = StopFlag()
+    flag.request("cancel")
+    reporter = ListReporter()
+    rc = train(
+        _request(tiny_model_dir, demo_files, tmp_path / "run", validation=False, max_steps=5, checkpoint_every=100),
+        reporter,
+        flag,
+    )
+    assert rc == EXIT_STOPPED
+    assert not reporter.of_kind("checkpoint") and not reporter.of_kind("done")
+
+
+def _adapter_weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+def test_pause_and_resume_matches_uninterrupted(
+    tiny_model_dir: Path, demo_files: tuple[Path, Path], tmp_path: Path
+) -> None:
+    hp = {"max_steps": 6, "batch_size": 4, "checkpoint_every": 100, "beta": 0.5}
+    full = ListReporter()
+    assert train(_request(tiny_model_dir, demo_files, tmp_path / "full", validation=False, **hp), full) == EXIT_OK
+
+    flag = StopFlag()
+    flag.stop_at_step = 3
+    first = ListReporter()
+    assert (
+        train(_request(tiny_model_dir, demo_files, tmp_path / "a1", validation=False, **hp), first, flag)
+        == EXIT_STOPPED
+    )
+    (ckpt,) = first.of_kind("checkpoint")
+    assert ckpt.step == 3 and ckpt.path
+
+    second = ListReporter()
+    request = _request(tiny_model_dir, demo_files, tmp_path / "a2", validation=False, **hp)
+    request.resume_from = ckpt.path
+    assert train(request, second) == EXIT_OK
+    steps = [r.data["step"] for r in second.of_kind("metrics") if r.data and "train_loss" in r.data]
+    assert steps[0] == 4 and steps[-1] == 6
+
+    expected = _adapter_weights(tmp_path / "full" / "adapter")
+    got = _adapter_weights(tmp_path / "a2" / "adapter")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="QLoRA needs a CUDA device")
+def test_qlora_on_cuda(tiny_model_dir: Path, demo_files: tuple[Path, Path], tmp_path: Path) -> None:
+    pytest.importorskip("bitsandbytes")
+    request = _request(tiny_model_dir, demo_files, tmp_path / "run", validation=False, max_steps=3, batch_size=4)
+    request.device = "cuda"
+    reporter = ListReporter()
+    assert train(request, reporter) == EXIT_OK
+    assert (reporter.reports[0].data or {})["quantization"] == "nf4"
+    weights = _adapter_weights(tmp_path / "run" / "adapter")
+    # LoRA B starts at zero: a trained adapter must have moved it (bitsandbytes on CPU would not)
+    assert any(t.abs().sum() > 0 for n, t in weights.items() if "lora_B" in n)

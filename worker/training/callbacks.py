@@ -1,0 +1,234 @@
+"""Metrics, checkpoint and stop plumbing around TRL's ``DPOTrainer``.
+
+- ``IpoDPOTrainer`` adds the *true per-token* IPO margin ``Δchosen/n_chosen - Δrejected/n_rejected``
+  (Δ = policy - reference log-likelihood of the reply) and the preference accuracy (fraction of pairs
+  with a positive per-token margin) to TRL's logged metrics. TRL's ``rewards/*`` use summed log-probs,
+  so they are not what IPO's loss drives towards ``1/(2·beta)``.
+- ``ReportingCallback`` turns each logging step into a ``metrics`` report, and each completed save into
+  a ``checkpoint`` report (after renaming ``checkpoint-N`` to ``step-N``: the rename is atomic, so a
+  ``step-N`` directory is always complete).
+- ``StopCallback`` stops at the next step end when a signal handler set the ``StopFlag``; on pause it
+  saves a checkpoint first.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any, Literal
+
+import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from trl import DPOTrainer
+
+from worker.training.reporter import Reporter
+
+StopReason = Literal["pause", "cancel"]
+
+
+class StopFlag:
+    """Set from signal handlers (SIGUSR1 = pause, SIGTERM = cancel) or directly (tests)."""
+
+    def __init__(self) -> None:
+        self.reason: StopReason | None = None
+        self.stop_at_step: int | None = None
+        """Tests: request a pause once this optimiser step has completed."""
+
+    def request(self, reason: StopReason) -> None:
+        if self.reason != "cancel":  # cancel wins over pause
+            self.reason = reason
+
+    def install_signal_handlers(self) -> None:
+        def on_pause(signum: int, frame: FrameType | None) -> None:
+            self.request("pause")
+
+        def on_cancel(signum: int, frame: FrameType | None) -> None:
+            self.request("cancel")
+
+        signal.signal(signal.SIGUSR1, on_pause)
+        signal.signal(signal.SIGTERM, on_cancel)
+
+
+class IpoDPOTrainer(DPOTrainer):
+    """``DPOTrainer`` that also logs the per-token IPO margin and preference accuracies.
+
+    The policy and reference forwards of ``DPOTrainer._compute_loss`` both go through the (PEFT) model,
+    policy first, then reference with the adapter disabled; a forward hook captures their per-token
+    log-probs, and the margin is computed over exactly the completion tokens TRL's IPO loss uses.
+    """
+
+    def _compute_loss(self, model: Any, inputs: dict[str, torch.Tensor], return_outputs: bool) -> Any:
+        captured: list[torch.Tensor] = []
+
+        def hook(module: torch.nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+            log_probs = getattr(output, "log_probs", None)
+            if log_probs is not None:
+                captured.append(log_probs.detach())
+
+        handle = self.accelerator.unwrap_model(self.model).register_forward_hook(hook, with_kwargs=True)
+        try:
+            result = super()._compute_loss(model, inputs, return_outputs)
+        finally:
+            handle.remove()
+        if len(captured) >= 2 and not self.precompute_ref_logps:
+            self._log_per_token_metrics(captured[0], captured[1], inputs["completion_mask"])
+        return result
+
+    def _log_per_token_metrics(self, policy: torch.Tensor, ref: torch.Tensor, completion_mask: torch.Tensor) -> None:
+        mode = "train" if self.model.training else "eval"
+        mask = completion_mask[..., 1:].bool()
+        seq_len = mask.size(1)
+        policy, ref = policy[:, -seq_len:].float(), ref[:, -seq_len:].float()
+        n_tokens = mask.sum(1).clamp(min=1)
+        zero = torch.zeros_like(policy)
+        delta = torch.where(mask, policy - ref, zero).sum(1) / n_tokens
+        mean_logp = torch.where(mask, policy, zero).sum(1) / n_tokens
+        delta_chosen, delta_rejected = delta.chunk(2)
+        logp_chosen, logp_rejected = mean_logp.chunk(2)
+        margin = self.accelerator.gather_for_metrics(delta_chosen - delta_rejected)
+        likelihood_win = self.accelerator.gather_for_metrics((logp_chosen > logp_rejected).float())
+        self._metrics[mode]["ipo/margin"].append(margin.mean().item())
+        self._metrics[mode]["ipo/accuracy"].append((margin > 0).float().mean().item())
+        self._metrics[mode]["ipo/likelihood_accuracy"].append(likelihood_win.mean().item())
+        self._metrics[mode]["ipo/chosen_logp_per_token"].append(
+            self.accelerator.gather_for_metrics(logp_chosen).mean().item()
+        )
+
+
+class ReportingCallback(TrainerCallback):
+    """Reports ``metrics`` at every logging step and ``checkpoint`` after every completed save."""
+
+    def __init__(self, reporter: Reporter, *, total_steps: int, beta: float, loss_type: str) -> None:
+        self.reporter = reporter
+        self.total_steps = total_steps
+        self.target_margin = 1.0 / (2.0 * beta) if loss_type == "ipo" else None
+        self.rows: list[dict[str, Any]] = []
+        """Every metrics report (train and valid), for the metrics CSV."""
+        self.last_train: dict[str, Any] = {}
+        self.nan_step: int | None = None
+        self.trained_tokens = 0
+        self._start: tuple[float, int] | None = None
+        self._last: tuple[float, int] | None = None
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        now = time.monotonic()
+        self._start = (now, state.global_step)
+        self._last = (now, self.trained_tokens)
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kw: Any,
+    ) -> None:
+        if not logs:
+            return
+        if any(k.startswith("eval_") for k in logs):
+            self._report_eval(state, logs)
+        elif "loss" in logs:
+            self._report_train(state, control, logs)
+
+    def _report_train(self, state: TrainerState, control: TrainerControl, logs: dict[str, float]) -> None:
+        now = time.monotonic()
+        tokens = int(logs.get("num_tokens", 0)) + self._tokens_before_resume(state)
+        last_time, last_tokens = self._last or (now, tokens)
+        start_time, start_step = self._start or (now, 0)
+        done_steps = max(1, state.global_step - start_step)
+        data: dict[str, Any] = {
+            "step": state.global_step,
+            "total_steps": self.total_steps,
+            "epoch": round(float(logs.get("epoch", state.epoch or 0.0)), 4),
+            "train_loss": logs["loss"],
+            "learning_rate": logs.get("learning_rate"),
+            "grad_norm": logs.get("grad_norm"),
+            "tokens_per_second": round((tokens - last_tokens) / max(now - last_time, 1e-6), 1),
+            "eta_seconds": round((now - start_time) / done_steps * max(0, self.total_steps - state.global_step), 1),
+            "ipo_margin": logs.get("ipo/margin"),
+            "ipo_margin_target": self.target_margin,
+            "preference_accuracy": logs.get("ipo/accuracy"),
+            "likelihood_accuracy": logs.get("ipo/likelihood_accuracy"),
+            "chosen_logp_per_token": logs.get("ipo/chosen_logp_per_token"),
+            "trained_tokens": tokens,
+        }
+        self._last = (now, tokens)
+        self.trained_tokens = tokens
+        self.last_train = data
+        self.rows.append({"split": "train", **data})
+        self.reporter.metrics(data)
+        if not math.isfinite(float(logs["loss"])):
+            self.nan_step = state.global_step
+            control.should_training_stop = True
+
+    def _report_eval(self, state: TrainerState, logs: dict[str, float]) -> None:
+        data: dict[str, Any] = {
+            "step": state.global_step,
+            "total_steps": self.total_steps,
+            "valid_loss": logs.get("eval_loss"),
+            "valid_ipo_margin": logs.get("eval_ipo/margin"),
+            "valid_preference_accuracy": logs.get("eval_ipo/accuracy"),
+            "valid_likelihood_accuracy": logs.get("eval_ipo/likelihood_accuracy"),
+        }
+        self.rows.append({"split": "valid", **data})
+        self.reporter.metrics(data)
+
+    def _tokens_before_resume(self, state: TrainerState) -> int:
+        # TRL counts tokens per process run; a resumed run continues from the checkpoint's last count.
+        if not hasattr(self, "_resume_tokens"):
+            self._resume_tokens = 0
+            if self._start and self._start[1] > 0:
+                counts = [h.get("trained_tokens", 0) for h in state.log_history if "trained_tokens" in h]
+                self._resume_tokens = int(counts[-1]) if counts else 0
+        return self._resume_tokens
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        written = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        final = Path(args.output_dir) / f"step-{state.global_step}"
+        if not written.is_dir():
+            return
+        if final.exists():  # a re-save of the same step (e.g. pause right after a periodic save)
+            import shutil
+
+            shutil.rmtree(final)
+        os.replace(written, final)
+        metrics = {k: v for k, v in self.last_train.items() if k not in ("step", "total_steps")}
+        self.reporter.checkpoint(state.global_step, str(final), metrics)
+
+
+class TokenCountInLogHistory(TrainerCallback):
+    """Keeps ``trained_tokens`` in ``state.log_history`` so a resumed run continues the count."""
+
+    def __init__(self, reporting: ReportingCallback) -> None:
+        self.reporting = reporting
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kw: Any,
+    ) -> None:
+        if logs is not None and "loss" in logs and state.log_history:
+            state.log_history[-1]["trained_tokens"] = self.reporting.trained_tokens
+
+
+class StopCallback(TrainerCallback):
+    """Stops at the next step end when ``flag`` is set; on pause, saves a checkpoint first."""
+
+    def __init__(self, flag: StopFlag) -> None:
+        self.flag = flag
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        if self.flag.stop_at_step is not None and state.global_step >= self.flag.stop_at_step:
+            self.flag.request("pause")
+        if self.flag.reason is None:
+            return
+        if self.flag.reason == "pause":
+            control.should_save = True
+        control.should_training_stop = True

@@ -1,0 +1,229 @@
+"""The training recipe: one config (``TrainingConfig``) with every default documented with its source.
+
+``resolve_config`` turns a job's ``method`` block (where anything may be ``"auto"``) into concrete values.
+Seed recipe: the alignment-handbook Zephyr-7B recipes (HuggingFaceH4/alignment-handbook,
+``recipes/zephyr-7b-beta/dpo/config_qlora.yaml`` and the IPO variant of the DPO/IPO/KTO comparison,
+huggingface.co/blog/pref-tuning), which train Mistral-7B with QLoRA. Pure pydantic: no torch import.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from contracts.method import Method
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; ``field`` names it (dotted, as in the job's ``method`` block)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+# The seed recipe (alignment-handbook zephyr-7b-beta QLoRA; IPO beta from the pref-tuning blog sweep).
+ZEPHYR_IPO: dict[str, Any] = {
+    "beta": 0.01,  # pref-tuning blog: IPO best at tau=0.01 for Zephyr on UltraFeedback
+    "learning_rate": 5.0e-6,  # handbook dpo/config_qlora.yaml
+    "n_epochs": 1,  # handbook: num_train_epochs 1
+    "batch_size": 4,  # handbook: per_device_train_batch_size 4
+    "gradient_accumulation_steps": 4,  # handbook: 4 (8 GPUs there; one here)
+    "max_length": 1024,  # handbook: max_length 1024
+    "warmup_ratio": 0.1,  # handbook: warmup_ratio 0.1
+    "lr_scheduler": "cosine",  # handbook: lr_scheduler_type cosine
+    "sft_weight": 0.0,  # pure IPO
+    "lora_r": 16,  # handbook: lora_r 16
+    "lora_alpha": 64,  # handbook: lora_alpha 64
+    "lora_dropout": 0.1,  # handbook: lora_dropout 0.1
+    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],  # handbook lora_target_modules
+    "quantization": "nf4",  # handbook: load_in_4bit, bnb_4bit_quant_type nf4
+    "double_quant": True,  # handbook: bnb_4bit_use_double_quant
+    "gradient_checkpointing": True,  # handbook: gradient_checkpointing true
+    "optim": "paged_adamw_8bit",  # QLoRA paper (Dettmers et al. 2023): paged 8-bit AdamW
+}
+
+# The tiny demo model: same code path, "auto" values chosen so the demo learns within ~2 minutes on
+# 2 CPU cores (measured; see tests/training/test_learning.py): a large LoRA step (lr 1e-3), a milder
+# margin target and an NLL term on chosen against IPO's likelihood displacement.
+TINY_IPO: dict[str, Any] = {
+    "beta": 0.5,  # per-token margin target 1/(2*0.5) = 1 nat; 0.1 (target 5) displaced the likelihoods
+    "learning_rate": 1.0e-3,
+    "n_epochs": 3,
+    "batch_size": 8,
+    "gradient_accumulation_steps": 1,
+    "max_length": 64,
+    "warmup_ratio": 0.1,
+    "lr_scheduler": "cosine",
+    "sft_weight": 1.0,  # NLL on chosen: keeps the chosen reply likely while IPO widens the margin
+}
+
+Device = Literal["cpu", "cuda"]
+
+
+class TrainingConfig(BaseModel):
+    """Everything the trainer needs, concrete (no ``"auto"``). Defaults are the seed recipe's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    loss_type: Literal["ipo", "sigmoid"] = "ipo"
+    """TRL DPOConfig.loss_type: "ipo" for method ipo, "sigmoid" (DPO) for method dpo."""
+    beta: float = ZEPHYR_IPO["beta"]
+    """IPO's tau (TRL DPOConfig.beta); the per-token margin target is 1/(2*beta)."""
+    sft_weight: float = 0.0
+    """Weight of TRL's "sft" loss (NLL of chosen) added to the preference loss; 0 = pure IPO/DPO."""
+    learning_rate: float = ZEPHYR_IPO["learning_rate"]
+    n_epochs: int = ZEPHYR_IPO["n_epochs"]
+    batch_size: int = ZEPHYR_IPO["batch_size"]
+    """Per-device pairs per micro-batch (TRL doubles it: chosen + rejected)."""
+    gradient_accumulation_steps: int = ZEPHYR_IPO["gradient_accumulation_steps"]
+    max_length: int = ZEPHYR_IPO["max_length"]
+    """Tokens of prompt + reply; longer sequences are truncated (keep_start)."""
+    warmup_ratio: float = ZEPHYR_IPO["warmup_ratio"]
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    max_steps: int = -1
+    """-1 = n_epochs over the data (transformers' convention)."""
+    total_steps: int = 0
+    """Optimiser steps this run will take (derived; reported as progress)."""
+    checkpoint_every: int = 100
+    logging_steps: int = 10
+    eval_every: int | None = None
+    """Evaluate on the validation file every N steps (None: no validation file)."""
+    seed: int = 42
+
+    lora_r: int = ZEPHYR_IPO["lora_r"]
+    lora_alpha: float = ZEPHYR_IPO["lora_alpha"]
+    lora_dropout: float = ZEPHYR_IPO["lora_dropout"]
+    target_modules: list[str] = list(ZEPHYR_IPO["target_modules"])
+    quantization: Literal["nf4", "none"] = "nf4"
+    """nf4 = QLoRA (bitsandbytes 4-bit NF4, double quantisation, bf16 compute); CUDA only."""
+    double_quant: bool = True
+    compute_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    gradient_checkpointing: bool = True
+    optim: str = ZEPHYR_IPO["optim"]
+    device: Device = "cuda"
+
+    def resolved_dict(self) -> dict[str, Any]:
+        """JSON-able record of every value used (stored on the job as its resolved hyperparameters)."""
+        return self.model_dump(mode="json")
+
+
+def _is_tiny(model_config_dict: dict[str, Any]) -> bool:
+    return (
+        int(model_config_dict.get("hidden_size", 4096)) <= 512
+        and int(model_config_dict.get("num_hidden_layers", 32)) <= 8
+    )
+
+
+def _linear_module_names(model_config_dict: dict[str, Any]) -> set[str]:
+    """Linear layer names of Llama/Mistral-family decoders (what ``target_modules`` may name)."""
+    names = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    if model_config_dict.get("model_type") not in {
+        None,
+        "mistral",
+        "llama",
+        "qwen2",
+        "qwen3",
+        "mixtral",
+        "gemma",
+        "gemma2",
+    }:
+        names |= {"c_attn", "c_proj", "c_fc", "query_key_value", "dense", "fc1", "fc2", "Wqkv", "out_proj"}
+    return names
+
+
+def resolve_config(
+    method: Method,
+    *,
+    n_train_examples: int,
+    model_config_dict: dict[str, Any],
+    device: str,
+    seed: int = 42,
+    has_validation: bool = False,
+) -> TrainingConfig:
+    """Resolve every ``"auto"`` in ``method`` for this dataset size, model and device.
+
+    Raises ``ConfigError`` (naming the field) for settings that cannot work.
+    """
+    if device not in ("cpu", "cuda"):
+        raise ConfigError("device", f"must be 'cpu' or 'cuda', got {device!r}")
+    params = method.params()
+    hp, lora = params.hyperparameters, params.lora
+    preset = TINY_IPO if _is_tiny(model_config_dict) else ZEPHYR_IPO
+
+    def pick(value: Any, key: str) -> Any:
+        return preset.get(key, ZEPHYR_IPO[key]) if value == "auto" else value
+
+    beta = pick(hp.beta, "beta")
+    if method.type == "dpo" and hp.beta == "auto":
+        beta = 0.1  # TRL/DPO paper default temperature; IPO's tau=0.01 would be far too sharp for sigmoid
+    learning_rate = pick(hp.learning_rate, "learning_rate")
+    if hp.learning_rate_multiplier != "auto":
+        learning_rate = learning_rate * float(hp.learning_rate_multiplier)
+    batch_size = int(pick(hp.batch_size, "batch_size"))
+    batch_size = max(1, min(batch_size, n_train_examples))
+    grad_accum = int(pick(hp.gradient_accumulation_steps, "gradient_accumulation_steps"))
+    n_epochs = int(pick(hp.n_epochs, "n_epochs"))
+    max_steps = -1 if hp.max_steps == "auto" else int(hp.max_steps)
+    steps_per_epoch = max(1, math.ceil(n_train_examples / (batch_size * grad_accum)))
+    total_steps = max_steps if max_steps > 0 else steps_per_epoch * n_epochs
+    checkpoint_every = (
+        int(hp.checkpoint_every) if hp.checkpoint_every != "auto" else max(1, min(200, total_steps // 4 or 1))
+    )
+    logging_steps = max(1, min(10, total_steps // 20 or 1))
+
+    quantization = lora.quantization if lora.quantization != "auto" else ("nf4" if device == "cuda" else "none")
+    if quantization == "nf4" and device != "cuda":
+        raise ConfigError(
+            "lora.quantization",
+            "nf4 (QLoRA) needs a CUDA device; bitsandbytes 4-bit on CPU silently leaves LoRA gradients at "
+            "zero. Use quantization 'none' on CPU.",
+        )
+    target_modules = list(pick(lora.target_modules, "target_modules"))
+    known = _linear_module_names(model_config_dict)
+    unknown = [m for m in target_modules if m not in known]
+    if unknown:
+        raise ConfigError(
+            "lora.target_modules",
+            f"{', '.join(unknown)} not in this model ({model_config_dict.get('model_type', 'unknown')}); "
+            f"choose from {', '.join(sorted(known))}",
+        )
+    max_length = int(pick(hp.max_length, "max_length"))
+    max_positions = model_config_dict.get("max_position_embeddings")
+    if max_positions and max_length > int(max_positions) and hp.max_length != "auto":
+        raise ConfigError("hyperparameters.max_length", f"{max_length} exceeds the model's {max_positions} positions")
+    if max_positions:
+        max_length = min(max_length, int(max_positions))
+
+    on_cuda = device == "cuda"
+    return TrainingConfig(
+        loss_type="ipo" if method.type == "ipo" else "sigmoid",
+        beta=float(beta),
+        sft_weight=float(pick(hp.sft_weight, "sft_weight")),
+        learning_rate=float(learning_rate),
+        n_epochs=n_epochs,
+        batch_size=batch_size,
+        gradient_accumulation_steps=grad_accum,
+        max_length=max_length,
+        warmup_ratio=float(pick(hp.warmup_ratio, "warmup_ratio")),
+        lr_scheduler=pick(hp.lr_scheduler, "lr_scheduler"),
+        max_steps=max_steps,
+        total_steps=total_steps,
+        checkpoint_every=checkpoint_every,
+        logging_steps=logging_steps,
+        eval_every=max(1, total_steps // 4) if has_validation else None,
+        seed=seed,
+        lora_r=int(pick(lora.r, "lora_r")),
+        lora_alpha=float(pick(lora.alpha, "lora_alpha")),
+        lora_dropout=float(pick(lora.dropout, "lora_dropout")),
+        target_modules=target_modules,
+        quantization=quantization,
+        double_quant=quantization == "nf4",
+        compute_dtype="bfloat16" if on_cuda else "float32",
+        gradient_checkpointing=on_cuda and not _is_tiny(model_config_dict),
+        optim="paged_adamw_8bit" if quantization == "nf4" else "adamw_torch",
+        device="cuda" if on_cuda else "cpu",
+    )
