@@ -13,10 +13,12 @@ from fastapi import FastAPI
 
 from app.db import make_engine, make_sessionmaker
 from app.errors import install_error_handlers
-from app.routes import files, health, internal, jobs, models
+from app.routes import files, health, internal, jobs, metrics, models, webhooks
 from app.routes.body_limit import BodyLimitMiddleware, limits_for
+from app.routes.metrics import HttpMetricsMiddleware
 from app.services.dispatch import CeleryDoorbell, DispatcherThread, Doorbell
 from app.services.rate_limit import RequestRateLimiter
+from app.services.webhook_delivery import WebhookSenderThread
 from app.settings import Settings, get_settings
 from app.state import AppContext
 from app.storage import open_storage
@@ -48,9 +50,14 @@ def create_app(settings: Settings | None = None, doorbell: Doorbell | None = Non
                 ctx.sessions, settings, doorbell or CeleryDoorbell(settings), ctx.wake_dispatcher
             )
             dispatcher.start()
+        sender = WebhookSenderThread(ctx.sessions, settings) if settings.run_webhook_sender else None
+        if sender is not None:
+            sender.start()
         try:
             yield
         finally:
+            if sender is not None:
+                sender.stop()
             if dispatcher is not None:
                 dispatcher.stop()
             ctx.engine.dispose()
@@ -64,6 +71,7 @@ def create_app(settings: Settings | None = None, doorbell: Doorbell | None = Non
     app.state.ctx = ctx
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, pick=limits_for(settings.max_upload_bytes, settings.max_request_body_bytes))
-    for module in (health, files, jobs, models, internal):
+    app.add_middleware(HttpMetricsMiddleware)  # outermost: times everything, 413s included
+    for module in (health, metrics, files, jobs, models, webhooks, internal):
         app.include_router(module.router)
     return app

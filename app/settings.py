@@ -56,6 +56,25 @@ class Settings(BaseSettings):
     run_dispatcher: bool = True
     """Run the outbox dispatcher/reaper loop inside the API process."""
 
+    run_webhook_sender: bool = True
+    """Run the webhook delivery loop inside the API process (several replicas may all run it)."""
+    webhook_allow_loopback: bool = False
+    """Accept webhook URLs that resolve to loopback, link-local or unspecified addresses (tests, dev)."""
+    webhook_timeout_seconds: float = Field(5.0, gt=0)
+    """Per-attempt timeout of a webhook delivery (connect + response)."""
+    webhook_retry_base_seconds: float = Field(5.0, gt=0)
+    """Retry backoff unit: retries wait 1, 6, 24, 120 and 720 times this (5 s, 30 s, 2 min, 10 min, 1 h),
+    then the delivery is marked failed."""
+    webhook_max_attempts: int = Field(6, ge=1, le=20)
+    """Attempts per delivery (the first + retries) before it is marked failed; past the fifth retry each
+    further one waits as long as the fifth."""
+    webhook_failing_after: int = Field(5, ge=1)
+    """An endpoint whose last this-many delivery attempts all failed is marked ``failing``."""
+    webhook_poll_seconds: float = Field(1.0, gt=0)
+    """How often the webhook sender looks for due deliveries."""
+    webhook_concurrency: int = Field(4, ge=1)
+    """Deliveries in flight at once per API process (a slow receiver holds one slot, not the loop)."""
+
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.var_dir}/ipo.db"

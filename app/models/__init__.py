@@ -5,11 +5,14 @@ from app.models.file import FileStatus, StoredFile
 from app.models.job import Checkpoint, Job, JobEvent, JobStatus
 from app.models.outbox import IdempotencyRecord, OutboxMessage
 from app.models.tenancy import ApiKey, Project
+from app.models.webhook import DeliveryStatus, EndpointStatus, WebhookDelivery, WebhookEndpoint
 
 __all__ = [
     "ApiKey",
     "Base",
     "Checkpoint",
+    "DeliveryStatus",
+    "EndpointStatus",
     "FileStatus",
     "IdempotencyRecord",
     "Job",
@@ -18,4 +21,6 @@ __all__ = [
     "OutboxMessage",
     "Project",
     "StoredFile",
+    "WebhookDelivery",
+    "WebhookEndpoint",
 ]

@@ -69,6 +69,8 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    queued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    """When the job last became ``queued`` (created, resumed, requeued): the start of its queue wait."""
     dispatched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     """When the last Celery message for this job was sent (the sweeper re-sends lost ones)."""
 

@@ -131,3 +131,33 @@ class ListObject(BaseModel, Generic[T]):
     has_more: bool
     first_id: str | None = None
     last_id: str | None = None
+
+
+class WebhookEndpointObject(BaseModel):
+    id: str
+    object: Literal["webhook_endpoint"] = "webhook_endpoint"
+    url: str
+    events: list[str] | None = None
+    """The event types delivered here; null means all of them."""
+    description: str | None = None
+    status: str
+    """``active``, or ``failing`` after repeated failed deliveries (it still gets deliveries)."""
+    created_at: int
+    secret: str | None = None
+    """``whsec_...``: only in the answer to the create request. Verify deliveries with it."""
+
+
+class WebhookDeliveryObject(BaseModel):
+    id: str
+    object: Literal["webhook_delivery"] = "webhook_delivery"
+    event_id: str
+    event_type: str
+    status: str
+    """``pending``, ``succeeded`` or ``failed`` (every retry failed)."""
+    attempts: int
+    response_status_code: int | None = None
+    last_error: str | None = None
+    created_at: int
+    last_attempt_at: int | None = None
+    next_attempt_at: int | None = None
+    delivered_at: int | None = None

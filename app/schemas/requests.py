@@ -66,3 +66,19 @@ def _body_problem(data: Any) -> str | None:
         elif isinstance(value, list):
             stack.extend((v, (*path, str(i))) for i, v in enumerate(value))
     return None
+
+
+class WebhookCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(min_length=1, max_length=2000)
+    events: list[Annotated[str, Field(max_length=80)]] | None = Field(None, max_length=20)
+    """Event types to deliver; omitted or null means all of them."""
+    description: str | None = Field(None, max_length=500)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nul(cls, data: Any) -> Any:
+        if (problem := _body_problem(data)) is not None:
+            raise ValueError(problem)
+        return data

@@ -20,6 +20,7 @@ from app.models import Checkpoint, FileStatus, Job, JobEvent, JobStatus, OutboxM
 from app.models.base import new_id, utcnow
 from app.schemas.requests import JobCreate
 from app.services import files as files_service
+from app.services import metrics, webhooks
 from app.services.models_registry import is_allowed, list_base_models
 from contracts.method import Method
 
@@ -136,6 +137,7 @@ def create_job(session: Session, *, project_id: str, body: JobCreate, models_dir
         method=method.model_dump(mode="json"),
         created_at=utcnow(),
     )
+    job.queued_at = job.created_at
     session.add(job)
     session.flush()
     add_event(session, job, f"Created fine-tuning job: {job.id}")
@@ -223,6 +225,8 @@ def cancel_job(session: Session, project_id: str, job_id: str) -> Job:
     job = get_job(session, project_id, job_id)
     job = _transition(session, job, ACTIVE, JobStatus.CANCELLED, "cancel", finished_at=utcnow())
     add_event(session, job, "Job cancelled by user")
+    webhooks.emit_job(session, job, webhooks.JOB_CANCELLED)
+    metrics.job_ended(session, job)
     return job
 
 
@@ -230,6 +234,7 @@ def pause_job(session: Session, project_id: str, job_id: str) -> Job:
     job = get_job(session, project_id, job_id)
     job = _transition(session, job, [JobStatus.RUNNING], JobStatus.PAUSED, "pause")
     add_event(session, job, "Pause requested: saving a checkpoint")
+    webhooks.emit_job(session, job, webhooks.JOB_PAUSED)
     return job
 
 
@@ -241,7 +246,7 @@ def resume_job(session: Session, project_id: str, job_id: str) -> Job:
             code="pause_in_progress",
             retryable=True,
         )
-    job = _transition(session, job, [JobStatus.PAUSED], JobStatus.QUEUED, "resume")
+    job = _transition(session, job, [JobStatus.PAUSED], JobStatus.QUEUED, "resume", queued_at=utcnow())
     add_event(session, job, "Job resumed: queued")
     enqueue_dispatch(session, job)
     return job

@@ -4,9 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.models import Checkpoint, Job, JobEvent, StoredFile
+from app.models import Checkpoint, Job, JobEvent, StoredFile, WebhookDelivery, WebhookEndpoint
 from app.models.base import unix
-from app.schemas.objects import CheckpointObject, EventObject, FileObject, JobError, JobHyperparameters, JobObject
+from app.schemas.objects import (
+    CheckpointObject,
+    EventObject,
+    FileObject,
+    JobError,
+    JobHyperparameters,
+    JobObject,
+    WebhookDeliveryObject,
+    WebhookEndpointObject,
+)
 from contracts.method import Method
 
 
@@ -83,4 +92,32 @@ def checkpoint_view(row: Checkpoint, job: Job) -> CheckpointObject:
         metrics=metrics,
         step_number=row.step,
         file_id=row.file_id,
+    )
+
+
+def webhook_endpoint_view(row: WebhookEndpoint, *, with_secret: bool = False) -> WebhookEndpointObject:
+    return WebhookEndpointObject(
+        id=row.id,
+        url=row.url,
+        events=row.events,
+        description=row.description,
+        status=row.status,
+        created_at=unix(row.created_at) or 0,
+        secret=row.secret if with_secret else None,
+    )
+
+
+def webhook_delivery_view(row: WebhookDelivery) -> WebhookDeliveryObject:
+    return WebhookDeliveryObject(
+        id=row.id,
+        event_id=row.event_id,
+        event_type=row.event_type,
+        status=row.status,
+        attempts=row.attempts,
+        response_status_code=row.response_status,
+        last_error=row.last_error,
+        created_at=unix(row.created_at) or 0,
+        last_attempt_at=unix(row.last_attempt_at),
+        next_attempt_at=unix(row.next_attempt_at),
+        delivered_at=unix(row.delivered_at),
     )

@@ -19,6 +19,7 @@ from app.errors import Conflict, NotFound
 from app.models import Checkpoint, Job, JobEvent, JobStatus, StoredFile
 from app.models.base import new_id, utcnow
 from app.services import files as files_service
+from app.services import metrics, webhooks
 from app.services.jobs import add_event, enqueue_dispatch
 from app.settings import Settings
 from app.storage import Storage
@@ -81,6 +82,7 @@ def claim(session: Session, settings: Settings, job_id: str, worker_id: str) -> 
     session.refresh(job)
     if job.started_at is None:
         job.started_at = now
+    metrics.job_claimed(session, job, now)
     latest = session.scalar(
         select(Checkpoint)
         .where(Checkpoint.job_id == job.id)
@@ -211,6 +213,7 @@ def add_checkpoint(
     )
     session.add(ckpt)
     add_event(session, job, f"Checkpoint saved at step {step}", data={"checkpoint_id": ckpt.id, "step": step})
+    webhooks.emit_checkpoint(session, ckpt, job)
     return ckpt
 
 
@@ -249,6 +252,8 @@ def finish(session: Session, job_id: str, body: FinishRequest) -> Job:
     release(job)
     add_event(session, job, f"New fine-tuned model created: {job.fine_tuned_model}")
     add_event(session, job, "The job has successfully completed")
+    webhooks.emit_job(session, job, webhooks.JOB_SUCCEEDED)
+    metrics.job_ended(session, job)
     return job
 
 
@@ -270,6 +275,7 @@ def fail_attempt(session: Session, settings: Settings, job: Job, code: str, mess
     release(job)
     if retryable and job.failed_attempts < settings.max_attempts:
         job.status = JobStatus.QUEUED
+        job.queued_at = utcnow()
         add_event(
             session,
             job,
@@ -285,6 +291,8 @@ def fail_attempt(session: Session, settings: Settings, job: Job, code: str, mess
         message = f"{message} (gave up after {job.failed_attempts} failed attempts)"
     job.error = {"code": code, "message": message, "param": None}
     add_event(session, job, f"Job failed: {message}", level="error")
+    webhooks.emit_job(session, job, webhooks.JOB_FAILED)
+    metrics.job_ended(session, job)
 
 
 def stopped(session: Session, job_id: str, body: StoppedRequest) -> Job:
@@ -294,6 +302,7 @@ def stopped(session: Session, job_id: str, body: StoppedRequest) -> Job:
     release(job)
     if job.status == JobStatus.RUNNING:  # shutdown (deploy) or a stop nobody asked for: run it again
         job.status = JobStatus.QUEUED
+        job.queued_at = utcnow()
         add_event(session, job, f"Worker stopped ({body.reason}); attempt {job.attempt} requeued")
         enqueue_dispatch(session, job)
     elif job.status == JobStatus.PAUSED:

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: (none)
-Create Date: 2026-11-25 14:26:08.300928
+Create Date: 2026-11-25 14:56:07.216828
 """
 
 from collections.abc import Sequence
@@ -109,6 +109,27 @@ def upgrade() -> None:
         batch_op.create_index("ix_outbox_pending", ["sent_at", "id"], unique=False)
 
     op.create_table(
+        "webhook_endpoints",
+        sa.Column("id", sa.String(length=40), nullable=False),
+        sa.Column("project_id", sa.String(length=40), nullable=False),
+        sa.Column("url", sa.String(length=2000), nullable=False),
+        sa.Column(
+            "events", sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"), nullable=True
+        ),
+        sa.Column("description", sa.String(length=500), nullable=True),
+        sa.Column("secret", sa.String(length=100), nullable=False),
+        sa.Column("status", sa.String(length=20), nullable=False),
+        sa.Column("consecutive_failures", sa.Integer(), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["project_id"], ["projects.id"], name=op.f("fk_webhook_endpoints_project_id_projects"), ondelete="CASCADE"
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_webhook_endpoints")),
+    )
+    with op.batch_alter_table("webhook_endpoints", schema=None) as batch_op:
+        batch_op.create_index("ix_webhook_endpoints_project_created", ["project_id", "created_at", "id"], unique=False)
+
+    op.create_table(
         "jobs",
         sa.Column("id", sa.String(length=40), nullable=False),
         sa.Column("project_id", sa.String(length=40), nullable=False),
@@ -150,6 +171,7 @@ def upgrade() -> None:
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("started_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("queued_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("dispatched_at", sa.DateTime(timezone=True), nullable=True),
         sa.ForeignKeyConstraint(
             ["project_id"], ["projects.id"], name=op.f("fk_jobs_project_id_projects"), ondelete="CASCADE"
@@ -162,6 +184,41 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f("ix_jobs_fine_tuned_model"), ["fine_tuned_model"], unique=False)
         batch_op.create_index("ix_jobs_project_created", ["project_id", "created_at", "id"], unique=False)
         batch_op.create_index("ix_jobs_status_lease", ["status", "lease_expires_at"], unique=False)
+
+    op.create_table(
+        "webhook_deliveries",
+        sa.Column("id", sa.String(length=40), nullable=False),
+        sa.Column("endpoint_id", sa.String(length=40), nullable=False),
+        sa.Column("project_id", sa.String(length=40), nullable=False),
+        sa.Column("event_id", sa.String(length=40), nullable=False),
+        sa.Column("event_type", sa.String(length=80), nullable=False),
+        sa.Column(
+            "payload", sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"), nullable=False
+        ),
+        sa.Column("status", sa.String(length=20), nullable=False),
+        sa.Column("attempts", sa.Integer(), nullable=False),
+        sa.Column("next_attempt_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("last_attempt_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("response_status", sa.Integer(), nullable=True),
+        sa.Column("last_error", sa.String(length=1000), nullable=True),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("delivered_at", sa.DateTime(timezone=True), nullable=True),
+        sa.ForeignKeyConstraint(
+            ["endpoint_id"],
+            ["webhook_endpoints.id"],
+            name=op.f("fk_webhook_deliveries_endpoint_id_webhook_endpoints"),
+            ondelete="CASCADE",
+        ),
+        sa.ForeignKeyConstraint(
+            ["project_id"], ["projects.id"], name=op.f("fk_webhook_deliveries_project_id_projects"), ondelete="CASCADE"
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_webhook_deliveries")),
+    )
+    with op.batch_alter_table("webhook_deliveries", schema=None) as batch_op:
+        batch_op.create_index("ix_webhook_deliveries_due", ["status", "next_attempt_at"], unique=False)
+        batch_op.create_index(
+            "ix_webhook_deliveries_endpoint_created", ["endpoint_id", "created_at", "id"], unique=False
+        )
 
     op.create_table(
         "checkpoints",
@@ -218,12 +275,21 @@ def downgrade() -> None:
         batch_op.drop_index("ix_checkpoints_job_step")
 
     op.drop_table("checkpoints")
+    with op.batch_alter_table("webhook_deliveries", schema=None) as batch_op:
+        batch_op.drop_index("ix_webhook_deliveries_endpoint_created")
+        batch_op.drop_index("ix_webhook_deliveries_due")
+
+    op.drop_table("webhook_deliveries")
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.drop_index("ix_jobs_status_lease")
         batch_op.drop_index("ix_jobs_project_created")
         batch_op.drop_index(batch_op.f("ix_jobs_fine_tuned_model"))
 
     op.drop_table("jobs")
+    with op.batch_alter_table("webhook_endpoints", schema=None) as batch_op:
+        batch_op.drop_index("ix_webhook_endpoints_project_created")
+
+    op.drop_table("webhook_endpoints")
     with op.batch_alter_table("outbox", schema=None) as batch_op:
         batch_op.drop_index("ix_outbox_pending")
 

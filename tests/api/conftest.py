@@ -46,6 +46,7 @@ def settings(migrated_url: str, tmp_path: Path) -> Settings:
         models_dir=models,
         worker_token="worker-secret",
         run_dispatcher=False,
+        run_webhook_sender=False,
         max_upload_bytes=200_000,
         lease_seconds=60,
         max_attempts=2,

@@ -15,7 +15,13 @@ def _ids(client: TestClient, upload, auth) -> dict[str, str]:  # type: ignore[no
     succeed(client, WORKER, done.json()["id"])
     live = client.post("/v1/fine_tuning/jobs", headers=auth, json={"model": "tiny-mistral", "training_file": file_id})
     finished = client.get(f"/v1/fine_tuning/jobs/{done.json()['id']}", headers=auth).json()
-    return {"file_id": file_id, "job_id": live.json()["id"], "model_id": finished["fine_tuned_model"]}
+    webhook = client.post("/v1/webhooks", headers=auth, json={"url": "http://192.0.2.10/hook"})  # TEST-NET-1
+    return {
+        "file_id": file_id,
+        "job_id": live.json()["id"],
+        "model_id": finished["fine_tuned_model"],
+        "webhook_id": webhook.json()["id"],
+    }
 
 
 def test_every_public_path_answers_404_to_another_project(client: TestClient, upload, auth, other_auth) -> None:  # type: ignore[no-untyped-def]
@@ -37,7 +43,7 @@ def test_every_public_path_answers_404_to_another_project(client: TestClient, up
             assert foreign.json()["error"]["code"] == "not_found"
             assert missing.status_code == 404 and set(missing.json()) == set(foreign.json()) == {"error"}
             walked += 1
-    assert walked >= 11, walked
+    assert walked >= 14, walked
     stream = client.get(f"/v1/fine_tuning/jobs/{ids['job_id']}/events?stream=true", headers=other_auth)
     assert stream.status_code == 404 and stream.json()["error"]["code"] == "not_found"
     # Creating a job on someone else's files, or paging from someone else's cursors.
@@ -63,3 +69,4 @@ def test_every_public_path_answers_404_to_another_project(client: TestClient, up
     assert [m["id"] for m in client.get("/v1/models", headers=other_auth).json()["data"]] == ["tiny-mistral"]
     assert [f["id"] for f in client.get("/v1/files", headers=other_auth).json()["data"]] == [own_file]
     assert client.get("/v1/fine_tuning/jobs", headers=other_auth).json()["data"] == []
+    assert client.get(f"/v1/webhooks/{ids['webhook_id']}", headers=auth).status_code == 200  # not deleted

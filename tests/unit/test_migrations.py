@@ -56,5 +56,15 @@ def test_upgrade_matches_models_and_round_trips(empty_db: str) -> None:
 
 
 def test_every_tenant_row_carries_project_id() -> None:
-    for name in ("api_keys", "files", "jobs", "job_events", "checkpoints", "outbox", "idempotency_keys"):
+    for name in (
+        "api_keys",
+        "files",
+        "jobs",
+        "job_events",
+        "checkpoints",
+        "outbox",
+        "idempotency_keys",
+        "webhook_endpoints",
+        "webhook_deliveries",
+    ):
         assert "project_id" in Base.metadata.tables[name].c, name
