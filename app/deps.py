@@ -33,6 +33,10 @@ DbSession = Annotated[Session, Depends(get_session, scope="function")]
 
 def get_caller(ctx: Ctx, session: DbSession, authorization: Annotated[str | None, Header()] = None) -> Caller:
     caller = authenticate(session, authorization)
+    # End the read-only lookup now: its connection goes back to the pool instead of being held while
+    # the handler opens a second session (Idempotency-Key reservation). Under load, requests that each
+    # held one connection while waiting for another starved the pool (500s after pool_timeout).
+    session.commit()
     ctx.rate_limiter.check(caller.key_id)  # per key, per API process (see app.services.rate_limit)
     return caller
 

@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
@@ -172,6 +173,13 @@ def install_error_handlers(app: FastAPI) -> None:
         log.warning("database unavailable: %s", type(exc).__name__)
         body = error_body("The database is unavailable; retry shortly.", "server_error", None, "service_unavailable")
         return JSONResponse(body, 503, headers={"Retry-After": "5"})
+
+    @app.exception_handler(PoolTimeout)
+    async def _overloaded(_: Request, exc: Exception) -> JSONResponse:
+        # Every database connection of this process is busy: overload, not a bug; the client retries.
+        log.warning("database connection pool exhausted: %s", exc)
+        body = error_body("The server is busy; retry shortly.", "server_error", None, "service_unavailable")
+        return JSONResponse(body, 503, headers={"Retry-After": "1"})
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

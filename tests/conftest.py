@@ -12,6 +12,7 @@ import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -25,13 +26,15 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 RUN_ID = secrets.token_hex(4)
 
 
-@pytest.fixture(scope="session")
-def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+@contextmanager
+def fresh_database(tmp_dir: Path, prefix: str = "ipo_test") -> Iterator[str]:
+    """A new, empty database dropped afterwards: on the Postgres server of ``TEST_DATABASE_URL`` when set
+    (so concurrent runs never collide), else a SQLite file in ``tmp_dir``."""
     base = os.environ.get("TEST_DATABASE_URL")
     if not base:
-        yield f"sqlite:///{tmp_path_factory.mktemp('db') / 'ipo.db'}"
+        yield f"sqlite:///{tmp_dir / (prefix + '.db')}"
         return
-    name = f"ipo_test_{RUN_ID}"
+    name = f"{prefix}_{RUN_ID}_{secrets.token_hex(2)}"
     admin = create_engine(make_url(base), isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
@@ -41,6 +44,12 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with fresh_database(tmp_path_factory.mktemp("db")) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -83,9 +83,17 @@ def run_worker(extra_args: list[str] | None = None) -> None:
     context or allocator state leaks from one job into the next.
     """
     settings = WorkerSettings()
-    argv = ["worker", "--loglevel=INFO", f"--queues={settings.queue}", "--concurrency=1", "--pool=prefork",
-            "--without-gossip", "--without-mingle", f"--hostname=ipo-{settings.worker_id.replace(':', '-')}@%h",
-            *(extra_args or [])]
+    argv = [
+        "worker",
+        "--loglevel=INFO",
+        f"--queues={settings.queue}",
+        "--concurrency=1",
+        "--pool=prefork",
+        "--without-gossip",
+        "--without-mingle",
+        f"--hostname=ipo-{settings.worker_id.replace(':', '-')}@%h",
+        *(extra_args or []),
+    ]
     app.worker_main(argv)
 
 

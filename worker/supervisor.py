@@ -272,7 +272,10 @@ class Supervisor:
                 try:
                     self._upload(report)
                 except LeaseLost as exc:
-                    self._on_lease_lost(exc)
+                    if exc.code == "invalid_state":  # cancelled meanwhile: still our lease, just refused
+                        log.info("job %s: %s not recorded: %s", self.job_id, report.kind, exc.message)
+                    else:
+                        self._on_lease_lost(exc)
         elif report.kind == "done":
             self._done = report
         elif report.kind == "error":
@@ -472,4 +475,3 @@ def _has_exited(pid: int) -> bool:
         return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
     except ChildProcessError:
         return True
-

@@ -78,9 +78,7 @@ def resolve_model_path(models_dir: Path, model: str) -> Path:
     root = models_dir.resolve()
     path = (root / model).resolve()
     if root not in path.parents or not (path / "config.json").is_file():
-        raise StartFailure(
-            "model_not_found", f"Base model {model!r} is not available on this worker.", retryable=False
-        )
+        raise StartFailure("model_not_found", f"Base model {model!r} is not available on this worker.", retryable=False)
     return path
 
 

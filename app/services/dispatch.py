@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from datetime import timedelta
 from typing import Any, Protocol
 
@@ -138,10 +139,12 @@ def reap_expired_leases(session: Session, settings: Settings) -> int:
     return len(jobs)
 
 
-def tick(sessions: sessionmaker[Session], settings: Settings, doorbell: Doorbell) -> dict[str, Any]:
+def tick(
+    sessions: sessionmaker[Session], settings: Settings, doorbell: Doorbell, *, reap: bool = True
+) -> dict[str, Any]:
     stats: dict[str, Any] = {}
     for name, step in (
-        ("reaped", lambda s: reap_expired_leases(s, settings)),
+        ("reaped", lambda s: reap_expired_leases(s, settings) if reap else 0),
         ("redispatched", lambda s: redispatch_lost(s, settings)),
         ("sent", lambda s: send_pending(s, doorbell)),
     ):
@@ -151,6 +154,14 @@ def tick(sessions: sessionmaker[Session], settings: Settings, doorbell: Doorbell
 
 
 class DispatcherThread(threading.Thread):
+    """Runs :func:`tick` every ``dispatch_interval_seconds``.
+
+    The reaper holds off for one lease period after this loop starts and after any tick that failed
+    (database down): a lease that ran out while heartbeats could not be recorded (API restarting,
+    database restarting) says nothing about the worker, and a live one renews it within one heartbeat.
+    A worker that really died is reaped one lease period later than otherwise.
+    """
+
     def __init__(
         self, sessions: sessionmaker[Session], settings: Settings, doorbell: Doorbell, wake: threading.Event
     ) -> None:
@@ -159,11 +170,13 @@ class DispatcherThread(threading.Thread):
         self.stopping = threading.Event()
 
     def run(self) -> None:
+        reap_after = time.monotonic() + self.settings.lease_seconds
         while not self.stopping.is_set():
             try:
-                tick(self.sessions, self.settings, self.doorbell)
+                tick(self.sessions, self.settings, self.doorbell, reap=time.monotonic() >= reap_after)
             except Exception as exc:  # database or broker down: log, keep looping, recover by itself
                 log.warning("dispatcher tick failed: %s: %s", type(exc).__name__, exc)
+                reap_after = time.monotonic() + self.settings.lease_seconds
             self.wake.wait(self.settings.dispatch_interval_seconds)
             self.wake.clear()
 

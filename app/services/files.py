@@ -101,16 +101,28 @@ def upload(
 
 
 def get_file(
-    session: Session, project_id: str, file_id: str, *, param: str = "file_id", for_update: bool = False
+    session: Session,
+    project_id: str,
+    file_id: str,
+    *,
+    param: str = "file_id",
+    for_update: bool = False,
+    for_share: bool = False,
 ) -> StoredFile:
     """The project's file; deleted files and other projects' ids answer 404 like missing ones.
 
-    ``for_update`` locks the row (Postgres) so that job creation and file deletion serialise on it.
+    ``for_update`` (deletion) and ``for_share`` (job creation) lock the row (Postgres) so that job
+    creation and file deletion serialise on it, while job creations naming the same file do not wait
+    for one another.
     """
     stmt = select(StoredFile).where(
         StoredFile.id == file_id, StoredFile.project_id == project_id, StoredFile.deleted_at.is_(None)
     )
-    row = session.scalar(stmt.with_for_update() if for_update else stmt)
+    if for_update:
+        stmt = stmt.with_for_update()
+    elif for_share:
+        stmt = stmt.with_for_update(read=True)
+    row = session.scalar(stmt)
     if row is None:
         raise NotFound(f"No such file: {file_id}", param=param)
     return row

@@ -79,8 +79,8 @@ def _merge_legacy_hyperparameters(body: JobCreate) -> Method:
 
 
 def _usable_file(session: Session, project_id: str, file_id: str, param: str) -> None:
-    # Locked (Postgres) so a concurrent DELETE of the file waits for this job, then sees it and refuses.
-    row = files_service.get_file(session, project_id, file_id, param=param, for_update=True)
+    # Share-locked (Postgres) so a concurrent DELETE of the file waits for this job, then sees it and refuses.
+    row = files_service.get_file(session, project_id, file_id, param=param, for_share=True)
     if row.purpose != "fine-tune":
         raise InvalidRequest(f"{file_id} has purpose {row.purpose!r}, expected 'fine-tune'.", param=param)
     if row.status == FileStatus.ERROR:

@@ -192,7 +192,7 @@ def add_checkpoint(
     stream: BinaryIO,
     filename: str,
 ) -> Checkpoint:
-    job = _fenced(session, job_id, token)
+    job = _fenced(session, job_id, token, (JobStatus.RUNNING, JobStatus.PAUSED))  # nothing after a cancel
     existing = session.scalar(
         select(Checkpoint).where(
             Checkpoint.job_id == job.id, Checkpoint.attempt == job.attempt, Checkpoint.step == step
@@ -231,6 +231,8 @@ def add_artifact(
 
 def finish(session: Session, job_id: str, body: FinishRequest) -> Job:
     if (done := _already_ended(session, job_id, body.lease_token)) is not None:
+        if done.status != JobStatus.SUCCEEDED:  # ended by the reaper, not by this finish: fenced off
+            raise Conflict(f"Lease on {job_id} is not held by this worker.", code="lease_lost")
         return done
     job = _fenced(session, job_id, body.lease_token, (JobStatus.RUNNING,))
     owned = set(
@@ -320,6 +322,6 @@ def _already_ended(session: Session, job_id: str, token: str) -> Job | None:
     """The job, when ``token``'s attempt already ended: a retried end-of-attempt call is a no-op."""
     job = session.get(Job, job_id)
     ended = job is not None and job.lease_token is None and job.released_lease_token is not None
-    if ended and secrets.compare_digest(job.released_lease_token or "", token):
+    if ended and job is not None and secrets.compare_digest(job.released_lease_token or "", token):
         return job
     return None

@@ -20,6 +20,7 @@ import pytest
 from app.auth import create_key
 from app.db import make_engine, make_sessionmaker
 from app.migrate import upgrade
+from tests.conftest import fresh_database
 
 
 @dataclass
@@ -74,8 +75,15 @@ def wait_ready(url: str, procs: list[subprocess.Popen[bytes]], logs: Path, timeo
 
 
 @pytest.fixture(scope="module")
-def stack(database_url: str, redis_url: str | None, queue_name: str, tiny_models_dir: Path,
+def stack(redis_url: str | None, queue_name: str, tiny_models_dir: Path,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    # A database of its own: other suites leave queued jobs behind that this stack's dispatcher would send.
+    with fresh_database(tmp_path_factory.mktemp("db"), "ipo_e2e") as database_url:
+        yield from _stack(database_url, redis_url, queue_name, tiny_models_dir, tmp_path_factory)
+
+
+def _stack(database_url: str, redis_url: str | None, queue_name: str, tiny_models_dir: Path,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     upgrade(database_url)
     var = tmp_path_factory.mktemp("var")
     logs = tmp_path_factory.mktemp("logs")

@@ -3,36 +3,23 @@
 
 from __future__ import annotations
 
-import os
-import secrets
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import create_engine, inspect, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import create_engine, inspect
 
 from app.migrate import downgrade, upgrade
 from app.models import Base
+from tests.conftest import fresh_database
 
 
 @pytest.fixture
-def empty_db(tmp_path) -> Iterator[str]:  # type: ignore[no-untyped-def]
-    base = os.environ.get("TEST_DATABASE_URL")
-    if not base:
-        yield f"sqlite:///{tmp_path / 'mig.db'}"
-        return
-    name = f"ipo_mig_{secrets.token_hex(4)}"
-    admin = create_engine(make_url(base), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(base).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+def empty_db(tmp_path: Path) -> Iterator[str]:
+    with fresh_database(tmp_path, "ipo_mig") as url:
+        yield url
 
 
 def _diff(url: str) -> list[object]:
