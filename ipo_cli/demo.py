@@ -135,9 +135,11 @@ def _report(before: dict[str, Any], after: dict[str, Any]) -> None:
     table.add_column("metric")
     table.add_column("base", justify="right")
     table.add_column("base + IPO adapter", justify="right")
-    for key, label in (("preference_accuracy", "preference accuracy (chosen more likely per token)"),
-                       ("mean_margin_per_token", "mean per-token log-prob margin"),
-                       ("behaviour_rate", "sampled replies that answer correctly")):
+    for key, label in (
+        ("preference_accuracy", "preference accuracy (chosen more likely per token)"),
+        ("mean_margin_per_token", "mean per-token log-prob margin"),
+        ("behaviour_rate", "sampled replies that answer correctly"),
+    ):
         table.add_row(label, f"{before[key]:.3f}", f"{after[key]:.3f}")
     console.print(table)
     for label, result in (("base", before), ("base + IPO adapter", after)):

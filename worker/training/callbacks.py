@@ -79,7 +79,7 @@ class IpoDPOTrainer(DPOTrainer):
         return result
 
     def _log_per_token_metrics(self, policy: torch.Tensor, ref: torch.Tensor, completion_mask: torch.Tensor) -> None:
-        mode = "train" if self.model.training else "eval"
+        mode = "train" if self.model is not None and self.model.training else "eval"
         mask = completion_mask[..., 1:].bool()
         seq_len = mask.size(1)
         policy, ref = policy[:, -seq_len:].float(), ref[:, -seq_len:].float()
@@ -187,8 +187,9 @@ class ReportingCallback(TrainerCallback):
         return self._resume_tokens
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
-        written = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        final = Path(args.output_dir) / f"step-{state.global_step}"
+        root = Path(str(args.output_dir))
+        written = root / f"checkpoint-{state.global_step}"
+        final = root / f"step-{state.global_step}"
         if not written.is_dir():
             return
         if final.exists():  # a re-save of the same step (e.g. pause right after a periodic save)

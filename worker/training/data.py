@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
@@ -30,11 +31,14 @@ class PreparedData:
     """Prompt + chosen + rejected tokens over the file (one epoch), before truncation."""
 
 
-def _ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], *, generation_prompt: bool) -> list[int]:
-    out = tokenizer.apply_chat_template(
+def chat_token_ids(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], *, generation_prompt: bool = False
+) -> list[int]:
+    """Token ids of ``messages`` rendered with the model's chat template (what TRL feeds the model)."""
+    out: Any = tokenizer.apply_chat_template(
         messages, tokenize=True, return_dict=True, add_generation_prompt=generation_prompt
     )
-    return list(out["input_ids"])
+    return [int(i) for i in out["input_ids"]]
 
 
 def load_preference_data(
@@ -56,9 +60,10 @@ def load_preference_data(
     unusable: list[int] = []
     n_truncated = n_tokens = 0
     for ex in examples:
-        prompt_len = len(_ids(tokenizer, ex.prompt, generation_prompt=True))
+        prompt_len = len(chat_token_ids(tokenizer, ex.prompt, generation_prompt=True))
         lengths = [
-            len(_ids(tokenizer, ex.prompt + reply, generation_prompt=False)) for reply in (ex.chosen, ex.rejected)
+            len(chat_token_ids(tokenizer, ex.prompt + reply, generation_prompt=False))
+            for reply in (ex.chosen, ex.rejected)
         ]
         n_tokens += prompt_len + sum(n - prompt_len for n in lengths)
         if prompt_len >= max_length:

@@ -22,6 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from worker.training import demo_data
+from worker.training.data import chat_token_ids
 
 Message = dict[str, str]
 
@@ -47,20 +48,13 @@ def load_pairs(path: str | Path) -> list[dict[str, list[Message]]]:
     return rows
 
 
-def _ids(tokenizer: PreTrainedTokenizerBase, messages: list[Message], *, generation_prompt: bool) -> list[int]:
-    out = tokenizer.apply_chat_template(
-        messages, tokenize=True, return_dict=True, add_generation_prompt=generation_prompt
-    )
-    return list(out["input_ids"])
-
-
 @torch.no_grad()
 def mean_completion_logps(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: list[Message], replies: list[list[Message]]
 ) -> list[float]:
     """Mean per-token log-likelihood of each reply (messages) after ``prompt``, in one padded batch."""
-    prompt_ids = _ids(tokenizer, prompt, generation_prompt=True)
-    seqs = [_ids(tokenizer, prompt + r, generation_prompt=False) for r in replies]
+    prompt_ids = chat_token_ids(tokenizer, prompt, generation_prompt=True)
+    seqs = [chat_token_ids(tokenizer, prompt + r, generation_prompt=False) for r in replies]
     width = max(len(s) for s in seqs)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
@@ -78,7 +72,7 @@ def mean_completion_logps(
 
 @torch.no_grad()
 def sample_replies(
-    model: PreTrainedModel,
+    model: Any,
     tokenizer: PreTrainedTokenizerBase,
     prompt: list[Message],
     n: int,
@@ -86,7 +80,7 @@ def sample_replies(
     max_new_tokens: int = 24,
     do_sample: bool = True,
 ) -> list[str]:
-    ids = torch.tensor([_ids(tokenizer, prompt, generation_prompt=True)])
+    ids = torch.tensor([chat_token_ids(tokenizer, prompt, generation_prompt=True)])
     device = next(model.parameters()).device
     out = model.generate(
         input_ids=ids.to(device),
@@ -100,7 +94,7 @@ def sample_replies(
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    return [tokenizer.decode(o[ids.shape[1] :], skip_special_tokens=True).strip() for o in out]
+    return [str(tokenizer.decode(o[ids.shape[1] :], skip_special_tokens=True)).strip() for o in out]
 
 
 def evaluate_model(
@@ -143,7 +137,7 @@ def evaluate_model(
 
 def load_model(model_dir: str | Path, adapter_dir: str | Path | None = None) -> tuple[Any, PreTrainedTokenizerBase]:
     tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir or model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     if adapter_dir is not None:
         from peft import PeftModel
 

@@ -169,7 +169,7 @@ def _train(request: TrainRequest, reporter: Reporter, flag: Any) -> int:
     )
     peft_config = LoraConfig(
         r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
+        lora_alpha=cfg.lora_alpha,  # type: ignore[arg-type]  # peft takes any number: scaling = alpha / r
         lora_dropout=cfg.lora_dropout,
         target_modules=cfg.target_modules,
         bias="none",
@@ -200,7 +200,8 @@ def _train(request: TrainRequest, reporter: Reporter, flag: Any) -> int:
     if eval_data:
         trainer.evaluate()
     adapter_dir = out / "adapter"
-    trainer.model.save_pretrained(str(adapter_dir))
+    trained: Any = trainer.model
+    trained.save_pretrained(str(adapter_dir))
     tokenizer.save_pretrained(str(adapter_dir))
     reporter.artifact("adapter", str(adapter_dir))
     metrics_path = out / "metrics.csv"

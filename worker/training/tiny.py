@@ -19,6 +19,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from transformers import MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
 
 from worker.training import demo_data
+from worker.training.data import chat_token_ids
 
 MODEL_NAME = "tiny-mistral"
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
@@ -143,10 +144,7 @@ def build_tiny_model(
         eos_id=tokenizer.eos_token_id,
     )
     model = MistralForCausalLM(config)
-    sequences = [
-        list(tokenizer.apply_chat_template(conv, tokenize=True, return_dict=True)["input_ids"])
-        for conv in demo_data.pretraining_conversations(seed)
-    ]
+    sequences = [chat_token_ids(tokenizer, conv) for conv in demo_data.pretraining_conversations(seed)]
     if pretrain_steps > 0:
         _pretrain(
             model,
