@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 import typer
 
-from ipo_cli import admin, client_commands, local, server
+from ipo_cli import admin, client_commands, local, paper, server
 from ipo_cli.errors import CliError
 
 app = typer.Typer(
@@ -22,9 +23,13 @@ app.add_typer(local.data, name="data")
 app.add_typer(client_commands.files, name="files")
 app.add_typer(client_commands.jobs, name="jobs")
 app.command("demo")(client_commands.demo_command)
+app.command("paper-check")(paper.paper_check)
+app.add_typer(paper.adapters, name="adapters")
 
 
 def main() -> None:
+    # Library deprecation notices are for us, not for the person at the terminal.
+    warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         app()
     except CliError as exc:
