@@ -152,6 +152,18 @@ def test_pause_and_resume_matches_uninterrupted(
     steps = [r.data["step"] for r in second.of_kind("metrics") if r.data and "train_loss" in r.data]
     assert steps[0] == 4 and steps[-1] == 6
 
+    def losses(reporter: ListReporter) -> dict[int, float]:
+        return {
+            r.data["step"]: r.data["train_loss"]
+            for r in reporter.of_kind("metrics")
+            if r.data and "train_loss" in r.data
+        }
+
+    uninterrupted, resumed = losses(full), losses(first) | losses(second)
+    assert sorted(resumed) == sorted(uninterrupted)  # the same loss curve, step for step
+    for step, loss in uninterrupted.items():
+        assert resumed[step] == pytest.approx(loss, rel=1e-4, abs=1e-6), step
+
     expected = _adapter_weights(tmp_path / "full" / "adapter")
     got = _adapter_weights(tmp_path / "a2" / "adapter")
     assert expected.keys() == got.keys()
