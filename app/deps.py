@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from app.auth import Caller, authenticate, check_worker_token
 from app.db import session_scope
+from app.services.jobs import OUTBOX_WRITTEN
 from app.state import AppContext
 
 
@@ -23,7 +24,15 @@ Ctx = Annotated[AppContext, Depends(get_ctx)]
 
 
 def get_session(ctx: Ctx) -> Iterator[Session]:
-    yield from session_scope(ctx.sessions)
+    scope = session_scope(ctx.sessions)
+    session = next(scope)
+    yield session
+    for _ in scope:  # commits (or rolls back and raises)
+        pass
+    # Ring the dispatcher only once the outbox rows are committed: woken earlier, it finds nothing
+    # and sleeps a whole tick (bench/dispatch_latency.py measured ~1 s added to submit -> running).
+    if session.info.pop(OUTBOX_WRITTEN, False):
+        ctx.wake_dispatcher.set()
 
 
 # scope="function": the commit happens before the response leaves, so a client never sees a 200 for a

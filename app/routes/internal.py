@@ -109,14 +109,12 @@ def finish(session: DbSession, job_id: str, body: FinishRequest) -> Ack:
 @router.post("/jobs/{job_id}/fail", response_model=Ack)
 def fail(ctx: Ctx, session: DbSession, job_id: str, body: FailRequest) -> Ack:
     job = wp.fail(session, ctx.settings, job_id, body)
-    ctx.wake_dispatcher.set()
     return Ack(id=job.id, status=job.status)
 
 
 @router.post("/jobs/{job_id}/stopped", response_model=Ack)
 def stopped(ctx: Ctx, session: DbSession, job_id: str, body: StoppedRequest) -> Ack:
     job = wp.stopped(session, job_id, body)
-    ctx.wake_dispatcher.set()
     return Ack(id=job.id, status=job.status)
 
 

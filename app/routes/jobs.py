@@ -57,7 +57,6 @@ def create_job(
 
     print_ = idempotency.fingerprint("POST", "/v1/fine_tuning/jobs", body.model_dump(mode="json"))
     result = run_idempotent(ctx, session, caller, idempotency_key, print_, produce)
-    ctx.wake_dispatcher.set()  # the commit happens as the request ends; the dispatcher then sends at once
     return result  # type: ignore[no-any-return]
 
 
@@ -111,7 +110,6 @@ def _transition_route(name: str):  # type: ignore[no-untyped-def]
         result = run_idempotent(
             ctx, session, caller, idempotency_key, print_, lambda: job_view(action(session, caller.project_id, job_id))
         )
-        ctx.wake_dispatcher.set()
         return result  # type: ignore[no-any-return]
 
     handler.__name__ = f"{name}_job"

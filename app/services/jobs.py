@@ -57,8 +57,13 @@ def add_event(
     return event
 
 
+OUTBOX_WRITTEN = "ipo.outbox_written"
+"""Session.info flag: the request dependency wakes the dispatcher after committing such a session."""
+
+
 def enqueue_dispatch(session: Session, job: Job) -> None:
     """Write the doorbell into the outbox; the dispatcher sends it after this transaction commits."""
+    session.info[OUTBOX_WRITTEN] = True
     session.add(
         OutboxMessage(project_id=job.project_id, kind="dispatch_job", payload={"job_id": job.id}, created_at=utcnow())
     )

@@ -112,7 +112,10 @@ def test_job_creation_writes_an_outbox_row_with_the_job(client, upload, auth, se
 
     from app.models import OutboxMessage
 
+    wake = client.app.state.ctx.wake_dispatcher  # type: ignore[attr-defined]
+    wake.clear()
     job_id = _job(client, auth, upload().json()["id"]).json()["id"]
+    assert wake.is_set()  # rung after the commit, so the dispatcher finds the row at once
     with client.app.state.ctx.sessions() as session:  # type: ignore[attr-defined]
         rows = session.scalars(select(OutboxMessage).where(OutboxMessage.kind == "dispatch_job")).all()
         assert any(r.payload == {"job_id": job_id} and r.sent_at is None for r in rows)
