@@ -58,3 +58,27 @@ up: venv
 
 clean:
 	rm -rf var .pytest_cache .ruff_cache .mypy_cache
+
+# ---------------------------------------------------------------------------------------------------
+# bench: performance benchmarks (bench/*.py). Each prints raw figures and the ratio to a reference
+# measured in the same run, and updates its row in bench/RESULTS.md. Loopback only, each < ~3 min.
+# BENCH_DATABASE_URL (Postgres admin URL) / BENCH_REDIS_URL switch the API benches off SQLite / the
+# filesystem broker; BENCH_WAIT_QUIET=SECONDS waits for a 1-minute load average below 1.2 first.
+.PHONY: bench bench-train bench-api bench-dispatch bench-sse bench-footprint
+
+bench: bench-train bench-api bench-dispatch bench-sse bench-footprint
+
+bench-train: venv
+	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.train_throughput
+
+bench-api: venv
+	$(BIN)/python -m bench.api_bench
+
+bench-dispatch: venv
+	$(BIN)/python -m bench.dispatch_latency
+
+bench-sse: venv
+	$(BIN)/python -m bench.sse_bench
+
+bench-footprint: venv
+	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.footprint
