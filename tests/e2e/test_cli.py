@@ -1,0 +1,89 @@
+"""The ``ipo`` CLI through its real entry point against a live server and worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import Stack
+from worker.training.demo_data import write_demo_data
+
+pytestmark = pytest.mark.e2e
+
+
+def ipo(stack: Stack, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "IPO_BASE_URL": stack.url, "IPO_API_KEY": stack.api_key}
+    out = subprocess.run(
+        [sys.executable, "-m", "ipo_cli.main", *args], env=env, capture_output=True, text=True, timeout=600
+    )
+    if check:
+        assert out.returncode == 0, (args, out.stdout[-2000:], out.stderr[-2000:])
+    return out
+
+
+def test_cli_flow(stack: Stack, tmp_path: Path) -> None:
+    train, _ = write_demo_data(tmp_path / "data", n_train=32, n_valid=8, seed=7)
+    assert "is valid: 32 examples" in ipo(stack, "data", "validate", str(train)).stdout
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x", "chosen": "a", "rejected": "a"}\n{oops\n')
+    invalid = ipo(stack, "data", "validate", str(bad), check=False)
+    assert invalid.returncode == 2 and "line 1" in invalid.stdout and "line 2" in invalid.stdout
+
+    created = json.loads(
+        ipo(
+            stack,
+            "jobs",
+            "create",
+            "--training-file",
+            str(train),
+            "--beta",
+            "0.5",
+            "--suffix",
+            "cli",
+            "--json",
+            "--spec",
+            str(_spec(tmp_path)),
+        ).stdout
+    )
+    assert created["status"] == "queued" and created["method"]["ipo"]["hyperparameters"]["max_steps"] == 8
+
+    watched = ipo(stack, "jobs", "watch", created["id"])
+    assert "succeeded" in watched.stdout
+    out_dir = tmp_path / "adapter"
+    ipo(stack, "jobs", "download", created["id"], "--out", str(out_dir))
+    assert (out_dir / "adapter_model.safetensors").is_file()
+
+    missing = ipo(stack, "jobs", "get", "ftjob-doesnotexist", check=False)
+    assert (
+        missing.returncode == 3 and missing.stderr.startswith("ipo: error: 404") and "Traceback" not in missing.stderr
+    )
+    env_less = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ipo_cli.main",
+            "jobs",
+            "list",
+            "--base-url",
+            "http://127.0.0.1:9",
+            "--api-key",
+            "ipo-sk-x",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert env_less.returncode == 4 and "cannot reach" in env_less.stderr
+
+
+def _spec(tmp_path: Path) -> Path:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        "model: tiny-mistral\nmethod:\n  type: ipo\n  ipo:\n    hyperparameters:\n      max_steps: 8\n"
+        "      batch_size: 8\n"
+    )
+    return spec
