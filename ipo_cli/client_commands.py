@@ -41,6 +41,20 @@ def files_get(file_id: str, base_url: BaseUrl = None, api_key: ApiKey = None, as
     _print(obj, as_json, f"{obj['id']}  {obj['filename']}  {obj['bytes']} bytes  {obj['status']}")
 
 
+@files.command("list")
+def files_list(limit: int = 100, base_url: BaseUrl = None, api_key: ApiKey = None, as_json: AsJson = False) -> None:
+    obj = ApiClient(base_url, api_key).json("GET", "/v1/files", params={"limit": limit})
+    _print(
+        obj, as_json, "\n".join(f"{f['id']}  {f['filename']}  {f['bytes']} bytes  {f['status']}" for f in obj["data"])
+    )
+
+
+@files.command("delete")
+def files_delete(file_id: str, base_url: BaseUrl = None, api_key: ApiKey = None, as_json: AsJson = False) -> None:
+    obj = ApiClient(base_url, api_key).json("DELETE", f"/v1/files/{file_id}")
+    _print(obj, as_json, f"{obj['id']}  deleted")
+
+
 @jobs.command("create")
 def jobs_create(
     training_file: Annotated[str, typer.Option(help="File id (file-...) or a local JSONL path to upload.")],

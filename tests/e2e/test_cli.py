@@ -58,6 +58,11 @@ def test_cli_flow(stack: Stack, tmp_path: Path) -> None:
     ipo(stack, "jobs", "download", created["id"], "--out", str(out_dir))
     assert (out_dir / "adapter_model.safetensors").is_file()
 
+    listed = ipo(stack, "files", "list").stdout
+    assert created["training_file"] in listed
+    spare = json.loads(ipo(stack, "files", "upload", str(train), "--json").stdout)
+    assert json.loads(ipo(stack, "files", "delete", spare["id"], "--json").stdout)["deleted"] is True
+
     missing = ipo(stack, "jobs", "get", "ftjob-doesnotexist", check=False)
     assert (
         missing.returncode == 3 and missing.stderr.startswith("ipo: error: 404") and "Traceback" not in missing.stderr
