@@ -74,6 +74,9 @@ def up(host: Host = "127.0.0.1", port: Port = 8000) -> None:
     typer.echo(
         f"API key {'created' if created else 'in'} {settings.var_dir / 'api_key'}" + (f": {key}" if created else "")
     )
+    # uvicorn re-raises SIGTERM once it has shut down; turn it into SystemExit so the worker is
+    # stopped below instead of being orphaned when this process dies of the signal.
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     try:
         serve(host=host, port=port, workers=1)
     finally:
