@@ -12,8 +12,6 @@ import re
 import secrets
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +20,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ipo_cli.processes import free_port, stop_group, wait_http_ok
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "RESULTS.md"
@@ -194,42 +194,19 @@ def redis_url() -> str | None:
 # ---------------------------------------------------------------------------------------------- stack
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start_process(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
         return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
 
 
-def stop_process(proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+stop_process = stop_group  # the same SIGTERM-then-SIGKILL of a process group the service uses
 
 
 def wait_http(url: str, procs: list[subprocess.Popen[bytes]], log_hint: Path, timeout: float = 60) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for p in procs:
-            if p.poll() is not None:
-                raise RuntimeError(f"process exited early ({p.returncode}); see {log_hint}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{url} not ready after {timeout}s; see {log_hint}")
+    try:
+        wait_http_ok(url, procs, timeout)
+    except RuntimeError as exc:
+        raise RuntimeError(f"{exc}; see {log_hint}") from exc
 
 
 def wait_log(log: Path, pattern: str, proc: subprocess.Popen[bytes], timeout: float = 90) -> None:

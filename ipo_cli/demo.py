@@ -9,44 +9,29 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 from rich.console import Console
 from rich.table import Table
 
 from ipo_cli.client_commands import download_adapter
 from ipo_cli.errors import CliError
 from ipo_cli.http import ApiClient
+from ipo_cli.processes import free_port, stop_group, wait_http_ok
 from ipo_cli.watch import watch_job
 
 console = Console()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise CliError(f"`ipo up` exited early with status {proc.returncode}", 1)
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    raise CliError(f"the API at {url} did not become ready in {timeout:.0f}s", 4)
+    try:
+        wait_http_ok(f"{url}/readyz", [proc], timeout)
+    except RuntimeError as exc:
+        raise CliError(f"`ipo up` did not become ready: {exc}", 4) from exc
 
 
 def _evaluate(model: Path, data: Path, adapter: Path | None) -> dict[str, Any]:
@@ -79,7 +64,7 @@ def run_demo() -> int:
 
         write_demo_data(data_dir)
     console.rule("2/5 starting the service (ipo up: API + dispatcher + one Celery worker)")
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "IPO_API_URL": url, "PYTHONUNBUFFERED": "1"}
     log_path = var / "demo-server.log"
@@ -121,7 +106,7 @@ def run_demo() -> int:
         adapter = download_adapter(client, job["id"], var / "demo" / "adapter")
         console.print(f"adapter unpacked in {adapter}: {sorted(p.name for p in adapter.iterdir())}")
     finally:
-        _stop(proc)
+        stop_group(proc, timeout=150)  # ipo up waits up to 90 s for its worker's warm shutdown
     console.rule("5/5 base vs base + adapter on held-out prompts")
     before = _evaluate(model_dir, data_dir / "valid.jsonl", None)
     after = _evaluate(model_dir, data_dir / "valid.jsonl", adapter)
@@ -147,13 +132,3 @@ def _report(before: dict[str, Any], after: dict[str, Any]) -> None:
         for ex in (result.get("examples") or [])[:4]:
             mark = "[green]ok[/green]" if ex.get("preferred") == "true" else "[red]no[/red]"
             console.print(f"  {mark}  Q: {ex['prompt']}  A: {ex['reply']}")
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=150)  # ipo up waits up to 90 s for its worker's warm shutdown
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()

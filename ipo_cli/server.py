@@ -14,6 +14,8 @@ from typing import Annotated
 
 import typer
 
+from ipo_cli.processes import stop_group
+
 Host = Annotated[str, typer.Option(help="Interface to bind.")]
 Port = Annotated[int, typer.Option(help="TCP port.")]
 
@@ -80,15 +82,4 @@ def up(host: Host = "127.0.0.1", port: Port = 8000) -> None:
     try:
         serve(host=host, port=port, workers=1)
     finally:
-        _stop(worker_proc)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=90)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        stop_group(worker_proc, timeout=90)

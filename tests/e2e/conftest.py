@@ -5,21 +5,18 @@ filesystem transport), with the tiny model in a models directory."""
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
 from app.auth import create_key
 from app.db import make_engine, make_sessionmaker
 from app.migrate import upgrade
+from ipo_cli.processes import free_port, stop_group, wait_http_ok
 from tests.conftest import fresh_database
 
 
@@ -37,57 +34,37 @@ class Stack:
         return {"Authorization": f"Bearer {self.api_key}"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "ipo_cli.main", *cmd], env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def stop(proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-def wait_ready(url: str, procs: list[subprocess.Popen[bytes]], logs: Path, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for p in procs:
-            if p.poll() is not None:
-                raise RuntimeError(f"process exited early ({p.returncode}); logs in {logs}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} not ready after {timeout}s; logs in {logs}")
+        return subprocess.Popen(
+            [sys.executable, "-m", "ipo_cli.main", *cmd],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 @pytest.fixture(scope="module")
-def stack(redis_url: str | None, queue_name: str, tiny_models_dir: Path,
-          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(
+    redis_url: str | None, queue_name: str, tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
     # A database of its own: other suites leave queued jobs behind that this stack's dispatcher would send.
     with fresh_database(tmp_path_factory.mktemp("db"), "ipo_e2e") as database_url:
         yield from _stack(database_url, redis_url, queue_name, tiny_models_dir, tmp_path_factory)
 
 
-def _stack(database_url: str, redis_url: str | None, queue_name: str, tiny_models_dir: Path,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def _stack(
+    database_url: str,
+    redis_url: str | None,
+    queue_name: str,
+    tiny_models_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Stack]:
     upgrade(database_url)
     var = tmp_path_factory.mktemp("var")
     logs = tmp_path_factory.mktemp("logs")
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {
         **os.environ,
@@ -112,8 +89,11 @@ def _stack(database_url: str, redis_url: str | None, queue_name: str, tiny_model
     api = start(["serve", "--port", str(port)], env, logs / "api.log")
     worker = start(["worker"], env, logs / "worker.log")
     try:
-        wait_ready(url, [api, worker], logs)
+        try:
+            wait_http_ok(f"{url}/readyz", [api, worker])
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}; logs in {logs}") from exc
         yield Stack(url=url, api_key=key, env=env, var_dir=var, models_dir=tiny_models_dir, logs=logs)
     finally:
-        stop(worker, 90)
-        stop(api)
+        stop_group(worker, 90)
+        stop_group(api)

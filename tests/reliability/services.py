@@ -19,11 +19,7 @@ from pathlib import Path
 
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from ipo_cli.processes import free_port
 
 
 def _port_open(port: int) -> bool:
@@ -60,16 +56,23 @@ class ThrowawayPostgres:
             shutil.chown(self.root, "postgres", "postgres")
             self.root.chmod(0o755)
             self._as = [runuser, "-u", "postgres", "--"]
-        self._run([self.initdb, "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
-                   "--no-sync"])
+        self._run([self.initdb, "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"])
         with (self.data / "postgresql.conf").open("a") as conf:
             # Small and fast: nothing here needs to survive a crash of the machine.
-            conf.write("\nfsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
-                       "max_connections = 200\nshared_buffers = 32MB\n")
+            conf.write(
+                "\nfsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
+                "max_connections = 200\nshared_buffers = 32MB\n"
+            )
 
     def _run(self, argv: list[str], timeout: float = 120) -> None:
-        subprocess.run([*self._as, *argv], check=True, timeout=timeout, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL, cwd=self.root)
+        subprocess.run(
+            [*self._as, *argv],
+            check=True,
+            timeout=timeout,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=self.root,
+        )
 
     @property
     def url(self) -> str:
@@ -79,8 +82,21 @@ class ThrowawayPostgres:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
 
     def start(self) -> None:
-        self._run([self.pg_ctl, "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60",
-                   "-o", f"-p {self.port} -k {self.root} -h 127.0.0.1", "start"])
+        self._run(
+            [
+                self.pg_ctl,
+                "-D",
+                str(self.data),
+                "-l",
+                str(self.log),
+                "-w",
+                "-t",
+                "60",
+                "-o",
+                f"-p {self.port} -k {self.root} -h 127.0.0.1",
+                "start",
+            ]
+        )
 
     def stop(self, mode: str = "fast") -> None:
         with contextlib.suppress(subprocess.CalledProcessError):
@@ -89,8 +105,9 @@ class ThrowawayPostgres:
     def create_database(self, name: str) -> str:
         import psycopg
 
-        with psycopg.connect(host="127.0.0.1", port=self.port, user="postgres", dbname="postgres",
-                             autocommit=True) as conn:
+        with psycopg.connect(
+            host="127.0.0.1", port=self.port, user="postgres", dbname="postgres", autocommit=True
+        ) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
         return self.url_for(name)
 
@@ -118,9 +135,24 @@ class ThrowawayRedis:
     def start(self) -> None:
         log = (self.root / "redis.log").open("ab")
         self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--daemonize", "no", "--dir", str(self.root)],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+                "--dir",
+                str(self.root),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         log.close()
         deadline = time.monotonic() + 30

@@ -9,10 +9,8 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ import pytest
 from app.auth import create_key
 from app.db import make_engine, make_sessionmaker
 from app.migrate import upgrade
+from ipo_cli.processes import free_port, wait_http_ok
 
 WORKER_TOKEN = "sdk-worker-token"
 MAX_UPLOAD_BYTES = 300_000
@@ -49,12 +48,6 @@ class LiveServer:
         return [p for p in store.rglob("*") if p.is_file()] if store.exists() else []
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="session")
 def live_server(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     upgrade(database_url)
@@ -62,7 +55,7 @@ def live_server(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> 
     models = root / "models"
     (models / "tiny-mistral").mkdir(parents=True)
     (models / "tiny-mistral" / "config.json").write_text(json.dumps({"model_type": "mistral"}))
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "IPO_DATABASE_URL": database_url,
@@ -93,18 +86,10 @@ def live_server(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> 
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {(root / 'server.log').read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("server did not start in 60 s")
-            time.sleep(0.1)
+        try:
+            wait_http_ok(f"{url}/healthz", [proc])
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}: {(root / 'server.log').read_text()[-4000:]}") from exc
         yield LiveServer(url=url, database_url=database_url, var_dir=root / "var")
     finally:
         proc.terminate()
