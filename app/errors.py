@@ -16,6 +16,8 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from contracts.logs import request_id_var
+
 log = logging.getLogger(__name__)
 
 
@@ -183,5 +185,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        # Runs outside the request-log middleware (Starlette's ServerErrorMiddleware), which leaves the
+        # request id bound for this line; the header is set here since that middleware's send is gone.
         log.exception("unhandled error", exc_info=exc)
-        return JSONResponse(error_body("Internal server error.", "server_error", None, "internal_error"), 500)
+        request_id = request_id_var.get()
+        headers = {"X-Request-ID": request_id} if request_id else None
+        body = error_body("Internal server error.", "server_error", None, "internal_error")
+        return JSONResponse(body, 500, headers=headers)

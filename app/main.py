@@ -16,6 +16,7 @@ from app.errors import install_error_handlers
 from app.routes import files, health, internal, jobs, metrics, models, webhooks
 from app.routes.body_limit import BodyLimitMiddleware, limits_for
 from app.routes.metrics import HttpMetricsMiddleware
+from app.routes.request_log import RequestLogMiddleware
 from app.services.dispatch import CeleryDoorbell, DispatcherThread, Doorbell
 from app.services.rate_limit import RequestRateLimiter
 from app.services.webhook_delivery import WebhookSenderThread
@@ -71,7 +72,8 @@ def create_app(settings: Settings | None = None, doorbell: Doorbell | None = Non
     app.state.ctx = ctx
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, pick=limits_for(settings.max_upload_bytes, settings.max_request_body_bytes))
-    app.add_middleware(HttpMetricsMiddleware)  # outermost: times everything, 413s included
+    app.add_middleware(HttpMetricsMiddleware)  # times everything, 413s included
+    app.add_middleware(RequestLogMiddleware)  # outermost: the request id is bound for every line logged
     for module in (health, metrics, files, jobs, models, webhooks, internal):
         app.include_router(module.router)
     return app

@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contracts.broker import filesystem_transport_options
 from contracts.internal import DEFAULT_QUEUE
+from contracts.logs import LogFormat
 
 
 class Settings(BaseSettings):
@@ -55,6 +56,10 @@ class Settings(BaseSettings):
     """A job still ``queued`` this long after its message was sent is dispatched again (lost message)."""
     run_dispatcher: bool = True
     """Run the outbox dispatcher/reaper loop inside the API process."""
+    log_level: str = "INFO"
+    """Root log level (``DEBUG``, ``INFO``, ``WARNING``, ``ERROR``)."""
+    log_format: LogFormat = "auto"
+    """``json`` (one object per line), ``text`` (for people), or ``auto``: text when stderr is a terminal."""
 
     run_webhook_sender: bool = True
     """Run the webhook delivery loop inside the API process (several replicas may all run it)."""

@@ -44,22 +44,32 @@ def serve(
     """Run the API server (uvicorn)."""
     import uvicorn
 
+    from app.settings import Settings
+    from contracts.logs import configure_logging, logging_config
+
+    settings = Settings()
+    configure_logging(settings.log_level, settings.log_format)
     uvicorn.run(
         "app.main:create_app",
         factory=True,
         host=host,
         port=port,
         workers=workers,
-        log_level="info",
-        access_log=False,
+        # Applied again in each worker process: uvicorn's lines go through our formatter too.
+        log_config=logging_config(settings.log_level, settings.log_format),
+        access_log=False,  # app.routes.request_log writes the access log, with the request id
         timeout_graceful_shutdown=10,
     )
 
 
 def worker() -> None:
     """Run one Celery worker (one per GPU): concurrency 1, one task per child process."""
+    from contracts.logs import configure_logging
     from worker.celery_app import run_worker
+    from worker.settings import WorkerSettings
 
+    settings = WorkerSettings()
+    configure_logging(settings.log_level, settings.log_format)
     run_worker()
 
 
@@ -67,8 +77,10 @@ def up(host: Host = "127.0.0.1", port: Port = 8000) -> None:
     """Start everything, embedded: schema, a local API key, the API + dispatcher, and one worker."""
     from app.bootstrap import bootstrap
     from app.settings import Settings
+    from contracts.logs import configure_logging
 
     settings = Settings()
+    configure_logging(settings.log_level, settings.log_format)
     key, created = bootstrap(settings)
     env = {**os.environ, "IPO_API_URL": os.environ.get("IPO_API_URL", f"http://{host}:{port}")}
     worker_proc = subprocess.Popen([sys.executable, "-m", "ipo_cli.main", "worker"], env=env, start_new_session=True)

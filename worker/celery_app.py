@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_init, worker_shutting_down
+from celery.signals import setup_logging, worker_init, worker_shutting_down
 from celery.worker import state as worker_state
 
 from contracts.broker import FILESYSTEM_BROKER, filesystem_transport_options
 from contracts.internal import DEFAULT_QUEUE, TASK_NAME
+from contracts.logs import configure_logging, resolve_format
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -83,9 +84,12 @@ def run_worker(extra_args: list[str] | None = None) -> None:
     context or allocator state leaks from one job into the next.
     """
     settings = WorkerSettings()
+    # No ASCII-art banner on stdout when the logs are JSON: log collectors read both streams.
+    quiet = ["--quiet"] if resolve_format(settings.log_format) == "json" else []
     argv = [
+        *quiet,
         "worker",
-        "--loglevel=INFO",
+        f"--loglevel={settings.log_level.upper()}",
         f"--queues={settings.queue}",
         "--concurrency=1",
         "--pool=prefork",
@@ -98,6 +102,15 @@ def run_worker(extra_args: list[str] | None = None) -> None:
 
 
 app = make_celery(include_tasks=True, create_dirs=False)
+
+
+@setup_logging.connect
+def _configure_logging(**_: Any) -> None:
+    """Our handler and formatter on the root logger (``IPO_LOG_LEVEL``, ``IPO_LOG_FORMAT``), however the
+    worker was started (``ipo worker`` or ``celery -A worker.celery_app worker``). With a receiver on this
+    signal Celery configures no logging of its own: no handlers, no stdout redirection."""
+    settings = WorkerSettings()
+    configure_logging(settings.log_level, settings.log_format)
 
 
 @worker_init.connect

@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contracts.broker import FILESYSTEM_BROKER, filesystem_transport_options
 from contracts.internal import DEFAULT_QUEUE
+from contracts.logs import LogFormat
 
 WORKER_TOKEN_FILE = "worker_token"
 
@@ -60,6 +61,10 @@ class WorkerSettings(BaseSettings):
     """How long a transient API failure (connect error, 5xx, 429) is retried before giving up."""
     keep_work_dirs: bool = False
     """Keep per-attempt directories after the attempt ends (they are always kept after a failure)."""
+    log_level: str = "INFO"
+    """Root log level (``DEBUG``, ``INFO``, ``WARNING``, ``ERROR``)."""
+    log_format: LogFormat = "auto"
+    """``json`` (one object per line), ``text`` (for people), or ``auto``: text when stderr is a terminal."""
 
     @model_validator(mode="after")
     def _derive_paths(self) -> WorkerSettings:

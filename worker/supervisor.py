@@ -10,6 +10,7 @@ after ``stop_grace_seconds``; the group is killed in any case before :meth:`Supe
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import logging
 import os
@@ -361,8 +362,13 @@ class Supervisor:
             os.close(write_fd)
         proc = self._proc
         log.info("job %s attempt %d: trainer pid %d", self.job_id, self.claim.attempt, proc.pid)
-        reader = threading.Thread(target=self._read_reports, args=(read_fd,), name="report-reader", daemon=True)
-        control = threading.Thread(target=self._control, name="heartbeat", daemon=True)
+        # Each thread runs in a copy of this context, so its log lines keep the job id and attempt.
+        reader = threading.Thread(
+            target=contextvars.copy_context().run, args=(self._read_reports, read_fd), name="report-reader", daemon=True
+        )
+        control = threading.Thread(
+            target=contextvars.copy_context().run, args=(self._control,), name="heartbeat", daemon=True
+        )
         reader.start()
         control.start()
         try:

@@ -18,7 +18,10 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from celery.signals import task_postrun, task_prerun
+
 from contracts.internal import ClaimResponse, DispatchMessage, FailRequest, StoppedRequest
+from contracts.logs import log_context, set_log_context
 from worker.api_client import ApiClient, ApiError, ApiUnavailable, LeaseLost, NotClaimable
 from worker.archive import UnsafeArchive, unzip_safe
 from worker.celery_app import TASK_NAME, app
@@ -131,7 +134,23 @@ def execute_job(
     env: Mapping[str, str] | None = None,
     on_supervisor: Callable[[Supervisor], None] | None = None,
 ) -> Outcome | None:
-    """Claim, stage, supervise. Returns None when there was nothing to claim (or staging was cut short)."""
+    """Claim, stage, supervise. Returns None when there was nothing to claim (or staging was cut short).
+
+    Every line logged meanwhile, in this thread or the supervisor's, carries the job id, the worker id
+    and, once claimed, the attempt number.
+    """
+    with log_context(job_id=job_id, attempt=None, worker=settings.worker_id):
+        return _execute_job(job_id, settings, api, trainer_argv, env, on_supervisor)
+
+
+def _execute_job(
+    job_id: str,
+    settings: WorkerSettings,
+    api: ApiClient | None,
+    trainer_argv: Sequence[str],
+    env: Mapping[str, str] | None,
+    on_supervisor: Callable[[Supervisor], None] | None,
+) -> Outcome | None:
     global _current
     message = DispatchMessage(job_id=job_id)
     own_api = api is None
@@ -144,6 +163,7 @@ def execute_job(
         except NotClaimable as exc:
             log.info("job %s: nothing to claim (%s)", job_id, exc.message)
             return None
+        set_log_context(attempt=claim.attempt)  # undone by execute_job's log_context
         log.info("job %s: claimed attempt %d", job_id, claim.attempt)
         try:
             attempt_dir, request_path = stage_attempt(client, claim, settings)
@@ -210,3 +230,16 @@ def run_job(job_id: str) -> dict[str, Any] | None:
     with _shutdown_on_sigterm():
         outcome = execute_job(job_id, settings, trainer_argv=(sys.executable, "-m", settings.trainer_module))
     return None if outcome is None else {"status": outcome.status, "reason": outcome.reason}
+
+
+@task_prerun.connect
+def _bind_job_id(sender: Any = None, kwargs: Mapping[str, Any] | None = None, **_: Any) -> None:
+    """Celery's own lines about the task (``succeeded``, ``raised unexpected``) carry the job id too."""
+    if getattr(sender, "name", None) == TASK_NAME:
+        set_log_context(job_id=(kwargs or {}).get("job_id"))
+
+
+@task_postrun.connect
+def _unbind_job_id(sender: Any = None, **_: Any) -> None:
+    if getattr(sender, "name", None) == TASK_NAME:
+        set_log_context(job_id=None)
