@@ -50,6 +50,7 @@ def create_job(
             project_id=caller.project_id,
             body=body,
             models_dir=ctx.settings.resolved_models_dir,
+            storage=ctx.storage,
             max_active=ctx.settings.max_active_jobs,
         )
         session.flush()

@@ -16,13 +16,16 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.errors import Conflict, InvalidRequest, NotFound, RateLimited
-from app.models import Checkpoint, FileStatus, Job, JobEvent, JobStatus, OutboxMessage, Project
+from app.models import Checkpoint, FileStatus, Job, JobEvent, JobStatus, OutboxMessage, Project, StoredFile
 from app.models.base import new_id, utcnow
 from app.schemas.requests import JobCreate
 from app.services import files as files_service
 from app.services import metrics, webhooks
 from app.services.models_registry import is_allowed, list_base_models
+from app.services.prompt_lengths import longest_prompt, tokenizer_for
+from app.storage import Storage
 from contracts.method import Method
+from contracts.model_info import ModelInfoError, max_positions, unknown_target_modules
 
 ACTIVE = (JobStatus.VALIDATING_FILES, JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.PAUSED)
 ACTIVE_JOBS_RETRY_AFTER = 30
@@ -54,9 +57,12 @@ def add_event(
         created_at=utcnow(),
     )
     session.add(event)
+    session.info.setdefault(EVENTS_WRITTEN, set()).add(job.id)
     return event
 
 
+EVENTS_WRITTEN = "ipo.events_written"
+"""Session.info: ids of jobs that got events; the request dependency wakes their live feeds after commit."""
 OUTBOX_WRITTEN = "ipo.outbox_written"
 """Session.info flag: the request dependency wakes the dispatcher after committing such a session."""
 
@@ -83,7 +89,7 @@ def _merge_legacy_hyperparameters(body: JobCreate) -> Method:
         raise InvalidRequest(f"hyperparameters: {exc}", param="hyperparameters") from exc
 
 
-def _usable_file(session: Session, project_id: str, file_id: str, param: str) -> None:
+def _usable_file(session: Session, project_id: str, file_id: str, param: str) -> StoredFile:
     # Share-locked (Postgres) so a concurrent DELETE of the file waits for this job, then sees it and refuses.
     row = files_service.get_file(session, project_id, file_id, param=param, for_share=True)
     if row.purpose != "fine-tune":
@@ -94,6 +100,49 @@ def _usable_file(session: Session, project_id: str, file_id: str, param: str) ->
             param=param,
             code="invalid_training_file",
         )
+    return row
+
+
+def check_fits_model(model_dir: Path, method: Method, data_files: dict[str, Path]) -> None:
+    """Refuse settings the chosen model cannot train with: LoRA targets it does not have, a
+    ``max_length`` over its positions or too short for the longest prompt of a data file."""
+    params = method.params()
+    prefix = f"method.{method.type}"
+    try:
+        if params.lora.target_modules != "auto":
+            unknown, choices = unknown_target_modules(model_dir, list(params.lora.target_modules))
+            if unknown:
+                raise InvalidRequest(
+                    f"LoRA target module(s) {', '.join(unknown)} do not exist in model {model_dir.name!r}; "
+                    f"its linear layers are: {', '.join(choices)}.",
+                    param=f"{prefix}.lora.target_modules",
+                    code="invalid_lora_target_modules",
+                )
+        max_length = params.hyperparameters.max_length
+        if max_length == "auto":
+            return
+        positions = max_positions(model_dir)
+        if positions is not None and max_length > positions:
+            raise InvalidRequest(
+                f"max_length {max_length} exceeds the {positions} positions of model {model_dir.name!r}.",
+                param=f"{prefix}.hyperparameters.max_length",
+            )
+    except ModelInfoError as exc:
+        raise InvalidRequest(f"Model {model_dir.name!r} cannot be read: {exc}", param="model") from exc
+    tokenizer = tokenizer_for(model_dir)
+    if tokenizer is None:
+        return
+    for param, path in data_files.items():
+        found = longest_prompt(path, tokenizer, max_length)
+        if found is not None and found.n_over:
+            lines = ", ".join(map(str, found.over)) + (" and more" if found.n_over > len(found.over) else "")
+            raise InvalidRequest(
+                f"max_length {max_length} leaves no room for a reply in {found.n_over} example(s) of {param} "
+                f"(lines {lines}): their prompt alone is {max_length} tokens or more; the longest is "
+                f"{found.tokens} tokens (line {found.line}). Raise max_length or shorten those prompts.",
+                param=f"{prefix}.hyperparameters.max_length",
+                code="max_length_too_short",
+            )
 
 
 def check_active_jobs(session: Session, project_id: str, max_active: int) -> None:
@@ -116,7 +165,15 @@ def check_active_jobs(session: Session, project_id: str, max_active: int) -> Non
         )
 
 
-def create_job(session: Session, *, project_id: str, body: JobCreate, models_dir: Path, max_active: int = 0) -> Job:
+def create_job(
+    session: Session,
+    *,
+    project_id: str,
+    body: JobCreate,
+    models_dir: Path,
+    storage: Storage,
+    max_active: int = 0,
+) -> Job:
     if not is_allowed(models_dir, body.model):
         available = ", ".join(list_base_models(models_dir)) or "none installed"
         raise InvalidRequest(
@@ -125,9 +182,12 @@ def create_job(session: Session, *, project_id: str, body: JobCreate, models_dir
             code="model_not_found",
         )
     method = _merge_legacy_hyperparameters(body)
-    _usable_file(session, project_id, body.training_file, "training_file")
+    data_files = {"training_file": _usable_file(session, project_id, body.training_file, "training_file")}
     if body.validation_file:
-        _usable_file(session, project_id, body.validation_file, "validation_file")
+        data_files["validation_file"] = _usable_file(session, project_id, body.validation_file, "validation_file")
+    check_fits_model(
+        models_dir / body.model, method, {p: storage.local_path(f.storage_key) for p, f in data_files.items()}
+    )
     check_active_jobs(session, project_id, max_active)
     job = Job(
         id=new_id("ftjob"),

@@ -1,0 +1,120 @@
+"""Prompt lengths in a base model's tokens, measured by the API (no torch): does ``max_length`` leave room
+for a reply after the longest prompt?
+
+The worker renders each prompt with the model's chat template and ``add_generation_prompt=True`` and
+drops examples whose prompt fills ``max_length`` (TRL would truncate them to nothing). Checking at job
+creation turns that hour-later surprise into a 400. The rendering follows ``transformers``'
+``apply_chat_template`` (a sandboxed Jinja environment with ``trim_blocks``/``lstrip_blocks``, special
+tokens as variables, no special tokens added when encoding); tests/training/test_prompt_lengths.py checks
+the counts equal the worker's. A model whose tokenizer or template cannot be read here is left to the
+worker's own check.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from contracts.data_formats import parse_preference_file
+
+log = logging.getLogger(__name__)
+
+ENCODE_BATCH = 512
+_SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
+
+
+@dataclass(frozen=True)
+class LongestPrompt:
+    tokens: int
+    line: int
+    over: tuple[int, ...] = ()
+    """Line numbers whose prompt has at least the ``limit`` tokens asked about (first few)."""
+    n_over: int = 0
+
+
+class PromptTokenizer:
+    """A model directory's fast tokenizer (``tokenizer.json``) and chat template, without transformers."""
+
+    def __init__(self, model_dir: Path) -> None:
+        import jinja2.ext
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        from tokenizers import Tokenizer
+
+        config = _read_json(model_dir / "tokenizer_config.json")
+        template_file = model_dir / "chat_template.jinja"
+        template = template_file.read_text(encoding="utf-8") if template_file.is_file() else config.get("chat_template")
+        if not isinstance(template, str):
+            raise ValueError("the tokenizer has no chat template")
+        self._tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+        env.globals["raise_exception"] = _raise
+        self._template = env.from_string(template)
+        self._specials = {key: _token_text(config.get(key)) for key in _SPECIAL_TOKEN_KEYS}
+
+    def render(self, messages: list[dict[str, str]]) -> str:
+        return self._template.render(messages=messages, add_generation_prompt=True, **self._specials)
+
+    def count(self, prompts: list[list[dict[str, str]]]) -> list[int]:
+        texts = [self.render(p) for p in prompts]
+        return [len(e.ids) for e in self._tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+
+def _raise(message: str) -> None:
+    from jinja2.exceptions import TemplateError
+
+    raise TemplateError(message)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return data if isinstance(data, dict) else {}
+
+
+def _token_text(value: object) -> str | None:
+    if isinstance(value, dict):
+        content = value.get("content")
+        return content if isinstance(content, str) else None
+    return value if isinstance(value, str) else None
+
+
+@lru_cache(maxsize=8)
+def _tokenizer(model_dir: Path, _stamp: float) -> PromptTokenizer | None:
+    try:
+        return PromptTokenizer(model_dir)
+    except Exception as exc:  # an unreadable tokenizer: the worker still checks every example
+        log.warning("cannot measure prompt lengths for %s at job creation: %s", model_dir.name, exc)
+        return None
+
+
+def tokenizer_for(model_dir: Path) -> PromptTokenizer | None:
+    try:
+        stamp = (model_dir / "tokenizer.json").stat().st_mtime
+    except OSError:
+        return None
+    return _tokenizer(model_dir, stamp)
+
+
+def longest_prompt(path: Path, tokenizer: PromptTokenizer, limit: int) -> LongestPrompt | None:
+    """The longest prompt of a (valid) preference file, and the lines whose prompts have ``limit`` tokens
+    or more. None for an empty or invalid file (upload validation reports those)."""
+    examples, report = parse_preference_file(path)
+    if not report.ok or not examples:
+        return None
+    best, best_line, n_over = -1, 0, 0
+    over: list[int] = []
+    for start in range(0, len(examples), ENCODE_BATCH):
+        batch = examples[start : start + ENCODE_BATCH]
+        for ex, n in zip(batch, tokenizer.count([ex.prompt for ex in batch]), strict=True):
+            if n > best:
+                best, best_line = n, ex.line
+            if n >= limit:
+                n_over += 1
+                if len(over) < 10:
+                    over.append(ex.line)
+    return LongestPrompt(tokens=best, line=best_line, over=tuple(over), n_over=n_over)
