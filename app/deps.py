@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from app.auth import Caller, authenticate, check_worker_token
 from app.db import session_scope
-from app.services.jobs import OUTBOX_WRITTEN
+from app.services.jobs import EVENTS_WRITTEN, OUTBOX_WRITTEN
 from app.state import AppContext
 
 
@@ -33,6 +33,8 @@ def get_session(ctx: Ctx) -> Iterator[Session]:
     # and sleeps a whole tick (bench/dispatch_latency.py measured ~1 s added to submit -> running).
     if session.info.pop(OUTBOX_WRITTEN, False):
         ctx.wake_dispatcher.set()
+    if jobs := session.info.pop(EVENTS_WRITTEN, None):
+        ctx.event_hub.wake(jobs)
 
 
 # scope="function": the commit happens before the response leaves, so a client never sees a 200 for a

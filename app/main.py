@@ -18,6 +18,7 @@ from app.routes.body_limit import BodyLimitMiddleware, limits_for
 from app.routes.metrics import HttpMetricsMiddleware
 from app.routes.request_log import RequestLogMiddleware
 from app.services.dispatch import CeleryDoorbell, DispatcherThread, Doorbell
+from app.services.event_feed import EventHub, db_poll
 from app.services.rate_limit import RequestRateLimiter
 from app.services.webhook_delivery import WebhookSenderThread
 from app.settings import Settings, get_settings
@@ -29,13 +30,17 @@ log = logging.getLogger(__name__)
 
 def build_context(settings: Settings) -> AppContext:
     engine = make_engine(settings.resolved_database_url, settings.db_pool_size)
+    sessions = make_sessionmaker(engine)
+    poll = db_poll(sessions)
     return AppContext(
         settings=settings,
         engine=engine,
-        sessions=make_sessionmaker(engine),
+        sessions=sessions,
         storage=open_storage(settings.resolved_storage_url),
         worker_token=settings.resolved_worker_token(),
         rate_limiter=RequestRateLimiter(settings.rate_limit_per_minute),
+        event_hub=EventHub(poll),
+        event_poll=poll,
     )
 
 

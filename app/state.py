@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.services.event_feed import EventHub, Poll
 from app.services.rate_limit import RequestRateLimiter
 from app.settings import Settings
 from app.storage import Storage
@@ -21,5 +22,9 @@ class AppContext:
     storage: Storage
     worker_token: str
     rate_limiter: RequestRateLimiter
+    event_hub: EventHub
+    """Shared live feeds of job events behind every SSE stream of this process."""
+    event_poll: Poll
+    """Reads a job's events after an id (and whether it ended): the hub's poll, and stream replays."""
     wake_dispatcher: threading.Event = field(default_factory=threading.Event)
     """Set after a commit that wrote outbox rows, so they are sent at once rather than on the next tick."""

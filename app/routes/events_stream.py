@@ -1,45 +1,72 @@
 """Server-Sent Events for a job: ids for ``Last-Event-ID`` replay, keep-alive comments, and the
-stream ends once the job is terminal and every event has been sent."""
+stream ends once the job is terminal and every event has been sent.
+
+Live events come from the process's shared feed of the job (``app.services.event_feed``): one poll
+per job and tick, however many clients watch it. Events older than the feed are replayed from the
+database by the stream that asks for them.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 
 from starlette.concurrency import run_in_threadpool
 
-from app.models import Job, JobStatus
-from app.services.events import events_since
-from app.services.views import event_view
+from app.services.event_feed import Row
 from app.state import AppContext
 
-POLL_SECONDS = 0.5
 KEEPALIVE_SECONDS = 15.0
 
 
-def _poll(ctx: AppContext, job_id: str, last_id: int | None) -> tuple[list[tuple[int, str]], bool]:
-    with ctx.sessions() as session:
-        rows = events_since(session, job_id, last_id)
-        job = session.get(Job, job_id)
-        terminal = job is None or JobStatus(job.status).terminal
-        return [(r.id, event_view(r).model_dump_json()) for r in rows], terminal
+def _frame(row: Row) -> str:
+    return f"id: ftevent-{row[0]}\nevent: fine_tuning.job.event\ndata: {row[1]}\n\n"
 
 
 async def sse_events(ctx: AppContext, job_id: str, last_id: int | None) -> AsyncIterator[str]:
     yield "retry: 2000\n\n"
-    last_sent = time.monotonic()
-    while True:
-        rows, terminal = await run_in_threadpool(_poll, ctx, job_id, last_id)
-        for event_id, payload in rows:
-            last_id = event_id
-            yield f"id: ftevent-{event_id}\nevent: fine_tuning.job.event\ndata: {payload}\n\n"
-            last_sent = time.monotonic()
-        if terminal and not rows:
-            yield "event: done\ndata: [DONE]\n\n"
-            return
-        if time.monotonic() - last_sent > KEEPALIVE_SECONDS:
-            yield ": keep-alive\n\n"
-            last_sent = time.monotonic()
-        if not rows:
-            await asyncio.sleep(POLL_SECONDS)
+    async with ctx.event_hub.subscribe(job_id, last_id) as feed:
+        position = feed.trimmed
+        from_db: set[int] = set()  # sent from a database read: skipped when the feed offers them too
+        newest = last_id or 0
+
+        async def read_db(after: int | None) -> AsyncIterator[str]:
+            nonlocal newest
+            rows, _ = await run_in_threadpool(ctx.event_poll, job_id, after)
+            for row in rows:
+                if row[0] not in from_db:
+                    from_db.add(row[0])
+                    newest = max(newest, row[0])
+                    yield _frame(row)
+
+        if feed.trimmed or (feed.base is not None and (last_id or 0) < feed.base):
+            # The feed does not hold every event after this client's position: read those first.
+            async for frame in read_db(last_id):
+                yield frame
+        last_write = time.monotonic()
+        while True:
+            changed = feed.changed
+            rows = feed.rows_from(position)
+            if rows is None:  # this client fell behind the feed's buffer: catch up from the database
+                position = feed.end
+                async for frame in read_db(newest):
+                    yield frame
+                continue
+            position += len(rows)
+            for row in rows:
+                if row[0] not in from_db and (last_id is None or row[0] > last_id):
+                    newest = max(newest, row[0])
+                    last_write = time.monotonic()
+                    yield _frame(row)
+            if position < feed.end:
+                continue
+            if feed.terminal:
+                yield "event: done\ndata: [DONE]\n\n"
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), max(0.0, KEEPALIVE_SECONDS - (time.monotonic() - last_write)))
+            if time.monotonic() - last_write >= KEEPALIVE_SECONDS:
+                yield ": keep-alive\n\n"
+                last_write = time.monotonic()
