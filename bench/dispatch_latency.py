@@ -6,8 +6,8 @@
 ``BENCH_REDIS_URL`` (a private db number and queue name) or else the embedded filesystem broker.
 To keep each job short, the worker is given an empty models directory: it claims the job (the moment
 measured), then fails it at once with ``model_not_found``; the API's models directory has the model, so
-creation is accepted. Between jobs the bench waits for the job to fail and the worker's fresh pool
-process (``max_tasks_per_child=1``) to be idle again.
+creation is accepted. Between jobs the bench waits for the job to fail, then 0.5 s more (the worker's
+pool process stays warm between jobs; each job's trainer is a fresh process of its own).
 
 Two figures per job: client-observed (clock before POST create -> first GET, polled every 10 ms, that
 shows ``running`` or later) and server-side (``jobs.started_at - jobs.created_at`` in the database: the
@@ -79,7 +79,7 @@ def main() -> None:
                     if seen is None:
                         raise RuntimeError(f"{job_id} never left {PENDING}; logs in {st.tmp}/logs")
                     client_ms.append(seen)
-                    time.sleep(0.5)  # the worker forks its next pool process; be idle again
+                    time.sleep(0.5)  # the worker is idle again
                     if (i + 1) % 10 == 0:
                         print(f"  {i + 1}/{n}: last {seen:.0f} ms", flush=True)
             server_ms = server_side(st.database_url, ids)

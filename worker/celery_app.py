@@ -32,6 +32,10 @@ APP_NAME = "ipo"
 QUEUE = DEFAULT_QUEUE  # the default; IPO_QUEUE overrides it on both sides
 
 
+MAX_TASKS_PER_CHILD = 100
+"""Jobs a pool child supervises before Celery replaces it."""
+
+
 def celery_config(broker_url: str, transport_options: dict[str, Any], queue: str = QUEUE) -> dict[str, Any]:
     """Every setting the protocol relies on, in one place (asserted by tests/worker/test_celery_app.py)."""
     return {
@@ -45,7 +49,11 @@ def celery_config(broker_url: str, transport_options: dict[str, Any], queue: str
         "task_acks_late": False,
         "worker_prefetch_multiplier": 1,
         "worker_concurrency": 1,  # one GPU, one job
-        "worker_max_tasks_per_child": 1,  # a fresh process per job: no leaked CUDA/allocator state
+        # Every job already gets a fresh *trainer* process (the supervisor spawns it; CUDA lives there and
+        # the pool child never imports torch), so the pool child is kept warm between jobs: recycling it
+        # after each job left a just-finished worker unable to take the next one for ~4 s
+        # (bench/dispatch_latency.py). It is still recycled now and then to bound any slow leak.
+        "worker_max_tasks_per_child": MAX_TASKS_PER_CHILD,
         "task_serializer": "json",
         "accept_content": ["json"],
         "result_serializer": "json",
@@ -80,8 +88,8 @@ def make_celery(
 def run_worker(extra_args: list[str] | None = None) -> None:
     """``ipo worker``: one Celery worker process consuming ``IPO_QUEUE``, one job at a time.
 
-    prefork with one child and ``max_tasks_per_child=1``: every job runs in a fresh process, so no CUDA
-    context or allocator state leaks from one job into the next.
+    prefork with one warm child that supervises one job at a time; each job trains in a fresh trainer
+    process, so no CUDA context or allocator state leaks from one job into the next.
     """
     settings = WorkerSettings()
     # No ASCII-art banner on stdout when the logs are JSON: log collectors read both streams.

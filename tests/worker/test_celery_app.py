@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tests.worker.conftest import JOB_ID
 from tests.worker.fake_api import TOKEN, FakeApi, State
-from worker.celery_app import QUEUE, TASK_NAME, app, make_celery
+from worker.celery_app import MAX_TASKS_PER_CHILD, QUEUE, TASK_NAME, app, make_celery
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -24,7 +24,7 @@ def test_protocol_settings() -> None:
     assert conf.task_acks_late is False
     assert conf.worker_prefetch_multiplier == 1
     assert conf.worker_concurrency == 1
-    assert conf.worker_max_tasks_per_child == 1
+    assert conf.worker_max_tasks_per_child == MAX_TASKS_PER_CHILD > 1
     assert conf.task_serializer == "json" and conf.result_serializer == "json"
     assert list(conf.accept_content) == ["json"]
     assert conf.task_ignore_result is True
@@ -111,3 +111,9 @@ def test_real_worker_runs_job_and_checkpoints_on_warm_shutdown(
     assert api_state.terminal == [("stopped", {"lease_token": "lease-abc", "reason": "shutdown"})], output[-3000:]
     assert len(api_state.checkpoints) == 1
     assert not _processes_mentioning(str(tmp_path / "work"))
+
+
+def test_the_pool_child_never_imports_torch() -> None:
+    """Why the pool child may serve many jobs: CUDA state lives only in each job's trainer process."""
+    code = "import sys, worker.tasks; sys.exit(any(m in sys.modules for m in ('torch', 'transformers', 'trl')))"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO, check=False).returncode == 0
