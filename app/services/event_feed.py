@@ -128,8 +128,9 @@ class EventHub:
                 rows, terminal = [], False
             if rows:
                 cursor = max(cursor or 0, max(r[0] for r in rows))
-            if feed.add(rows) or (terminal and not rows):
-                feed.terminal = terminal and not rows
+            fresh = feed.add(rows)  # rows re-read from the reorder window are not fresh
+            if fresh or terminal:
+                feed.terminal = terminal and not fresh
                 feed.publish()
             if feed.terminal:
                 return
