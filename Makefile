@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: help venv demo test test-slow test-all lint format serve worker up clean
+.PHONY: help venv demo test test-slow test-all lint format serve worker up clean screenshot
 
 help:
 	@echo "make demo       build everything and run a real IPO job end to end"
@@ -65,6 +65,9 @@ clean:
 # BENCH_DATABASE_URL (Postgres admin URL) / BENCH_REDIS_URL switch the API benches off SQLite / the
 # filesystem broker; BENCH_WAIT_QUIET=SECONDS waits for a 1-minute load average below 1.2 first.
 .PHONY: bench bench-train bench-api bench-dispatch bench-sse bench-footprint
+
+screenshot: venv  ## refresh docs/dashboard.png from the headless-browser test
+	IPO_UPDATE_DOCS_SCREENSHOT=1 $(PYTEST) tests/dashboard/test_dashboard_browser.py
 
 bench: bench-train bench-api bench-dispatch bench-sse bench-footprint
 

@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from app.dashboard import routes as dashboard
 from app.db import make_engine, make_sessionmaker
 from app.errors import install_error_handlers
 from app.routes import files, health, internal, jobs, metrics, models, webhooks
@@ -81,4 +82,6 @@ def create_app(settings: Settings | None = None, doorbell: Doorbell | None = Non
     app.add_middleware(RequestLogMiddleware)  # outermost: the request id is bound for every line logged
     for module in (health, metrics, files, jobs, models, webhooks, internal):
         app.include_router(module.router)
+    app.include_router(dashboard.router)  # the web dashboard at / (HTML, not in the OpenAPI schema)
+    app.mount("/static", dashboard.static_files(), name="static")
     return app
