@@ -56,16 +56,66 @@ def demo_data(out: Annotated[Path, typer.Option()] = Path("var/data"), seed: int
 
 
 @data.command("validate")
-def validate(path: Path, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """Validate a preference JSONL file with the server's validator; exit 2 when it is invalid."""
+def validate(
+    path: Path,
+    model: Annotated[
+        str | None,
+        typer.Option(help="Also measure token lengths with this base model's tokenizer (name or directory)."),
+    ] = None,
+    max_length: Annotated[
+        int | None, typer.Option(min=1, help="With --model: count examples this max_length would cut.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Validate a preference JSONL file with the server's validator; exit 2 when it is invalid.
+
+    With --model, also print the token length distribution (the model's chat template applied, as in
+    training) and, with --max-length, the examples that would be truncated or could not be trained on.
+    """
     from contracts.data_formats import parse_preference_file
 
     if not path.is_file():
         raise CliError(f"no such file: {path}")
+    if max_length is not None and model is None:
+        raise CliError("--max-length needs --model (lengths are counted in the model's tokens)")
     _, report = parse_preference_file(path)
+    lengths = _lengths(path, model, max_length) if model is not None and report.ok else None
     if as_json:
-        typer.echo(json.dumps(report.model_dump(mode="json")))
+        out = report.model_dump(mode="json")
+        if lengths is not None:
+            out["tokens"] = {"model": model, "max_length": max_length, **lengths}
+        typer.echo(json.dumps(out))
     else:
         typer.echo(report.summary(path.name))
-    if not report.ok:
+        if lengths is not None:
+            _print_lengths(lengths, model or "", max_length)
+    if not report.ok or (lengths is not None and lengths["unusable"]):
         raise typer.Exit(2)
+
+
+def _lengths(path: Path, model: str, max_length: int | None) -> dict[str, object]:
+    from app.services.prompt_lengths import PromptTokenizer, length_report
+
+    model_dir = Path(model) if Path(model).is_dir() else _models_dir() / model
+    if not (model_dir / "tokenizer.json").is_file():
+        raise CliError(f"no tokenizer for model {model!r}: expected {model_dir / 'tokenizer.json'}")
+    try:
+        tokenizer = PromptTokenizer(model_dir)
+    except Exception as exc:
+        raise CliError(f"cannot load the tokenizer of {model!r}: {exc}") from exc
+    return length_report(path, tokenizer, max_length).summary()
+
+
+def _print_lengths(lengths: dict[str, object], model: str, max_length: int | None) -> None:
+    def row(stats: object) -> str:
+        return "  ".join(f"{k} {v}" for k, v in stats.items()) if isinstance(stats, dict) else "-"
+
+    typer.echo(f"tokens ({model}, chat template applied):")
+    typer.echo(f"  prompt:          {row(lengths['prompt_tokens'])}")
+    typer.echo(f"  prompt + reply:  {row(lengths['prompt_plus_reply_tokens'])}")
+    if max_length is None:
+        return
+    for key, what in (("truncated", "reply cut to fit"), ("unusable", "prompt alone fills it: a job is refused")):
+        count, lines = int(str(lengths[key])), list(lengths[f"{key}_lines"])  # type: ignore[call-overload]
+        shown = f" (lines {', '.join(map(str, lines))}{' ...' if count > len(lines) else ''})" if lines else ""
+        typer.echo(f"  at max_length {max_length}: {count} {key} ({what}){shown}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -55,11 +55,12 @@ class PromptTokenizer:
         self._template = env.from_string(template)
         self._specials = {key: _token_text(config.get(key)) for key in _SPECIAL_TOKEN_KEYS}
 
-    def render(self, messages: list[dict[str, str]]) -> str:
-        return self._template.render(messages=messages, add_generation_prompt=True, **self._specials)
+    def render(self, messages: list[dict[str, str]], *, generation_prompt: bool = True) -> str:
+        return self._template.render(messages=messages, add_generation_prompt=generation_prompt, **self._specials)
 
-    def count(self, prompts: list[list[dict[str, str]]]) -> list[int]:
-        texts = [self.render(p) for p in prompts]
+    def count(self, prompts: list[list[dict[str, str]]], *, generation_prompt: bool = True) -> list[int]:
+        """Tokens of each conversation as the trainer sees it (a prompt: with the generation prompt)."""
+        texts = [self.render(p, generation_prompt=generation_prompt) for p in prompts]
         return [len(e.ids) for e in self._tokenizer.encode_batch(texts, add_special_tokens=False)]
 
 
@@ -118,3 +119,60 @@ def longest_prompt(path: Path, tokenizer: PromptTokenizer, limit: int) -> Longes
                 if len(over) < 10:
                     over.append(ex.line)
     return LongestPrompt(tokens=best, line=best_line, over=tuple(over), n_over=n_over)
+
+
+@dataclass
+class LengthReport:
+    """Token lengths of a file's examples for one model (``ipo data validate --model``)."""
+
+    prompt: list[int] = field(default_factory=list)
+    """Prompt tokens per example, generation prompt included."""
+    longest_pair: list[int] = field(default_factory=list)
+    """max(prompt + chosen, prompt + rejected) tokens per example: what must fit ``max_length``."""
+    truncated_lines: list[int] = field(default_factory=list)
+    """Examples whose prompt + reply exceeds ``max_length`` (the reply is cut)."""
+    unusable_lines: list[int] = field(default_factory=list)
+    """Examples whose prompt alone fills ``max_length`` (no room for any reply: the job is refused)."""
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "examples": len(self.prompt),
+            "prompt_tokens": percentiles(self.prompt),
+            "prompt_plus_reply_tokens": percentiles(self.longest_pair),
+            "truncated": len(self.truncated_lines),
+            "truncated_lines": self.truncated_lines[:20],
+            "unusable": len(self.unusable_lines),
+            "unusable_lines": self.unusable_lines[:20],
+        }
+
+
+def percentiles(values: list[int]) -> dict[str, int]:
+    if not values:
+        return {}
+    ordered = sorted(values)
+
+    def at(q: float) -> int:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    return {"min": ordered[0], "p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "max": ordered[-1]}
+
+
+def length_report(path: Path, tokenizer: PromptTokenizer, max_length: int | None) -> LengthReport:
+    """Token lengths of every example of a valid preference file, and what ``max_length`` would cut."""
+    examples, report = parse_preference_file(path)
+    out = LengthReport()
+    if not report.ok:
+        return out
+    for start in range(0, len(examples), ENCODE_BATCH):
+        batch = examples[start : start + ENCODE_BATCH]
+        prompts = tokenizer.count([ex.prompt for ex in batch])
+        chosen = tokenizer.count([ex.prompt + ex.chosen for ex in batch], generation_prompt=False)
+        rejected = tokenizer.count([ex.prompt + ex.rejected for ex in batch], generation_prompt=False)
+        for ex, p, c, r in zip(batch, prompts, chosen, rejected, strict=True):
+            out.prompt.append(p)
+            out.longest_pair.append(max(c, r))
+            if max_length is not None and p >= max_length:
+                out.unusable_lines.append(ex.line)
+            elif max_length is not None and max(c, r) > max_length:
+                out.truncated_lines.append(ex.line)
+    return out

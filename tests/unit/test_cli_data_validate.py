@@ -1,0 +1,50 @@
+"""``ipo data validate FILE --model M --max-length N`` through the real entry point: the validator's
+verdict plus token lengths counted with the model's tokenizer and chat template, and what would be cut."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.api.test_model_fit import line, prompt_tokens, write_model
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def ipo(*args: str | Path, models: Path) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": "/usr/bin:/bin", "IPO_MODELS_DIR": str(models), "HOME": str(models)}
+    return subprocess.run(
+        [sys.executable, "-m", "ipo_cli.main", *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True
+    )
+
+
+def test_token_lengths_and_truncation_for_a_model(tmp_path: Path) -> None:
+    write_model(tmp_path / "models" / "char-model")
+    data = tmp_path / "train.jsonl"
+    data.write_bytes(line("ab") + line("a" * 20) + line("abc") + line("a" * 40))
+    limit = prompt_tokens("a" * 20) + 2  # line 2 fits with its reply cut; line 4's prompt fills it
+    r = ipo(
+        "data", "validate", data, "--model", "char-model", "--max-length", limit, "--json", models=tmp_path / "models"
+    )
+    assert r.returncode == 2, r.stderr  # a prompt that fills max_length would make the job refused
+    out = json.loads(r.stdout)
+    assert out["ok"] is True and out["n_examples"] == 4
+    tokens = out["tokens"]
+    assert tokens["prompt_tokens"]["max"] == prompt_tokens("a" * 40)
+    assert tokens["prompt_tokens"]["min"] == prompt_tokens("ab")
+    assert (tokens["truncated_lines"], tokens["unusable_lines"]) == ([2], [4])
+
+    human = ipo("data", "validate", data, "--model", tmp_path / "models" / "char-model", models=tmp_path / "x")
+    assert human.returncode == 0, human.stderr
+    assert "train.jsonl is valid: 4 examples" in human.stdout and "prompt + reply:" in human.stdout
+
+
+def test_bad_usage_is_one_line_on_stderr(tmp_path: Path) -> None:
+    data = tmp_path / "train.jsonl"
+    data.write_bytes(line("ab"))
+    r = ipo("data", "validate", data, "--max-length", "8", models=tmp_path)
+    assert r.returncode == 2 and "--max-length needs --model" in r.stderr and "Traceback" not in r.stderr
+    r = ipo("data", "validate", data, "--model", "nope", models=tmp_path)
+    assert r.returncode == 2 and "no tokenizer for model 'nope'" in r.stderr and "Traceback" not in r.stderr
