@@ -10,6 +10,7 @@ import typer
 
 from ipo_cli.errors import CliError
 from ipo_cli.http import ApiClient
+from ipo_cli.local import configured_models_dir
 from ipo_cli.watch import watch_job
 
 BaseUrl = Annotated[str | None, typer.Option("--base-url", envvar="IPO_BASE_URL", help="API base URL.")]
@@ -163,13 +164,43 @@ def jobs_watch(job_id: str, base_url: BaseUrl = None, api_key: ApiKey = None) ->
 def jobs_download(
     job_id: str,
     out: Annotated[Path, typer.Option(help="Directory for the adapter.")] = Path("adapter"),
+    checkpoint: Annotated[
+        str | None, typer.Option(help="A checkpoint id (ftckpt-...) or step number instead of the final adapter.")
+    ] = None,
+    merged: Annotated[
+        bool, typer.Option(help="Also write base + adapter merged into a standalone model (needs the worker extra).")
+    ] = False,
+    base: Annotated[
+        Path | None, typer.Option(help="With --merged: the base model directory (default: IPO_MODELS_DIR/<model>).")
+    ] = None,
     base_url: BaseUrl = None,
     api_key: ApiKey = None,
 ) -> None:
     """Download and unpack the job's adapter (adapter_model.safetensors, adapter_config.json, tokenizer)."""
     client = ApiClient(base_url, api_key)
-    adapter_dir = download_adapter(client, job_id, out)
+    if checkpoint is None:
+        adapter_dir = download_adapter(client, job_id, out)
+    else:
+        adapter_dir = download_checkpoint(client, job_id, checkpoint, out)
     typer.echo(f"adapter in {adapter_dir}")
+    if merged:
+        job = client.json("GET", f"/v1/fine_tuning/jobs/{job_id}")
+        merged_dir = out.with_name(out.name + "-merged")
+        merge_into(base or configured_models_dir() / job["model"], adapter_dir, merged_dir)
+        typer.echo(f"merged model in {merged_dir} (loads with AutoModelForCausalLM.from_pretrained)")
+
+
+def merge_into(base: Path, adapter: Path, out: Path) -> None:
+    try:
+        from worker.training.merge import MergeError, merge_adapter
+    except ImportError as exc:  # the API-only install has no torch
+        raise CliError(f"--merged needs the worker extra (pip install 'ipo-align[worker]'): {exc}") from exc
+    if not (base / "config.json").is_file():
+        raise CliError(f"base model not found at {base}; pass --base DIR")
+    try:
+        merge_adapter(base, adapter, out)
+    except MergeError as exc:
+        raise CliError(str(exc)) from exc
 
 
 def download_adapter(client: ApiClient, job_id: str, out: Path) -> Path:
@@ -181,6 +212,31 @@ def download_adapter(client: ApiClient, job_id: str, out: Path) -> Path:
 
     unzip_safe(archive, out)
     return out
+
+
+def download_checkpoint(client: ApiClient, job_id: str, wanted: str, out: Path) -> Path:
+    """Unpack one checkpoint (adapter + optimizer state); returns the directory holding its adapter."""
+    after: str | None = None
+    while True:
+        page = client.json(
+            "GET",
+            f"/v1/fine_tuning/jobs/{job_id}/checkpoints",
+            params={"limit": 100, **({"after": after} if after else {})},
+        )
+        match = [c for c in page["data"] if wanted in (c["id"], str(c["step_number"]))]
+        if match or not page["has_more"]:
+            break
+        after = page["last_id"]
+    if not match:
+        raise CliError(f"job {job_id} has no checkpoint {wanted!r} (see ipo jobs get / the dashboard)")
+    archive = client.download(match[0]["file_id"], out.with_suffix(".zip"))
+    from worker.archive import unzip_safe
+
+    unzip_safe(archive, out)
+    found = sorted(p.parent for p in out.rglob("adapter_config.json"))
+    if not found:
+        raise CliError(f"checkpoint {wanted} holds no adapter_config.json")
+    return found[0]
 
 
 def demo_command() -> None:

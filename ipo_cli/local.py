@@ -14,7 +14,7 @@ models = typer.Typer(help="Base models.", no_args_is_help=True)
 data = typer.Typer(help="Preference data.", no_args_is_help=True)
 
 
-def _models_dir() -> Path:
+def configured_models_dir() -> Path:
     from app.settings import Settings
 
     return Settings().resolved_models_dir
@@ -29,7 +29,7 @@ def build_tiny(
     """Build the tiny Mistral-architecture model + tokenizer locally (no download), pre-trained on demo text."""
     from worker.training.tiny import build_tiny_model
 
-    target = out or _models_dir() / "tiny-mistral"
+    target = out or configured_models_dir() / "tiny-mistral"
     if (target / "config.json").exists() and not force:
         typer.echo(f"{target} already exists (use --force to rebuild)")
         return
@@ -42,7 +42,7 @@ def list_models() -> None:
     """Allow-listed base models in the models directory."""
     from app.services.models_registry import list_base_models
 
-    for name in list_base_models(_models_dir()):
+    for name in list_base_models(configured_models_dir()):
         typer.echo(name)
 
 
@@ -96,7 +96,7 @@ def validate(
 def _lengths(path: Path, model: str, max_length: int | None) -> dict[str, object]:
     from app.services.prompt_lengths import PromptTokenizer, length_report
 
-    model_dir = Path(model) if Path(model).is_dir() else _models_dir() / model
+    model_dir = Path(model) if Path(model).is_dir() else configured_models_dir() / model
     if not (model_dir / "tokenizer.json").is_file():
         raise CliError(f"no tokenizer for model {model!r}: expected {model_dir / 'tokenizer.json'}")
     try:

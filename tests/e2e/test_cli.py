@@ -57,6 +57,15 @@ def test_cli_flow(stack: Stack, tmp_path: Path) -> None:
     out_dir = tmp_path / "adapter"
     ipo(stack, "jobs", "download", created["id"], "--out", str(out_dir))
     assert (out_dir / "adapter_model.safetensors").is_file()
+    # A checkpoint (by step number) instead of the final adapter, merged into a standalone model.
+    ckpt = tmp_path / "ckpt"
+    base = str(stack.models_dir / "tiny-mistral")
+    args = ("--checkpoint", "4", "--out", str(ckpt), "--merged", "--base", base)
+    got = ipo(stack, "jobs", "download", created["id"], *args).stdout
+    assert "merged model in" in got and any(ckpt.rglob("adapter_model.safetensors"))
+    _assert_merged_differs_from_base(tmp_path / "ckpt-merged", stack.models_dir / "tiny-mistral")
+    unknown = ipo(stack, "jobs", "download", created["id"], "--checkpoint", "999", "--out", str(ckpt), check=False)
+    assert unknown.returncode == 2 and "no checkpoint '999'" in unknown.stderr
 
     listed = ipo(stack, "files", "list").stdout
     assert created["training_file"] in listed
@@ -92,3 +101,13 @@ def _spec(tmp_path: Path) -> Path:
         "      batch_size: 8\n"
     )
     return spec
+
+
+def _assert_merged_differs_from_base(merged: Path, base: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    merged_sd = AutoModelForCausalLM.from_pretrained(merged).state_dict()
+    base_sd = AutoModelForCausalLM.from_pretrained(base).state_dict()
+    assert merged_sd.keys() == base_sd.keys()  # plain weights: no lora_A/lora_B left over
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not merged_sd[q].equal(base_sd[q])  # the checkpoint's LoRA delta was folded in
