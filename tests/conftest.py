@@ -7,13 +7,17 @@ next to the one named there; without it, a SQLite file in a temp dir (the embedd
 from __future__ import annotations
 
 import hashlib
+import io
+import json
+import logging
 import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -98,3 +102,25 @@ def tiny_models_dir() -> Path:
         except OSError:  # another run finished first: use its copy
             shutil.rmtree(staging, ignore_errors=True)
     return models
+
+
+LogLines = Callable[[], list[dict[str, Any]]]
+
+
+@pytest.fixture
+def log_lines() -> Iterator[LogLines]:
+    """Every record reaching the root logger at INFO, as the service writes it (JSON lines), read back."""
+    from contracts.logs import JsonFormatter
+
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        yield lambda: [json.loads(line) for line in buf.getvalue().splitlines()]
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)

@@ -3,38 +3,17 @@ every line logged while the request runs (error handlers included), one access l
 
 from __future__ import annotations
 
-import io
-import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-import pytest
 from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.settings import Settings
-from contracts.logs import JsonFormatter
 from tests.api.conftest import RecordingDoorbell
 
 Lines = Callable[[], list[dict[str, Any]]]
-
-
-@pytest.fixture
-def log_lines() -> Iterator[Lines]:
-    """Every record reaching the root logger at INFO, as the service writes it (JSON lines), read back."""
-    buf = io.StringIO()
-    handler = logging.StreamHandler(buf)
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    try:
-        yield lambda: [json.loads(line) for line in buf.getvalue().splitlines()]
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
 
 
 def _access(log_lines: Lines, request_id: str) -> dict[str, Any]:

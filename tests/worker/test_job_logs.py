@@ -3,40 +3,19 @@ including lines from the supervisor's heartbeat thread (a real fake-trainer subp
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-import pytest
-
-from contracts.logs import JsonFormatter
 from tests.worker.conftest import JOB_ID, TRAINER_ARGV
 from tests.worker.fake_api import State
 from worker.api_client import ApiClient
 from worker.settings import WorkerSettings
 from worker.supervisor import Supervisor
 from worker.tasks import execute_job
-
-
-@pytest.fixture
-def log_lines() -> Iterator[Callable[[], list[dict[str, Any]]]]:
-    buf = io.StringIO()
-    handler = logging.StreamHandler(buf)
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    try:
-        yield lambda: [json.loads(line) for line in buf.getvalue().splitlines()]
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
 
 
 def test_job_lines_carry_job_attempt_and_worker(
