@@ -10,7 +10,6 @@ from typing import Annotated
 from fastapi import APIRouter, Header
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from app.dashboard import queries
 from app.dashboard.pages import HtmlRoute
 from app.dashboard.security import DashboardCaller
 from app.deps import Ctx, DbSession
@@ -58,7 +57,7 @@ def download_file(ctx: Ctx, session: DbSession, caller: DashboardCaller, file_id
 def download_checkpoint(
     ctx: Ctx, session: DbSession, caller: DashboardCaller, job_id: JobId, checkpoint_id: FileId
 ) -> StreamingResponse:
-    checkpoint = queries.get_checkpoint(session, caller.project_id, job_id, checkpoint_id)
+    checkpoint = jobs_service.get_checkpoint(session, caller.project_id, job_id, checkpoint_id)
     return _download(ctx, files_service.get_file(session, caller.project_id, checkpoint.file_id))
 
 

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
-from app.dashboard import feeds, queries
+from app.dashboard import feeds
 from app.dashboard.pages import STATIC_DIR, HtmlRoute, render
 from app.dashboard.security import (
     DashboardCaller,
@@ -77,8 +77,13 @@ def job_list(
 ) -> Response:
     if status and status not in {s.value for s in JobStatus}:
         raise InvalidRequest(f"Unknown status {status!r}.", param="status")
-    rows, has_more = queries.list_jobs_page(
-        session, caller.project_id, status=JobStatus(status) if status else None, after=after, limit=PAGE_SIZE
+    rows, has_more = jobs_service.list_jobs(
+        session,
+        caller.project_id,
+        after=after,
+        limit=PAGE_SIZE,
+        metadata={},
+        status=JobStatus(status) if status else None,
     )
     context = {
         "caller": caller,
@@ -87,7 +92,7 @@ def job_list(
         "status": status,
         "after": after,
         "statuses": [s.value for s in JobStatus],
-        "counts": queries.count_by_status(session, caller.project_id),
+        "counts": jobs_service.count_by_status(session, caller.project_id),
     }
     return render(request, "jobs.html", context)
 

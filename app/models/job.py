@@ -30,6 +30,7 @@ class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
         Index("ix_jobs_project_created", "project_id", "created_at", "id"),
+        Index("ix_jobs_project_status_created", "project_id", "status", "created_at", "id"),
         Index("ix_jobs_status_lease", "status", "lease_expires_at"),
     )
 

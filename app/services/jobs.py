@@ -225,6 +225,7 @@ def list_jobs(
     after: str | None,
     limit: int,
     metadata: dict[str, str],
+    status: JobStatus | None = None,
 ) -> tuple[list[Job], bool]:
     """Newest first, keyset-paginated on (created_at, id); ``metadata`` entries must all match exactly.
 
@@ -234,6 +235,8 @@ def list_jobs(
     starts right after the last row returned.
     """
     stmt = select(Job).where(Job.project_id == project_id)
+    if status is not None:  # the dashboard's filter (index ix_jobs_project_status_created)
+        stmt = stmt.where(Job.status == status.value)
     if after:
         cursor = get_job(session, project_id, after)
         stmt = stmt.where(_older_than(cursor))
@@ -315,6 +318,21 @@ def resume_job(session: Session, project_id: str, job_id: str) -> Job:
     add_event(session, job, "Job resumed: queued")
     enqueue_dispatch(session, job)
     return job
+
+
+def count_by_status(session: Session, project_id: str) -> dict[str, int]:
+    rows = session.execute(
+        select(Job.status, func.count()).where(Job.project_id == project_id).group_by(Job.status)
+    ).all()
+    return {str(status): int(n) for status, n in rows}
+
+
+def get_checkpoint(session: Session, project_id: str, job_id: str, checkpoint_id: str) -> Checkpoint:
+    job = get_job(session, project_id, job_id)
+    row = session.scalar(select(Checkpoint).where(Checkpoint.id == checkpoint_id, Checkpoint.job_id == job.id))
+    if row is None:
+        raise NotFound(f"No such checkpoint: {checkpoint_id}", param="checkpoint_id")
+    return row
 
 
 def list_checkpoints(
