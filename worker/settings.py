@@ -47,6 +47,9 @@ class WorkerSettings(BaseSettings):
     Default ``{var_dir}/models``."""
     work_dir: Path | None = None
     """Per-attempt scratch directories. Default ``{var_dir}/work``."""
+    training_cache_dir: Path | None = None
+    """Tokenized training data with its reference log-probs, reused by retries, resumes and repeated jobs
+    (``worker/training/ref_cache.py``). Default ``{var_dir}/cache/training``."""
     heartbeat_seconds: float | None = None
     """Overrides the heartbeat interval the API hands out with each claim (tests, debugging)."""
     stop_grace_seconds: float = Field(default=60.0, gt=0)
@@ -72,6 +75,8 @@ class WorkerSettings(BaseSettings):
             self.models_dir = self.var_dir / "models"
         if self.work_dir is None:
             self.work_dir = self.var_dir / "work"
+        if self.training_cache_dir is None:
+            self.training_cache_dir = self.var_dir / "cache" / "training"
         return self
 
     @property

@@ -119,6 +119,7 @@ def stage_attempt(api: ApiClient, claim: ClaimResponse, settings: WorkerSettings
         seed=spec.seed,
         method=spec.method,
         device=settings.device,
+        cache_dir=str(settings.training_cache_dir.resolve()) if settings.training_cache_dir else None,
     )
     request_path = attempt_dir / "request.json"
     request_path.write_text(request.model_dump_json(indent=2), encoding="utf-8")

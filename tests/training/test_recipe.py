@@ -73,3 +73,22 @@ def test_unknown_target_module_names_the_field() -> None:
         )
     assert err.value.field == "lora.target_modules"
     assert "attn.c_attn" in str(err.value)
+
+
+def test_length_grouping_is_on_and_reference_precompute_needs_a_whole_epoch() -> None:
+    full = resolve_config(Method(), n_train_examples=320, model_config_dict=TINY, device="cpu")
+    assert full.group_by_length and full.precompute_ref_log_probs  # 3 epochs
+    short = resolve_config(
+        _method(hyperparameters={"max_steps": 10, "batch_size": 8}),
+        n_train_examples=320,
+        model_config_dict=TINY,
+        device="cpu",
+    )
+    assert short.group_by_length and not short.precompute_ref_log_probs  # 80 of 320 pairs: per-step reference
+    one_epoch = resolve_config(
+        _method(hyperparameters={"max_steps": 40, "batch_size": 8}),
+        n_train_examples=320,
+        model_config_dict=TINY,
+        device="cpu",
+    )
+    assert one_epoch.precompute_ref_log_probs

@@ -53,6 +53,7 @@ def test_train_reports_checkpoints_and_adapter(
     assert [m["step"] for m in train_metrics] == [1, 2, 3, 4]  # logging_steps=1 for a 4-step run
     for m in train_metrics:
         assert set(m) >= METRIC_FIELDS, METRIC_FIELDS - set(m)
+        assert "gpu_memory_bytes" not in m and m["peak_rss_bytes"] > 50 * 2**20  # CPU: no GPU figure
         assert m["ipo_margin_target"] == pytest.approx(1.0)
         assert 0.0 <= m["preference_accuracy"] <= 1.0
     valid = [r.data for r in reporter.of_kind("metrics") if r.data and "valid_loss" in r.data]
@@ -180,6 +181,28 @@ def test_qlora_on_cuda(tiny_model_dir: Path, demo_files: tuple[Path, Path], tmp_
     reporter = ListReporter()
     assert train(request, reporter) == EXIT_OK
     assert (reporter.reports[0].data or {})["quantization"] == "nf4"
+    metrics = [r.data for r in reporter.of_kind("metrics") if r.data and "train_loss" in r.data]
+    assert metrics and all(m["gpu_memory_bytes"] > 0 for m in metrics)  # read by the API's /metrics gauge
     weights = _adapter_weights(tmp_path / "run" / "adapter")
     # LoRA B starts at zero: a trained adapter must have moved it (bitsandbytes on CPU would not)
     assert any(t.abs().sum() > 0 for n, t in weights.items() if "lora_B" in n)
+
+
+def test_gpu_memory_is_reported_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA branch without a GPU (test_qlora_on_cuda runs it for real where there is one)."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState
+
+    from worker.training.callbacks import ReportingCallback
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: 7 * 2**30)
+    reporter = ListReporter()
+    callback = ReportingCallback(reporter, total_steps=2, beta=0.5, loss_type="ipo")
+    state, control = TrainerState(), TrainerControl()
+    callback.on_train_begin(SimpleNamespace(device=torch.device("cuda")), state, control)  # type: ignore[arg-type]
+    state.global_step = 1
+    callback.on_log(SimpleNamespace(), state, control, logs={"loss": 0.5, "num_tokens": 10})  # type: ignore[arg-type]
+    (metrics,) = reporter.of_kind("metrics")
+    assert metrics.data and metrics.data["gpu_memory_bytes"] == 7 * 2**30 and metrics.data["peak_rss_bytes"] > 0

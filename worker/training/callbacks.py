@@ -1,12 +1,8 @@
-"""Metrics, checkpoint and stop plumbing around TRL's ``DPOTrainer``.
+"""Metrics, checkpoint and stop plumbing around TRL's ``DPOTrainer`` (``trainer.IpoDPOTrainer``).
 
-- ``IpoDPOTrainer`` adds the *true per-token* IPO margin ``Δchosen/n_chosen - Δrejected/n_rejected``
-  (Δ = policy - reference log-likelihood of the reply) and the preference accuracy (fraction of pairs
-  with a positive per-token margin) to TRL's logged metrics. TRL's ``rewards/*`` use summed log-probs,
-  so they are not what IPO's loss drives towards ``1/(2·beta)``.
-- ``ReportingCallback`` turns each logging step into a ``metrics`` report, and each completed save into
-  a ``checkpoint`` report (after renaming ``checkpoint-N`` to ``step-N``: the rename is atomic, so a
-  ``step-N`` directory is always complete).
+- ``ReportingCallback`` turns each logging step into a ``metrics`` report (with the peak GPU memory on
+  CUDA and the process's peak RSS), and each completed save into a ``checkpoint`` report (after renaming
+  ``checkpoint-N`` to ``step-N``: the rename is atomic, so a ``step-N`` directory is always complete).
 - ``StopCallback`` stops at the next step end when a signal handler set the ``StopFlag``; on pause it
   saves a checkpoint first.
 """
@@ -15,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import resource
 import signal
 import time
 from pathlib import Path
@@ -23,7 +20,6 @@ from typing import Any, Literal
 
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from trl import DPOTrainer
 
 from worker.training.reporter import Reporter
 
@@ -53,52 +49,6 @@ class StopFlag:
         signal.signal(signal.SIGTERM, on_cancel)
 
 
-class IpoDPOTrainer(DPOTrainer):
-    """``DPOTrainer`` that also logs the per-token IPO margin and preference accuracies.
-
-    The policy and reference forwards of ``DPOTrainer._compute_loss`` both go through the (PEFT) model,
-    policy first, then reference with the adapter disabled; a forward hook captures their per-token
-    log-probs, and the margin is computed over exactly the completion tokens TRL's IPO loss uses.
-    """
-
-    def _compute_loss(self, model: Any, inputs: dict[str, torch.Tensor], return_outputs: bool) -> Any:
-        captured: list[torch.Tensor] = []
-
-        def hook(module: torch.nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-            log_probs = getattr(output, "log_probs", None)
-            if log_probs is not None:
-                captured.append(log_probs.detach())
-
-        handle = self.accelerator.unwrap_model(self.model).register_forward_hook(hook, with_kwargs=True)
-        try:
-            result = super()._compute_loss(model, inputs, return_outputs)
-        finally:
-            handle.remove()
-        if len(captured) >= 2 and not self.precompute_ref_logps:
-            self._log_per_token_metrics(captured[0], captured[1], inputs["completion_mask"])
-        return result
-
-    def _log_per_token_metrics(self, policy: torch.Tensor, ref: torch.Tensor, completion_mask: torch.Tensor) -> None:
-        mode = "train" if self.model is not None and self.model.training else "eval"
-        mask = completion_mask[..., 1:].bool()
-        seq_len = mask.size(1)
-        policy, ref = policy[:, -seq_len:].float(), ref[:, -seq_len:].float()
-        n_tokens = mask.sum(1).clamp(min=1)
-        zero = torch.zeros_like(policy)
-        delta = torch.where(mask, policy - ref, zero).sum(1) / n_tokens
-        mean_logp = torch.where(mask, policy, zero).sum(1) / n_tokens
-        delta_chosen, delta_rejected = delta.chunk(2)
-        logp_chosen, logp_rejected = mean_logp.chunk(2)
-        margin = self.accelerator.gather_for_metrics(delta_chosen - delta_rejected)
-        likelihood_win = self.accelerator.gather_for_metrics((logp_chosen > logp_rejected).float())
-        self._metrics[mode]["ipo/margin"].append(margin.mean().item())
-        self._metrics[mode]["ipo/accuracy"].append((margin > 0).float().mean().item())
-        self._metrics[mode]["ipo/likelihood_accuracy"].append(likelihood_win.mean().item())
-        self._metrics[mode]["ipo/chosen_logp_per_token"].append(
-            self.accelerator.gather_for_metrics(logp_chosen).mean().item()
-        )
-
-
 class ReportingCallback(TrainerCallback):
     """Reports ``metrics`` at every logging step and ``checkpoint`` after every completed save."""
 
@@ -113,8 +63,10 @@ class ReportingCallback(TrainerCallback):
         self.trained_tokens = 0
         self._start: tuple[float, int] | None = None
         self._last: tuple[float, int] | None = None
+        self._on_cuda = False
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        self._on_cuda = args.device.type == "cuda"
         now = time.monotonic()
         self._start = (now, state.global_step)
         self._last = (now, self.trained_tokens)
@@ -155,6 +107,7 @@ class ReportingCallback(TrainerCallback):
             "likelihood_accuracy": logs.get("ipo/likelihood_accuracy"),
             "chosen_logp_per_token": logs.get("ipo/chosen_logp_per_token"),
             "trained_tokens": tokens,
+            **self._memory(),
         }
         self._last = (now, tokens)
         self.trained_tokens = tokens
@@ -176,6 +129,13 @@ class ReportingCallback(TrainerCallback):
         }
         self.rows.append({"split": "valid", **data})
         self.reporter.metrics(data)
+
+    def _memory(self) -> dict[str, int]:
+        # gpu_memory_bytes feeds the API's ipo_worker_gpu_memory_bytes gauge; absent on CPU (no GPU to report)
+        memory = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # Linux: KiB
+        if self._on_cuda and torch.cuda.is_available():
+            memory["gpu_memory_bytes"] = int(torch.cuda.max_memory_allocated())
+        return memory
 
     def _tokens_before_resume(self, state: TrainerState) -> int:
         # TRL counts tokens per process run; a resumed run continues from the checkpoint's last count.

@@ -266,7 +266,7 @@ def _trainer(
     from transformers import PrinterCallback
     from trl import DPOConfig
 
-    from worker.training.callbacks import IpoDPOTrainer
+    from worker.training.trainer import IpoDPOTrainer
 
     class BanditTrainer(IpoDPOTrainer):
         """Takes the pre-tokenised single-token completions as they are (TRL would append EOS to each)."""

@@ -93,6 +93,25 @@ class TrainingConfig(BaseModel):
     eval_every: int | None = None
     """Evaluate on the validation file every N steps (None: no validation file)."""
     seed: int = 42
+    group_by_length: bool = True
+    """Put pairs of similar length in the same batch (transformers' ``train_sampling_strategy=
+    "group_by_length"``: each epoch a seeded shuffle, cut into mega-batches of up to 50 batches, each
+    sorted by length in 32-token buckets and cut into batches, which are then shuffled; see
+    ``batching.py``). A batch is padded to its longest row, so on data of mixed lengths this cuts the
+    tokens computed, often by half. Every example is still seen once per epoch; only which pairs share a
+    batch changes (the benchmark's full-data loss stays within its seed-to-seed spread). The order
+    depends on ``seed`` and the epoch alone, so a resumed run trains on exactly the batches of an
+    uninterrupted one. False: TRL's uniform shuffle."""
+    precompute_ref_log_probs: bool = True
+    """Score every pair with the reference (the base model: the LoRA adapter disabled) once before
+    training, in length-sorted batches, instead of a second no-grad forward pass in every step (TRL
+    ``DPOConfig.precompute_ref_log_probs``). Same numbers (tests/training/test_fast_paths.py), and the
+    scores are cached with the tokenized data (``ref_cache.py``) for retries, resumes and repeated jobs.
+    Resolved True when the run covers at least one pass over the data, False for shorter runs: measured
+    on 2 CPU cores (bench/RESULTS.md, train_throughput notes), the pass costs what the per-step
+    reference forwards of one epoch cost (a one-epoch run takes the same time either way), so it breaks
+    even at one epoch, saves that much every further epoch, and all of it when the cache has the scores
+    (a cache hit is used whatever this says)."""
 
     lora_r: int = ZEPHYR_IPO["lora_r"]
     lora_alpha: float = ZEPHYR_IPO["lora_alpha"]
@@ -216,6 +235,7 @@ def resolve_config(
         logging_steps=logging_steps,
         eval_every=max(1, total_steps // 4) if has_validation else None,
         seed=seed,
+        precompute_ref_log_probs=total_steps * batch_size * grad_accum >= n_train_examples,
         lora_r=int(pick(lora.r, "lora_r")),
         lora_alpha=float(pick(lora.alpha, "lora_alpha")),
         lora_dropout=float(pick(lora.dropout, "lora_dropout")),

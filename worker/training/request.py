@@ -38,3 +38,6 @@ class TrainRequest(BaseModel):
     method: Method
     device: str = "auto"
     """``auto`` (cuda when available), ``cuda`` or ``cpu``."""
+    cache_dir: str | None = None
+    """Where tokenized pairs and their reference log-probs are cached across attempts and jobs
+    (``worker/training/ref_cache.py``); None: no cache."""

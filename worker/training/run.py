@@ -81,9 +81,11 @@ def _train(request: TrainRequest, reporter: Reporter, flag: Any) -> int:
     from trl import DPOConfig
 
     from contracts.data_formats import parse_preference_file
-    from worker.training.callbacks import IpoDPOTrainer, ReportingCallback, StopCallback, TokenCountInLogHistory
+    from worker.training.callbacks import ReportingCallback, StopCallback, TokenCountInLogHistory
     from worker.training.data import DataError, describe_skipped, load_preference_data
     from worker.training.recipe import resolve_config
+    from worker.training.ref_cache import PreparedInputs
+    from worker.training.trainer import IpoDPOTrainer
 
     started = time.monotonic()
     out = Path(request.output_dir)
@@ -135,6 +137,9 @@ def _train(request: TrainRequest, reporter: Reporter, flag: Any) -> int:
         model_kwargs["device_map"] = {"": 0}
     model = AutoModelForCausalLM.from_pretrained(request.model_path, **model_kwargs)
 
+    cached = PreparedInputs(request, cfg, tokenizer, device)
+    precompute = cached.load(cfg.precompute_ref_log_probs)
+
     loss_type = [cfg.loss_type] + (["sft"] if cfg.sft_weight > 0 else [])
     loss_weights = [1.0] + ([cfg.sft_weight] if cfg.sft_weight > 0 else [])
     args = DPOConfig(
@@ -160,6 +165,9 @@ def _train(request: TrainRequest, reporter: Reporter, flag: Any) -> int:
         bf16=device == "cuda",
         use_cpu=device == "cpu",
         gradient_checkpointing=cfg.gradient_checkpointing,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        precompute_ref_log_probs=precompute,
+        precompute_ref_batch_size=2 * cfg.batch_size,  # no grad, no activations kept: twice the batch fits
         seed=cfg.seed,
         data_seed=cfg.seed,
         report_to="none",
@@ -180,12 +188,13 @@ def _train(request: TrainRequest, reporter: Reporter, flag: Any) -> int:
         model=model,
         ref_model=None,  # PEFT: the reference is the base model with the adapter disabled (no second copy)
         args=args,
-        train_dataset=train_data.dataset,
-        eval_dataset=eval_data.dataset if eval_data else None,
+        train_dataset=cached.train if cached.train is not None else train_data.dataset,
+        eval_dataset=cached.eval if cached.eval is not None else (eval_data.dataset if eval_data else None),
         processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=[reporting, TokenCountInLogHistory(reporting), StopCallback(flag)],
     )
+    cached.report_and_store(trainer, reporter)
     reporter.event(
         f"training {cfg.loss_type} LoRA on {train_data.n_examples} pairs for {cfg.total_steps} steps on {device}"
     )
