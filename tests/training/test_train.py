@@ -206,3 +206,47 @@ def test_gpu_memory_is_reported_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None
     callback.on_log(SimpleNamespace(), state, control, logs={"loss": 0.5, "num_tokens": 10})  # type: ignore[arg-type]
     (metrics,) = reporter.of_kind("metrics")
     assert metrics.data and metrics.data["gpu_memory_bytes"] == 7 * 2**30 and metrics.data["peak_rss_bytes"] > 0
+
+
+def test_divergence_fails_the_job_and_keeps_the_last_finite_checkpoint(
+    tiny_model_dir: Path, demo_files: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """lr 1.0 with beta 1e-6 (IPO target 500000) blows the weights up within a few steps. TRL then logs
+    a loss of 0 with NaN log-probs, so only the weight check catches it: the job must fail, never
+    "succeed" with a NaN adapter, and every checkpoint it reported must hold finite weights."""
+    reporter = ListReporter()
+    hp = {"max_steps": 12, "checkpoint_every": 2, "batch_size": 4, "beta": 1e-6, "learning_rate": 1.0}
+    request = _request(tiny_model_dir, demo_files, tmp_path / "run", validation=False, warmup_ratio=0, **hp)
+    assert train(request, reporter) != EXIT_OK
+    error = reporter.reports[-1]
+    assert error.kind == "error" and error.code == "nan_loss", error
+    checkpoints = reporter.of_kind("checkpoint")
+    assert checkpoints, "at least one checkpoint predates the divergence"
+    assert f"The last good checkpoint is step {checkpoints[-1].step}" in (error.message or "")
+    assert not reporter.of_kind("artifact") and not reporter.of_kind("done")
+    for ckpt in checkpoints:
+        weights = load_file(str(Path(ckpt.path or "") / "adapter_model.safetensors"))
+        assert all(torch.isfinite(t).all() for t in weights.values()), ckpt.step
+
+
+def test_cuda_out_of_memory_fails_with_its_code_after_reporting_checkpoints(
+    tiny_model_dir: Path, demo_files: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No GPU here, so the CUDA allocator's error is raised from inside the real training loop at step 3."""
+    from worker.training.trainer import IpoDPOTrainer
+
+    real_step = IpoDPOTrainer.training_step
+
+    def step(self: IpoDPOTrainer, *args: Any, **kwargs: Any) -> Any:
+        if self.state.global_step == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(IpoDPOTrainer, "training_step", step)
+    reporter = ListReporter()
+    request = _request(tiny_model_dir, demo_files, tmp_path / "run", validation=False, max_steps=6, checkpoint_every=2)
+    assert train(request, reporter) != EXIT_OK
+    error = reporter.reports[-1]
+    assert error.kind == "error" and error.code == "out_of_memory"
+    assert "Lower batch_size or max_length" in (error.message or "")
+    assert [c.step for c in reporter.of_kind("checkpoint")] == [2]

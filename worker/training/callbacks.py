@@ -60,6 +60,8 @@ class ReportingCallback(TrainerCallback):
         """Every metrics report (train and valid), for the metrics CSV."""
         self.last_train: dict[str, Any] = {}
         self.nan_step: int | None = None
+        """First step whose loss or weights were not finite (training stops there)."""
+        self.last_checkpoint_step: int | None = None
         self.trained_tokens = 0
         self._start: tuple[float, int] | None = None
         self._last: tuple[float, int] | None = None
@@ -114,7 +116,7 @@ class ReportingCallback(TrainerCallback):
         self.last_train = data
         self.rows.append({"split": "train", **data})
         self.reporter.metrics(data)
-        if not math.isfinite(float(logs["loss"])):
+        if not math.isfinite(float(logs["loss"])) and self.nan_step is None:
             self.nan_step = state.global_step
             control.should_training_stop = True
 
@@ -158,6 +160,7 @@ class ReportingCallback(TrainerCallback):
             shutil.rmtree(final)
         os.replace(written, final)
         metrics = {k: v for k, v in self.last_train.items() if k not in ("step", "total_steps")}
+        self.last_checkpoint_step = state.global_step
         self.reporter.checkpoint(state.global_step, str(final), metrics)
 
 
@@ -177,6 +180,33 @@ class TokenCountInLogHistory(TrainerCallback):
     ) -> None:
         if logs is not None and "loss" in logs and state.log_history:
             state.log_history[-1]["trained_tokens"] = self.reporting.trained_tokens
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Stops at the first step whose trainable weights are no longer finite, before that step's checkpoint
+    is written, so the last checkpoint reported is the last good one. Must be the last callback (its
+    ``should_save = False`` overrides a pause's save).
+
+    The logged loss is not enough: with NaN log-probabilities TRL's IPO loss can come out as 0 while
+    ``grad_norm`` is NaN, and a run would "succeed" with a NaN adapter. Checking the weights costs one
+    fused norm over the LoRA parameters and one device sync per step.
+    """
+
+    def __init__(self, reporting: ReportingCallback) -> None:
+        self.reporting = reporting
+        self._params: list[torch.Tensor] = []
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        model = kw.get("model")
+        self._params = [p for p in model.parameters() if p.requires_grad] if model is not None else []
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        if not self._params or bool(torch.isfinite(torch.stack(torch._foreach_norm(self._params))).all()):
+            return
+        if self.reporting.nan_step is None:
+            self.reporting.nan_step = state.global_step
+        control.should_save = False
+        control.should_training_stop = True
 
 
 class StopCallback(TrainerCallback):

@@ -9,11 +9,13 @@ huggingface.co/blog/pref-tuning), which train Mistral-7B with QLoRA. Pure pydant
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from contracts.method import Method
+from contracts.model_info import DECODER_LINEAR_NAMES, unknown_target_modules
 
 
 class ConfigError(ValueError):
@@ -137,21 +139,15 @@ def _is_tiny(model_config_dict: dict[str, Any]) -> bool:
     )
 
 
-def _linear_module_names(model_config_dict: dict[str, Any]) -> set[str]:
-    """Linear layer names of Llama/Mistral-family decoders (what ``target_modules`` may name)."""
-    names = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-    if model_config_dict.get("model_type") not in {
-        None,
-        "mistral",
-        "llama",
-        "qwen2",
-        "qwen3",
-        "mixtral",
-        "gemma",
-        "gemma2",
-    }:
-        names |= {"c_attn", "c_proj", "c_fc", "query_key_value", "dense", "fc1", "fc2", "Wqkv", "out_proj"}
-    return names
+def _unknown_targets(
+    model_dir: Path | None, model_config_dict: dict[str, Any], targets: list[str]
+) -> tuple[list[str], list[str]]:
+    """The same answer the API gave at job creation: module paths from the model's safetensors headers
+    (``contracts.model_info``), or, without a directory, the decoder family's linear layer names."""
+    if model_dir is not None:
+        return unknown_target_modules(model_dir, targets)  # ([], []): an architecture it cannot check
+    known = DECODER_LINEAR_NAMES
+    return [t for t in targets if t.rsplit(".", 1)[-1] not in known], sorted(known)
 
 
 def resolve_config(
@@ -162,6 +158,7 @@ def resolve_config(
     device: str,
     seed: int = 42,
     has_validation: bool = False,
+    model_dir: Path | None = None,
 ) -> TrainingConfig:
     """Resolve every ``"auto"`` in ``method`` for this dataset size, model and device.
 
@@ -202,13 +199,12 @@ def resolve_config(
             "zero. Use quantization 'none' on CPU.",
         )
     target_modules = list(pick(lora.target_modules, "target_modules"))
-    known = _linear_module_names(model_config_dict)
-    unknown = [m for m in target_modules if m not in known]
+    unknown, choices = _unknown_targets(model_dir, model_config_dict, target_modules)
     if unknown:
         raise ConfigError(
             "lora.target_modules",
             f"{', '.join(unknown)} not in this model ({model_config_dict.get('model_type', 'unknown')}); "
-            f"choose from {', '.join(sorted(known))}",
+            f"choose from {', '.join(choices)}",
         )
     max_length = int(pick(hp.max_length, "max_length"))
     max_positions = model_config_dict.get("max_position_embeddings")

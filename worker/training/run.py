@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from contracts.logs import configure_logging, log_context
 from worker.training.reporter import JsonLinesReporter, Reporter
 from worker.training.request import EXIT_OK, EXIT_STOPPED, TrainRequest
 
@@ -81,7 +82,7 @@ def _train(request: TrainRequest, reporter: Reporter, flag: Any) -> int:
     from trl import DPOConfig
 
     from contracts.data_formats import parse_preference_file
-    from worker.training.callbacks import ReportingCallback, StopCallback, TokenCountInLogHistory
+    from worker.training.callbacks import NonFiniteGuard, ReportingCallback, StopCallback, TokenCountInLogHistory
     from worker.training.data import DataError, describe_skipped, load_preference_data
     from worker.training.recipe import resolve_config
     from worker.training.ref_cache import PreparedInputs
@@ -105,6 +106,7 @@ def _train(request: TrainRequest, reporter: Reporter, flag: Any) -> int:
         device=device,
         seed=request.seed,
         has_validation=request.validation_file is not None,
+        model_dir=Path(request.model_path),
     )
     reporter.resolved(cfg.resolved_dict())
 
@@ -192,7 +194,7 @@ def _train(request: TrainRequest, reporter: Reporter, flag: Any) -> int:
         eval_dataset=cached.eval if cached.eval is not None else (eval_data.dataset if eval_data else None),
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[reporting, TokenCountInLogHistory(reporting), StopCallback(flag)],
+        callbacks=[reporting, TokenCountInLogHistory(reporting), StopCallback(flag), NonFiniteGuard(reporting)],
     )
     cached.report_and_store(trainer, reporter)
     reporter.event(
@@ -201,7 +203,13 @@ def _train(request: TrainRequest, reporter: Reporter, flag: Any) -> int:
     trainer.train(resume_from_checkpoint=request.resume_from)
 
     if reporting.nan_step is not None:
-        raise TrainingFailed("nan_loss", f"the loss became NaN at step {reporting.nan_step}; lower the learning rate")
+        kept = reporting.last_checkpoint_step
+        raise TrainingFailed(
+            "nan_loss",
+            f"training diverged at step {reporting.nan_step}: the loss or the weights became NaN/inf. "
+            + (f"The last good checkpoint is step {kept}. " if kept is not None else "No checkpoint was kept. ")
+            + "Lower the learning rate or raise beta.",
+        )
     if flag.reason is not None:
         reporter.event(f"stopped on request ({flag.reason}) at step {trainer.state.global_step}")
         return EXIT_STOPPED
@@ -248,7 +256,11 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         reporter.error("invalid_request", f"cannot read {args.request_json}: {e}")
         return EXIT_BAD_INPUT
-    return train(request, reporter, flag)
+    # This process's stderr is the attempt's trainer.log, whose tail goes into failure messages: text
+    # lines (readable there), each carrying the job id and attempt like the worker's own lines.
+    configure_logging(os.environ.get("IPO_LOG_LEVEL", "INFO"), "text")
+    with log_context(job_id=request.job_id, attempt=request.attempt):
+        return train(request, reporter, flag)
 
 
 if __name__ == "__main__":
