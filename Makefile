@@ -61,7 +61,8 @@ clean:
 
 # ---------------------------------------------------------------------------------------------------
 # bench: performance benchmarks (bench/*.py). Each prints raw figures and the ratio to a reference
-# measured in the same run, and updates its row in bench/RESULTS.md. Loopback only, each < ~3 min.
+# measured in the same run, and updates its row in bench/RESULTS.md. Loopback only; each < ~3 min except
+# bench-train (~6 min: (a) and (b) interleaved over 3 repeats, plus a warm-cache run and (c)).
 # BENCH_DATABASE_URL (Postgres admin URL) / BENCH_REDIS_URL switch the API benches off SQLite / the
 # filesystem broker; BENCH_WAIT_QUIET=SECONDS waits for a 1-minute load average below 1.2 first.
 .PHONY: bench bench-train bench-api bench-dispatch bench-sse bench-footprint

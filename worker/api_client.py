@@ -373,8 +373,9 @@ class EventBuffer:
                         raise
                     # Our lease, but the job was cancelled: the API takes no more events from this
                     # attempt. Not a lost lease: the next heartbeat says "cancel" and we stop cleanly.
-                    log.info("job no longer takes events (%s); dropping seq %d..%d", exc.message, batch[0].seq,
-                             batch[-1].seq)
+                    log.info(
+                        "job no longer takes events (%s); dropping seq %d..%d", exc.message, batch[0].seq, batch[-1].seq
+                    )
                 except ApiError as exc:
                     log.error("API refused events seq %d..%d, dropping them: %s", batch[0].seq, batch[-1].seq, exc)
                 with self._lock:

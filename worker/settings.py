@@ -50,6 +50,8 @@ class WorkerSettings(BaseSettings):
     training_cache_dir: Path | None = None
     """Tokenized training data with its reference log-probs, reused by retries, resumes and repeated jobs
     (``worker/training/ref_cache.py``). Default ``{var_dir}/cache/training``."""
+    training_cache_max_bytes: int = Field(default=20 * 2**30, ge=0)
+    """Size bound of that cache; least recently used entries are pruned beyond it."""
     heartbeat_seconds: float | None = None
     """Overrides the heartbeat interval the API hands out with each claim (tests, debugging)."""
     stop_grace_seconds: float = Field(default=60.0, gt=0)

@@ -120,6 +120,7 @@ def stage_attempt(api: ApiClient, claim: ClaimResponse, settings: WorkerSettings
         method=spec.method,
         device=settings.device,
         cache_dir=str(settings.training_cache_dir.resolve()) if settings.training_cache_dir else None,
+        cache_max_bytes=settings.training_cache_max_bytes,
     )
     request_path = attempt_dir / "request.json"
     request_path.write_text(request.model_dump_json(indent=2), encoding="utf-8")

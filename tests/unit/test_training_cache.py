@@ -206,3 +206,26 @@ def test_no_cache_dir_means_no_cache(tmp_path: Path, model_dir: Path, data_file:
     assert inputs.load(precompute=True) is True and inputs.load(precompute=False) is False
     inputs.report_and_store(_trainer(_prepared()), ListReporter())
     assert not (tmp_path / "cache").exists()
+
+
+def test_the_cache_is_bounded_least_recently_used_first(tmp_path: Path) -> None:
+    import os
+    import time
+
+    probe = PreparedCache(tmp_path / "probe")
+    entry_size = probe.store("p" * 64, _prepared(50)).stat().st_size  # type: ignore[union-attr]
+    cache = PreparedCache(tmp_path / "cache", max_bytes=int(entry_size * 2.5))
+    old = time.time() - 1000
+    for i, key in enumerate(("a" * 64, "b" * 64)):
+        path = cache.store(key, _prepared(50))
+        assert path is not None
+        os.utime(path, (old + i, old + i))  # a written first, b second
+    assert cache.load("a" * 64) is not None  # a hit: a is now the most recently used
+    stale = cache.dir / ".dead-writer.tmp"
+    stale.write_bytes(b"x")
+    os.utime(stale, (old - 5000, old - 5000))  # older than STALE_TMP_SECONDS
+    cache.store("c" * 64, _prepared(50))  # three entries exceed 2.5: the least recently used (b) goes
+    assert sorted(p.name[0] for p in cache.dir.glob("*.parquet")) == ["a", "c"]
+    assert not stale.exists()
+    tiny = PreparedCache(tmp_path / "tiny", max_bytes=1)
+    assert tiny.store("d" * 64, _prepared(50)) is not None and tiny.load("d" * 64) is not None  # kept: just written

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -129,11 +130,20 @@ def prepared_key(
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
 
 
-class PreparedCache:
-    """``{root}/prepared/{key}.parquet`` entries; ``load`` answers None for a miss or an unreadable entry."""
+STALE_TMP_SECONDS = 3600
+"""A temp file this old is left from a writer that died: pruned."""
 
-    def __init__(self, root: str | Path) -> None:
+
+class PreparedCache:
+    """``{root}/prepared/{key}.parquet`` entries; ``load`` answers None for a miss or an unreadable entry.
+
+    Bounded: after each write the least recently used entries (a hit refreshes an entry's mtime) are
+    deleted until the directory holds at most ``max_bytes``; the entry just written is always kept.
+    """
+
+    def __init__(self, root: str | Path, max_bytes: int | None = None) -> None:
         self.dir = Path(root) / "prepared"
+        self.max_bytes = max_bytes
 
     def path(self, key: str) -> Path:
         return self.dir / f"{key}.parquet"
@@ -157,6 +167,8 @@ class PreparedCache:
             with contextlib.suppress(OSError):
                 path.unlink()
             return None
+        with contextlib.suppress(OSError):
+            os.utime(path)  # recently used: the last to be pruned
         return Dataset(InMemoryTable(table.replace_schema_metadata(None).select(list(COLUMNS))))
 
     def store(self, key: str, dataset: Dataset) -> Path | None:
@@ -181,7 +193,38 @@ class PreparedCache:
             if tmp is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
+        self.prune(keep=target)
         return target
+
+    def prune(self, keep: Path | None = None) -> list[Path]:
+        """Delete least recently used entries beyond ``max_bytes`` and dead writers' temp files."""
+        removed: list[Path] = []
+        now = time.time()
+        entries: list[tuple[float, int, Path]] = []
+        for path in self.dir.glob("*"):
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            if path.suffix == ".tmp":
+                if now - st.st_mtime > STALE_TMP_SECONDS:
+                    removed.append(path)
+            elif path.suffix == ".parquet":
+                entries.append((st.st_mtime, st.st_size, path))
+        total = sum(size for _, size, _ in entries)
+        if self.max_bytes is not None:
+            for _, size, path in sorted(entries):
+                if total <= self.max_bytes:
+                    break
+                if path != keep:
+                    removed.append(path)
+                    total -= size
+        for path in removed:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        if removed:
+            log.info("prepared-data cache: pruned %d entries/temp files", len(removed))
+        return removed
 
 
 class PreparedInputs:
@@ -189,7 +232,7 @@ class PreparedInputs:
     there; after the trainer is built, stores what it prepared for the next attempt or job."""
 
     def __init__(self, request: TrainRequest, cfg: TrainingConfig, tokenizer: Any, device: str) -> None:
-        self.cache = PreparedCache(request.cache_dir) if request.cache_dir else None
+        self.cache = PreparedCache(request.cache_dir, request.cache_max_bytes) if request.cache_dir else None
         self.keys: dict[str, str] = {}
         self.train: Any = None
         self.eval: Any = None

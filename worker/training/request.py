@@ -41,3 +41,5 @@ class TrainRequest(BaseModel):
     cache_dir: str | None = None
     """Where tokenized pairs and their reference log-probs are cached across attempts and jobs
     (``worker/training/ref_cache.py``); None: no cache."""
+    cache_max_bytes: int | None = None
+    """Least recently used cache entries are pruned beyond this size; None: unbounded."""
