@@ -92,3 +92,20 @@ def test_length_grouping_is_on_and_reference_precompute_needs_a_whole_epoch() ->
         device="cpu",
     )
     assert one_epoch.precompute_ref_log_probs
+
+
+def test_attention_and_fused_kernels_follow_the_device_and_what_is_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    cpu = resolve_config(Method(), n_train_examples=10, model_config_dict=TINY, device="cpu")
+    assert (cpu.attn_implementation, cpu.use_liger_kernel) == ("sdpa", False)
+    installed = {"flash_attn", "liger_kernel"}
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name in installed else real(name))
+    cuda = resolve_config(Method(), n_train_examples=10, model_config_dict=MISTRAL_7B, device="cuda")
+    assert (cuda.attn_implementation, cuda.use_liger_kernel) == ("flash_attention_2", True)
+    cpu = resolve_config(Method(), n_train_examples=10, model_config_dict=TINY, device="cpu")
+    assert (cpu.attn_implementation, cpu.use_liger_kernel) == ("sdpa", False)  # CUDA-only kernels
+    installed.clear()
+    cuda = resolve_config(Method(), n_train_examples=10, model_config_dict=MISTRAL_7B, device="cuda")
+    assert (cuda.attn_implementation, cuda.use_liger_kernel) == ("sdpa", False)

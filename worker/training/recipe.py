@@ -8,6 +8,7 @@ huggingface.co/blog/pref-tuning), which train Mistral-7B with QLoRA. Pure pydant
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -124,7 +125,12 @@ class TrainingConfig(BaseModel):
     double_quant: bool = True
     compute_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     gradient_checkpointing: bool = True
+    """On CUDA for real models only (handbook); the tiny model fits without recomputing activations."""
     optim: str = ZEPHYR_IPO["optim"]
+    attn_implementation: Literal["sdpa", "flash_attention_2"] = "sdpa"
+    """PyTorch SDPA everywhere; Flash-Attention 2 on CUDA when the ``flash-attn`` package is installed."""
+    use_liger_kernel: bool = False
+    """Liger's fused RMSNorm/SwiGLU/RoPE kernels on CUDA when ``liger-kernel`` is installed."""
     device: Device = "cuda"
 
     def resolved_dict(self) -> dict[str, Any]:
@@ -137,6 +143,11 @@ def _is_tiny(model_config_dict: dict[str, Any]) -> bool:
         int(model_config_dict.get("hidden_size", 4096)) <= 512
         and int(model_config_dict.get("num_hidden_layers", 32)) <= 8
     )
+
+
+def _installed(module: str) -> bool:
+    """An optional speed-up is used only where its package is installed (the ``flash`` / ``liger`` extras)."""
+    return importlib.util.find_spec(module) is not None
 
 
 def _unknown_targets(
@@ -240,6 +251,8 @@ def resolve_config(
         double_quant=quantization == "nf4",
         compute_dtype="bfloat16" if on_cuda else "float32",
         gradient_checkpointing=on_cuda and not _is_tiny(model_config_dict),
+        attn_implementation="flash_attention_2" if on_cuda and _installed("flash_attn") else "sdpa",
+        use_liger_kernel=on_cuda and _installed("liger_kernel"),
         optim="paged_adamw_8bit" if quantization == "nf4" else "adamw_torch",
         device="cuda" if on_cuda else "cpu",
     )

@@ -126,7 +126,10 @@ def _train(request: TrainRequest, reporter: Reporter, flag: Any) -> int:
         if warning:
             reporter.event(warning, level="warn")
 
-    model_kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if device == "cuda" else torch.float32}
+    model_kwargs: dict[str, Any] = {
+        "dtype": torch.bfloat16 if device == "cuda" else torch.float32,
+        "attn_implementation": cfg.attn_implementation,
+    }
     if cfg.quantization == "nf4":
         from transformers import BitsAndBytesConfig
 
@@ -167,6 +170,7 @@ def _train(request: TrainRequest, reporter: Reporter, flag: Any) -> int:
         bf16=device == "cuda",
         use_cpu=device == "cpu",
         gradient_checkpointing=cfg.gradient_checkpointing,
+        use_liger_kernel=cfg.use_liger_kernel,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         precompute_ref_log_probs=precompute,
         precompute_ref_batch_size=2 * cfg.batch_size,  # no grad, no activations kept: twice the batch fits
