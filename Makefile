@@ -65,12 +65,12 @@ clean:
 # bench-train (~6 min: (a) and (b) interleaved over 3 repeats, plus a warm-cache run and (c)).
 # BENCH_DATABASE_URL (Postgres admin URL) / BENCH_REDIS_URL switch the API benches off SQLite / the
 # filesystem broker; BENCH_WAIT_QUIET=SECONDS waits for a 1-minute load average below 1.2 first.
-.PHONY: bench bench-train bench-api bench-dispatch bench-sse bench-footprint
+.PHONY: bench bench-train bench-api bench-dispatch bench-sse bench-footprint bench-pages
 
 screenshot: venv  ## refresh docs/dashboard.png from the headless-browser test
 	IPO_UPDATE_DOCS_SCREENSHOT=1 $(PYTEST) tests/dashboard/test_dashboard_browser.py
 
-bench: bench-train bench-api bench-dispatch bench-sse bench-footprint
+bench: bench-train bench-api bench-dispatch bench-sse bench-footprint bench-pages
 
 bench-train: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.train_throughput
@@ -83,6 +83,10 @@ bench-dispatch: venv
 
 bench-sse: venv
 	$(BIN)/python -m bench.sse_bench
+
+bench-pages: venv  ## Postgres only: BENCH_DATABASE_URL, default the local server
+	BENCH_DATABASE_URL=$${BENCH_DATABASE_URL:-postgresql+psycopg://postgres@127.0.0.1:5432/postgres} \
+		$(BIN)/python -m bench.pagination_scale
 
 bench-footprint: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.footprint

@@ -24,7 +24,8 @@ def list_events(session: Session, job_id: str, *, after: str | None, limit: int)
     stmt = select(JobEvent).where(JobEvent.job_id == job_id)
     if cursor is not None:
         stmt = stmt.where(JobEvent.id < cursor)
-    rows = list(session.scalars(stmt.order_by(JobEvent.id.desc()).limit(limit + 1)))
+    # (job_id, id): the order of the ix_job_events_job_id_id index (job_id is fixed, so it is id order).
+    rows = list(session.scalars(stmt.order_by(JobEvent.job_id.desc(), JobEvent.id.desc()).limit(limit + 1)))
     return rows[:limit], len(rows) > limit
 
 
@@ -33,4 +34,4 @@ def events_since(session: Session, job_id: str, last_id: int | None, limit: int 
     stmt = select(JobEvent).where(JobEvent.job_id == job_id)
     if last_id is not None:
         stmt = stmt.where(JobEvent.id > last_id)
-    return list(session.scalars(stmt.order_by(JobEvent.id).limit(limit)))
+    return list(session.scalars(stmt.order_by(JobEvent.job_id, JobEvent.id).limit(limit)))

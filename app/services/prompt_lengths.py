@@ -12,8 +12,10 @@ worker's own check.
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
+from array import array
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -40,6 +42,7 @@ class PromptTokenizer:
     """A model directory's fast tokenizer (``tokenizer.json``) and chat template, without transformers."""
 
     def __init__(self, model_dir: Path) -> None:
+        self.model_dir = model_dir
         import jinja2.ext
         from jinja2.sandbox import ImmutableSandboxedEnvironment
         from tokenizers import Tokenizer
@@ -103,22 +106,40 @@ def tokenizer_for(model_dir: Path) -> PromptTokenizer | None:
 
 def longest_prompt(path: Path, tokenizer: PromptTokenizer, limit: int) -> LongestPrompt | None:
     """The longest prompt of a (valid) preference file, and the lines whose prompts have ``limit`` tokens
-    or more. None for an empty or invalid file (upload validation reports those)."""
+    or more. None for an empty or invalid file (upload validation reports those).
+
+    Files are immutable once stored, so each file's prompt lengths are measured once per tokenizer and
+    kept (sorted, as two flat arrays) for the next job on it, whatever its ``max_length``.
+    """
+    try:
+        st = path.stat()
+        stamp = (tokenizer.model_dir / "tokenizer.json").stat().st_mtime_ns
+    except OSError:
+        return None
+    measured = _sorted_prompt_lengths(path, st.st_size, st.st_mtime_ns, tokenizer, stamp)
+    if measured is None:
+        return None
+    lengths, lines = measured
+    n_over = bisect.bisect_left(lengths, -limit + 1)  # lengths are negated: descending order
+    over = sorted(lines[:n_over])[:10]
+    return LongestPrompt(tokens=-lengths[0], line=lines[0], over=tuple(over), n_over=n_over)
+
+
+@lru_cache(maxsize=32)
+def _sorted_prompt_lengths(
+    path: Path, _size: int, _mtime_ns: int, tokenizer: PromptTokenizer, _stamp: int
+) -> tuple[array[int], array[int]] | None:
+    """(negated prompt lengths, line numbers), longest first; ties keep file order."""
     examples, report = parse_preference_file(path)
     if not report.ok or not examples:
         return None
-    best, best_line, n_over = -1, 0, 0
-    over: list[int] = []
+    measured: list[tuple[int, int]] = []
     for start in range(0, len(examples), ENCODE_BATCH):
         batch = examples[start : start + ENCODE_BATCH]
-        for ex, n in zip(batch, tokenizer.count([ex.prompt for ex in batch]), strict=True):
-            if n > best:
-                best, best_line = n, ex.line
-            if n >= limit:
-                n_over += 1
-                if len(over) < 10:
-                    over.append(ex.line)
-    return LongestPrompt(tokens=best, line=best_line, over=tuple(over), n_over=n_over)
+        counts = tokenizer.count([ex.prompt for ex in batch])
+        measured += [(-n, ex.line) for ex, n in zip(batch, counts, strict=True)]
+    measured.sort()
+    return array("q", (n for n, _ in measured)), array("q", (line for _, line in measured))
 
 
 @dataclass
