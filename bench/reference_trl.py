@@ -1,6 +1,7 @@
 """Reference: IPO + LoRA with TRL written the way the TRL docs show it, nothing tuned.
 
     python bench/reference_trl.py --model DIR --data train.jsonl --out DIR [--max-steps 40] [--device cpu|cuda]
+                                  [--gradient-accumulation-steps 1] [--qlora]
 
 Only the hyperparameters the benchmark pins are set (loss, beta, batch size, steps, learning rate,
 max_length, seed, LoRA); everything else is DPOConfig's default (so gradient checkpointing is on and
@@ -8,7 +9,14 @@ bf16 is on for cuda and off for cpu, as in the project; ``--bf16 trl-default`` k
 bf16=True on CPU too, which runs bf16 autocast on CPUs without native bf16 and is several times
 slower). ``logging_steps`` is set to 2 so the reported final loss averages the same window as the
 project's trainer (which logs every 2 steps for a 40-step run). Writes a JSON
-summary (``--json``): wall time, train time (``trainer.train()`` only), TRL's token count, final loss.
+summary (``--json``): wall time, train time (``trainer.train()`` only), TRL's token count, final loss,
+and on CUDA the peak GPU memory (``torch.cuda.max_memory_allocated()``) and the GPU's name.
+
+``--qlora`` (CUDA only; the Mistral-7B-shaped benchmark) loads the base model in 4 bits the way TRL's
+PEFT integration guide shows QLoRA (docs/source/peft_integration.md, "QLoRA"):
+``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+bnb_4bit_compute_dtype=torch.bfloat16)``, ``device_map="auto"``, the same ``peft_config`` LoRA; still
+DPOConfig's defaults otherwise (its ``adamw_torch`` optimiser, gradient checkpointing on).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ def main() -> None:
     p.add_argument("--json", default=None)
     p.add_argument("--max-steps", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--gradient-accumulation-steps", type=int, default=1)
     p.add_argument("--beta", type=float, default=0.5)
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--max-length", type=int, default=256)
@@ -39,8 +48,12 @@ def main() -> None:
         default="auto",
         help="auto: bf16 on cuda, fp32 on cpu (what the project does); trl-default: DPOConfig's bf16=True everywhere",
     )
+    p.add_argument("--qlora", action="store_true", help="4-bit NF4 base model (bitsandbytes), as TRL's docs show QLoRA")
     a = p.parse_args()
+    if a.qlora and a.device != "cuda":
+        p.error("--qlora needs --device cuda (bitsandbytes 4-bit)")
 
+    import torch
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -48,13 +61,25 @@ def main() -> None:
 
     with open(a.data, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    model = AutoModelForCausalLM.from_pretrained(a.model)
+    if a.qlora:
+        from transformers import BitsAndBytesConfig
+
+        bnb_config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        model = AutoModelForCausalLM.from_pretrained(a.model, quantization_config=bnb_config, device_map="auto")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(a.model)
     tokenizer = AutoTokenizer.from_pretrained(a.model)
     args = DPOConfig(
         output_dir=a.out,
         loss_type="ipo",
         beta=a.beta,
         per_device_train_batch_size=a.batch_size,
+        gradient_accumulation_steps=a.gradient_accumulation_steps,
         max_steps=a.max_steps,
         learning_rate=a.learning_rate,
         max_length=a.max_length,
@@ -91,6 +116,11 @@ def main() -> None:
         "steps": trainer.state.global_step,
         "bf16": args.bf16,
         "gradient_checkpointing": args.gradient_checkpointing,
+        "quantization": "nf4" if a.qlora else "none",
+        "optim": str(getattr(args.optim, "value", args.optim)),
+        "peak_gpu_bytes": torch.cuda.max_memory_allocated() if a.device == "cuda" else None,
+        "peak_gpu_reserved_bytes": torch.cuda.max_memory_reserved() if a.device == "cuda" else None,
+        "gpu_name": torch.cuda.get_device_name(0) if a.device == "cuda" else None,
     }
     print(json.dumps(summary))
     if a.json:

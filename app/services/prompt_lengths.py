@@ -15,6 +15,7 @@ from __future__ import annotations
 import bisect
 import json
 import logging
+import threading
 from array import array
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -116,13 +117,24 @@ def longest_prompt(path: Path, tokenizer: PromptTokenizer, limit: int) -> Longes
         stamp = (tokenizer.model_dir / "tokenizer.json").stat().st_mtime_ns
     except OSError:
         return None
-    measured = _sorted_prompt_lengths(path, st.st_size, st.st_mtime_ns, tokenizer, stamp)
+    key = (path, st.st_size, st.st_mtime_ns, tokenizer, stamp)
+    # Single flight: concurrent job creations on one new file wait for one measurement, not one each.
+    with _flights_lock:
+        flight = _flights.setdefault(key, threading.Lock())
+    with flight:
+        measured = _sorted_prompt_lengths(*key)
+    with _flights_lock:
+        _flights.pop(key, None)
     if measured is None:
         return None
     lengths, lines = measured
     n_over = bisect.bisect_left(lengths, -limit + 1)  # lengths are negated: descending order
     over = sorted(lines[:n_over])[:10]
     return LongestPrompt(tokens=-lengths[0], line=lines[0], over=tuple(over), n_over=n_over)
+
+
+_flights: dict[tuple[object, ...], threading.Lock] = {}
+_flights_lock = threading.Lock()
 
 
 @lru_cache(maxsize=32)
