@@ -440,6 +440,47 @@ def project_cmd(
     ]
 
 
+def run_interleaved(
+    label: str,
+    common: list[str],
+    modes: list[str],
+    repeats: int,
+    out_root: Path,
+    json_root: Path,
+    hp: dict[str, Any] = HP,
+    qlora: bool = False,
+) -> tuple[dict[str, list[dict[str, Any]]], list[float]]:
+    """(a) and (b) ``repeats`` times, alternating which goes first (a b, b a, ...), repeat i with seed
+    42+i; then (b) once more on the cache repeat 0 filled ("warm": a retry, resume or repeated job).
+    Returns each mode's child results and the load average before each run."""
+    runs: dict[str, list[dict[str, Any]]] = {"reference": [], "project": [], "warm": []}
+    loads: list[float] = []
+    for i in range(repeats):
+        seed = HP["seed"] + i
+        for mode in ["reference", "project"] if i % 2 == 0 else ["project", "reference"]:
+            if mode not in modes:
+                continue
+            out, json_out = out_root / f"{mode}-{i}", json_root / f"{mode}.json"
+            loads.append(os.getloadavg()[0])
+            if mode == "reference":
+                cmd = reference_cmd(common, out, json_out, seed, hp, qlora=qlora)
+            else:  # a fresh cache each repeat: the cold case, reference log-probs computed
+                cmd = project_cmd(common, out, json_out, seed, out_root / f"cache-{i}", hp)
+            r = run_child(cmd, json_out)
+            r["seed"], r["repeat"] = seed, i
+            runs[mode].append(r)
+            print(f"[{label}] {mode} #{i}: {r}", flush=True)
+    if "warm" in modes and runs["project"]:
+        out, json_out = out_root / "warm", json_root / "warm.json"
+        loads.append(os.getloadavg()[0])
+        r = run_child(project_cmd(common, out, json_out, HP["seed"], out_root / "cache-0", hp), json_out)
+        r["seed"], r["repeat"] = HP["seed"], 0
+        r["adapter"] = r.get("adapter") or str(out)
+        runs["warm"].append(r)
+        print(f"[{label}] warm: {r}", flush=True)
+    return runs, loads
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
@@ -455,33 +496,9 @@ def bench_variant(variant: str, a: argparse.Namespace, model: Path, tmp: Path) -
     )
     common = ["--model", str(model), "--data", str(data), "--max-steps", str(a.max_steps), "--device", a.device]
     modes = a.modes.split(",")
-    runs: dict[str, list[dict[str, Any]]] = {"reference": [], "project": [], "warm": []}
-    loads: list[float] = []
-    for i in range(a.repeats):
-        seed = HP["seed"] + i
-        order = ["reference", "project"] if i % 2 == 0 else ["project", "reference"]
-        for mode in order:
-            if mode not in modes:
-                continue
-            out, json_out = tmp / variant / f"{mode}-{i}", tmp / f"{mode}.json"
-            loads.append(os.getloadavg()[0])
-            if mode == "reference":
-                cmd = reference_cmd(common, out, json_out, seed)
-            else:  # a fresh cache each repeat: the cold case, reference log-probs computed
-                cmd = project_cmd(common, out, json_out, seed, tmp / variant / f"cache-{i}")
-            r = run_child(cmd, json_out)
-            r["seed"] = seed
-            r["adapter"] = r.get("adapter") or str(out)
-            runs[mode].append(r)
-            print(f"[{variant}] {mode} #{i}: {r}", flush=True)
-    if "warm" in modes and runs["project"]:
-        # the cache repeat 0 filled: a retry, resume or repeated job on the same file skips the reference pass
-        out, json_out = tmp / variant / "warm", tmp / "warm.json"
-        loads.append(os.getloadavg()[0])
-        r = run_child(project_cmd(common, out, json_out, HP["seed"], tmp / variant / "cache-0"), json_out)
-        r["seed"] = HP["seed"]
-        runs["warm"].append(r)
-        print(f"[{variant}] warm: {r}", flush=True)
+    runs, loads = run_interleaved(variant, common, modes, a.repeats, tmp / variant, tmp)
+    for r, mode in ((r, m) for m in ("reference", "project") for r in runs[m]):
+        r["adapter"] = r.get("adapter") or str(tmp / variant / f"{mode}-{r['repeat']}")
     for mode in ("reference", "project", "warm"):
         for r in runs[mode]:
             r["full_data_loss"] = full_data_loss(model, data, Path(r["adapter"]))
@@ -580,28 +597,8 @@ def bench_shape(a: argparse.Namespace, tmp: Path) -> None:
     )
     common = ["--model", str(model), "--data", str(data), "--max-steps", str(a.max_steps), "--device", a.device]
     modes = a.modes.split(",")
-    runs: dict[str, list[dict[str, Any]]] = {"reference": [], "project": [], "warm": []}
-    loads: list[float] = []
-    for i in range(a.repeats):
-        seed = HP["seed"] + i
-        for mode in ["reference", "project"] if i % 2 == 0 else ["project", "reference"]:
-            if mode not in modes:
-                continue
-            out, json_out = tmp / f"{mode}-{i}", tmp / f"{mode}.json"
-            loads.append(os.getloadavg()[0])
-            if mode == "reference":  # QLoRA where it exists (CUDA); plain LoRA on CPU, like (b)
-                cmd = reference_cmd(common, out, json_out, seed, hp, qlora=on_cuda)
-            else:
-                cmd = project_cmd(common, out, json_out, seed, tmp / f"cache-{i}", hp)
-            r = run_child(cmd, json_out)
-            r["seed"] = seed
-            runs[mode].append(r)
-            print(f"[{label}] {mode} #{i}: {r}", flush=True)
-    if "warm" in modes and runs["project"]:
-        out, json_out = tmp / "warm", tmp / "warm.json"
-        r = run_child(project_cmd(common, out, json_out, HP["seed"], tmp / "cache-0", hp), json_out)
-        runs["warm"].append(r)
-        print(f"[{label}] warm: {r}", flush=True)
+    # QLoRA for (a) where it exists (CUDA); plain LoRA on CPU, like (b)
+    runs, loads = run_interleaved(label, common, modes, a.repeats, tmp, tmp, hp, qlora=on_cuda)
     if "e2e" in modes:
         print(f"[{label}] e2e (c) skipped: not run for this shape", flush=True)
 
