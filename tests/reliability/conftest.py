@@ -194,10 +194,11 @@ class Stack:
             self._train_file = r.json()["id"]
         return self._train_file
 
-    def job_body(self, *, max_steps: int = 20, checkpoint_every: int = 4) -> dict[str, Any]:
+    def job_body(self, *, max_steps: int = 20, checkpoint_every: int = 4, batch_size: int = 8) -> dict[str, Any]:
         return {"model": "tiny-mistral", "training_file": self.train_file(), "seed": 7,
                 "method": {"type": "ipo", "ipo": {"hyperparameters": {
-                    "max_steps": max_steps, "batch_size": 8, "beta": 0.1, "checkpoint_every": checkpoint_every}}}}
+                    "max_steps": max_steps, "batch_size": batch_size, "beta": 0.1,
+                    "checkpoint_every": checkpoint_every}}}}
 
     def submit(self, **kw: Any) -> str:
         r = self.http.post("/v1/fine_tuning/jobs", json=self.job_body(**kw))

@@ -36,7 +36,7 @@ def resumed_from(stack: Stack, job_id: str, attempt: int) -> int | None:
     raise AssertionError(f"no start event for attempt {attempt}")
 
 
-def assert_clean_history(stack: Stack, job_id: str) -> dict[int, list[int]]:
+def assert_clean_history(stack: Stack, job_id: str, total: int = STEPS) -> dict[int, list[int]]:
     """Per attempt: event seqs strictly increasing with no gap or duplicate; training steps strictly
     increasing; each later attempt starts right after the checkpoint it resumed from; the last one
     reaches the final step."""
@@ -49,7 +49,7 @@ def assert_clean_history(stack: Stack, job_id: str) -> dict[int, list[int]]:
         start = resumed_from(stack, job_id, attempt)
         assert st[0] == (start or 0) + 1, (attempt, start, st)
     last = max(steps)
-    assert steps[last][-1] == STEPS
+    assert steps[last][-1] == total
     return steps
 
 
@@ -245,7 +245,11 @@ def test_cancel_during_run(stack: Stack) -> None:
 
 def test_pause_then_resume_continues_at_the_same_step(stack: Stack) -> None:
     stack.start_worker()
-    job_id = stack.submit(max_steps=STEPS, checkpoint_every=100)  # only the pause checkpoint exists
+    # Whole-dataset batches make each step ~8x slower, so the pause lands mid-run (at 8 pairs a step the
+    # tiny model runs ~15 steps/s and could finish before the heartbeat relayed the pause). Pausing on the
+    # last step is tested in tests/training/test_train.py::test_resuming_at_the_last_step_trains_nothing_more.
+    total = STEPS
+    job_id = stack.submit(max_steps=total, checkpoint_every=100, batch_size=64)  # only the pause checkpoint
     stack.wait_step(job_id, 5)
     asked = time.monotonic()
     r = stack.http.post(f"/v1/fine_tuning/jobs/{job_id}/pause")
@@ -265,7 +269,8 @@ def test_pause_then_resume_continues_at_the_same_step(stack: Stack) -> None:
     assert job.status == "succeeded", (job.error, stack.diagnostics(job_id))
     assert job.attempt == 2 and job.failed_attempts == 0
     assert resumed_from(stack, job_id, 2) == pause_step
-    steps = assert_clean_history(stack, job_id)
+    assert pause_step < total, "the pause landed mid-run"
+    steps = assert_clean_history(stack, job_id, total)
     assert steps[2][0] == pause_step + 1
     report("pause/resume", paused_at_step=pause_step, pause_completed_s=round(paused_in, 1),
            resumed_from_step=resumed_from(stack, job_id, 2), first_step_after_resume=steps[2][0])

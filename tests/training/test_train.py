@@ -250,3 +250,31 @@ def test_cuda_out_of_memory_fails_with_its_code_after_reporting_checkpoints(
     assert error.kind == "error" and error.code == "out_of_memory"
     assert "Lower batch_size or max_length" in (error.message or "")
     assert [c.step for c in reporter.of_kind("checkpoint")] == [2]
+
+
+def test_resuming_at_the_last_step_trains_nothing_more(
+    tiny_model_dir: Path, demo_files: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A pause that lands on the final step leaves a checkpoint at max_steps; resuming from it must
+    finish the job with that checkpoint's weights, not train a step past max_steps."""
+    hp = {"max_steps": 4, "batch_size": 4, "checkpoint_every": 100, "beta": 0.5}
+    flag = StopFlag()
+    flag.stop_at_step = 4
+    first = ListReporter()
+    assert train(_request(tiny_model_dir, demo_files, tmp_path / "a1", validation=False, **hp), first, flag) == (
+        EXIT_STOPPED
+    )
+    (ckpt,) = first.of_kind("checkpoint")
+    assert ckpt.step == 4 and ckpt.path
+
+    second = ListReporter()
+    request = _request(tiny_model_dir, demo_files, tmp_path / "a2", validation=False, **hp)
+    request.resume_from = ckpt.path
+    assert train(request, second) == EXIT_OK
+    assert not [r for r in second.of_kind("metrics") if r.data and "train_loss" in r.data]  # no step 5
+    assert [r.kind for r in second.reports][-1] == "done"
+    expected = _adapter_weights(Path(ckpt.path))
+    got = _adapter_weights(tmp_path / "a2" / "adapter")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name])

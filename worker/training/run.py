@@ -204,7 +204,14 @@ def _train(request: TrainRequest, reporter: Reporter, flag: Any) -> int:
     reporter.event(
         f"training {cfg.loss_type} LoRA on {train_data.n_examples} pairs for {cfg.total_steps} steps on {device}"
     )
-    trainer.train(resume_from_checkpoint=request.resume_from)
+    done_at = _checkpoint_step(request.resume_from)
+    if done_at is not None and done_at >= cfg.total_steps:
+        # Paused or stopped right after its last step: nothing is left to train. transformers would
+        # still run one more step from such a checkpoint (it checks max_steps only after a step).
+        _load_adapter(trainer.model, Path(str(request.resume_from)))
+        reporter.event(f"resumed at step {done_at} of {cfg.total_steps}: training was already complete")
+    else:
+        trainer.train(resume_from_checkpoint=request.resume_from)
 
     if reporting.nan_step is not None:
         kept = reporting.last_checkpoint_step
@@ -231,6 +238,23 @@ def _train(request: TrainRequest, reporter: Reporter, flag: Any) -> int:
     reporter.event(f"training finished in {time.monotonic() - started:.1f}s")
     reporter.done(reporting.trained_tokens)
     return EXIT_OK
+
+
+def _checkpoint_step(checkpoint: str | None) -> int | None:
+    """The optimiser step a checkpoint was saved at (its trainer_state.json), or None."""
+    if not checkpoint:
+        return None
+    try:
+        return int(json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # let transformers report what is wrong with it
+
+
+def _load_adapter(model: Any, checkpoint: Path) -> None:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(str(checkpoint / "adapter_model.safetensors")))
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
