@@ -485,6 +485,17 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def speed_text(mode: str, rs: list[dict[str, Any]], tps: Any) -> str:
+    """Median tokens/s (and each run's), median training time, and (b)'s reference-pass time."""
+    text = (
+        f"median {median([tps(r) for r in rs]):.0f} tok/s ({', '.join(f'{tps(r):.0f}' for r in rs)}), "
+        f"train {median([r['train_s'] for r in rs]):.1f}s"
+    )
+    if mode != "reference":
+        text += f" (ref log-probs {median([r['ref_logps_s'] for r in rs]):.1f}s)"
+    return text
+
+
 def bench_variant(variant: str, a: argparse.Namespace, model: Path, tmp: Path) -> None:
     data = write_data(tmp / variant, variant)
     n_examples = a.max_steps * HP["batch_size"]
@@ -517,12 +528,7 @@ def bench_variant(variant: str, a: argparse.Namespace, model: Path, tmp: Path) -
         rs = runs[mode]
         if not rs:
             return "-"
-        text = (
-            f"median {median([tps(r) for r in rs]):.0f} tok/s ({', '.join(f'{tps(r):.0f}' for r in rs)}), "
-            f"train {median([r['train_s'] for r in rs]):.1f}s"
-        )
-        if mode != "reference":
-            text += f" (ref log-probs {median([r['ref_logps_s'] for r in rs]):.1f}s)"
+        text = speed_text(mode, rs, tps)
         losses = ", ".join(f"{r['final_loss']:.4f}" for r in rs)
         full = ", ".join(f"{r['full_data_loss']:.4f}" for r in rs)
         wall = median([r["process_wall_s"] for r in rs])
@@ -620,12 +626,7 @@ def bench_shape(a: argparse.Namespace, tmp: Path) -> None:
         rs = runs[mode]
         if not rs:
             return "-"
-        text = (
-            f"median {median([tps(r) for r in rs]):.0f} tok/s ({', '.join(f'{tps(r):.0f}' for r in rs)}), "
-            f"train {median([r['train_s'] for r in rs]):.1f}s"
-        )
-        if mode != "reference":
-            text += f" (ref log-probs {median([r['ref_logps_s'] for r in rs]):.1f}s)"
+        text = speed_text(mode, rs, tps)
         memory = f"peak GPU {gib(peak(rs))} allocated" if on_cuda else "peak GPU n/a (CPU)"
         wall = median([r["process_wall_s"] for r in rs])
         return f"{text}, {memory}, {mfu_text(rs)}, wall {wall:.1f}s, {rs[0]['steps']} steps"
