@@ -5,7 +5,7 @@ from typing import Any
 import pytest
 
 from contracts.method import Method
-from worker.training.recipe import ZEPHYR_IPO, ConfigError, resolve_config
+from worker.training.recipe import ZEPHYR_IPO, ConfigError, fit_max_length, plan_steps, preset_for, resolve_config
 
 MISTRAL_7B: dict[str, Any] = {
     "model_type": "mistral",
@@ -109,3 +109,40 @@ def test_attention_and_fused_kernels_follow_the_device_and_what_is_installed(mon
     installed.clear()
     cuda = resolve_config(Method(), n_train_examples=10, model_config_dict=MISTRAL_7B, device="cuda")
     assert (cuda.attn_implementation, cuda.use_liger_kernel) == ("sdpa", False)
+
+
+def test_step_plan_counts_optimiser_steps_and_spaces_saves_logs_and_evaluations() -> None:
+    plan = plan_steps(
+        n_train_examples=100,
+        batch_size=4,
+        gradient_accumulation_steps=2,
+        n_epochs=3,
+        max_steps=-1,
+        checkpoint_every=None,
+        has_validation=True,
+    )
+    assert plan.total_steps == 3 * 13  # ceil(100 / 8) per epoch
+    assert plan.checkpoint_every == 39 // 4 and plan.eval_every == 39 // 4
+    assert plan.logging_steps == 1  # 39 // 20
+    assert plan.precompute_ref_log_probs
+    capped = plan_steps(
+        n_train_examples=100,
+        batch_size=4,
+        gradient_accumulation_steps=2,
+        n_epochs=3,
+        max_steps=5,
+        checkpoint_every=2,
+        has_validation=False,
+    )
+    assert (capped.total_steps, capped.checkpoint_every, capped.eval_every) == (5, 2, None)
+    assert not capped.precompute_ref_log_probs  # 40 of 100 pairs: less than one pass
+
+
+def test_presets_and_max_length_fit() -> None:
+    assert preset_for(TINY)["learning_rate"] == 1.0e-3 and preset_for(TINY)["lora_r"] == ZEPHYR_IPO["lora_r"]
+    assert preset_for(MISTRAL_7B) == ZEPHYR_IPO
+    assert fit_max_length(1024, explicit=False, model_config_dict=TINY) == 512  # auto: capped at positions
+    with pytest.raises(ConfigError) as err:
+        fit_max_length(1024, explicit=True, model_config_dict=TINY)
+    assert err.value.field == "hyperparameters.max_length"
+    assert fit_max_length(4096, explicit=True, model_config_dict={}) == 4096  # positions unknown

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,25 +29,27 @@ class ConfigError(ValueError):
         self.message = message
 
 
-# The seed recipe (alignment-handbook zephyr-7b-beta QLoRA; IPO beta from the pref-tuning blog sweep).
+# The seed recipe. Sources: "handbook" = alignment-handbook recipes/zephyr-7b-beta/dpo/config_qlora.yaml (QLoRA
+# DPO of zephyr-7b-sft-qlora); "pref-tuning blog" = huggingface.co/blog/pref-tuning (the DPO/IPO/KTO sweep);
+# "seed" = this project's founding recipe (docs/design.md), where it deliberately differs from the handbook.
 ZEPHYR_IPO: dict[str, Any] = {
-    "beta": 0.01,  # pref-tuning blog: IPO best at tau=0.01 for Zephyr on UltraFeedback
-    "learning_rate": 5.0e-6,  # handbook dpo/config_qlora.yaml
+    "beta": 0.01,  # pref-tuning blog: IPO best at tau=0.01 for Zephyr on UltraFeedback (handbook's beta too)
+    "learning_rate": 5.0e-6,  # handbook: learning_rate 5.0e-6
     "n_epochs": 1,  # handbook: num_train_epochs 1
     "batch_size": 4,  # handbook: per_device_train_batch_size 4
-    "gradient_accumulation_steps": 4,  # handbook: 4 (8 GPUs there; one here)
+    "gradient_accumulation_steps": 4,  # seed: one GPU, 4 x 4 = 16 pairs a step (handbook: 1 a device on 8 GPUs = 32)
     "max_length": 1024,  # handbook: max_length 1024
     "warmup_ratio": 0.1,  # handbook: warmup_ratio 0.1
     "lr_scheduler": "cosine",  # handbook: lr_scheduler_type cosine
     "sft_weight": 0.0,  # pure IPO
-    "lora_r": 16,  # handbook: lora_r 16
-    "lora_alpha": 64,  # handbook: lora_alpha 64
-    "lora_dropout": 0.1,  # handbook: lora_dropout 0.1
-    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],  # handbook lora_target_modules
-    "quantization": "nf4",  # handbook: load_in_4bit, bnb_4bit_quant_type nf4
-    "double_quant": True,  # handbook: bnb_4bit_use_double_quant
+    "lora_r": 16,  # seed and handbook: lora_r 16
+    "lora_alpha": 64,  # seed (scaling alpha/r = 4); handbook: lora_alpha 16
+    "lora_dropout": 0.1,  # seed; handbook: lora_dropout 0.05
+    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],  # seed; handbook adds gate/up/down_proj
+    "quantization": "nf4",  # handbook: load_in_4bit (NF4, as in the QLoRA paper, Dettmers et al. 2023)
+    "double_quant": True,  # QLoRA paper: double quantisation
     "gradient_checkpointing": True,  # handbook: gradient_checkpointing true
-    "optim": "paged_adamw_8bit",  # QLoRA paper (Dettmers et al. 2023): paged 8-bit AdamW
+    "optim": "paged_adamw_8bit",  # seed: paged 8-bit AdamW (QLoRA paper's paged optimiser); handbook: paged_adamw_32bit
 }
 
 # The tiny demo model: same code path, "auto" values chosen so the demo learns within ~2 minutes on
@@ -150,6 +153,67 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+# -- 1. preset: which defaults "auto" stands for --------------------------------------------------------------
+
+
+def preset_for(model_config_dict: dict[str, Any]) -> dict[str, Any]:
+    """The defaults that ``"auto"`` resolves to for this model: ``TINY_IPO`` for the demo-sized models
+    (hidden size <= 512 and <= 8 layers), else the seed recipe ``ZEPHYR_IPO``. Keys missing from a preset
+    fall back to ``ZEPHYR_IPO``."""
+    preset = TINY_IPO if _is_tiny(model_config_dict) else ZEPHYR_IPO
+    return {**ZEPHYR_IPO, **preset}
+
+
+def _pick(value: Any, preset: dict[str, Any], key: str) -> Any:
+    return preset[key] if value == "auto" else value
+
+
+# -- 2. steps: how long the run is, and how often it saves, logs and evaluates -----------------------------------
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """The optimiser-step schedule of a run, derived from the data size and the batch settings."""
+
+    total_steps: int
+    """Optimiser steps the run takes: ``max_steps`` when set, else ``n_epochs * ceil(n / (batch * accum))``."""
+    checkpoint_every: int
+    """Explicit, or a quarter of the run capped at 200 steps (at least 1): four resumable points per run."""
+    logging_steps: int
+    """About 20 metric reports per run, at most every 10 steps."""
+    eval_every: int | None
+    """A quarter of the run when there is a validation file (four evaluations), else None."""
+    precompute_ref_log_probs: bool
+    """True when the run covers at least one pass over the data (the break-even measured in
+    bench/RESULTS.md; see ``TrainingConfig.precompute_ref_log_probs``)."""
+
+
+def plan_steps(
+    *,
+    n_train_examples: int,
+    batch_size: int,
+    gradient_accumulation_steps: int,
+    n_epochs: int,
+    max_steps: int,
+    checkpoint_every: int | None,
+    has_validation: bool,
+) -> StepPlan:
+    """Derive the step schedule; ``max_steps`` -1 means "n_epochs over the data" (transformers' convention)."""
+    pairs_per_step = batch_size * gradient_accumulation_steps
+    steps_per_epoch = max(1, math.ceil(n_train_examples / pairs_per_step))
+    total_steps = max_steps if max_steps > 0 else steps_per_epoch * n_epochs
+    return StepPlan(
+        total_steps=total_steps,
+        checkpoint_every=checkpoint_every or max(1, min(200, total_steps // 4 or 1)),
+        logging_steps=max(1, min(10, total_steps // 20 or 1)),
+        eval_every=max(1, total_steps // 4) if has_validation else None,
+        precompute_ref_log_probs=total_steps * pairs_per_step >= n_train_examples,
+    )
+
+
+# -- 3. validation: settings this model and device cannot train with -------------------------------------------
+
+
 def _unknown_targets(
     model_dir: Path | None, model_config_dict: dict[str, Any], targets: list[str]
 ) -> tuple[list[str], list[str]]:
@@ -159,6 +223,40 @@ def _unknown_targets(
         return unknown_target_modules(model_dir, targets)  # ([], []): an architecture it cannot check
     known = DECODER_LINEAR_NAMES
     return [t for t in targets if t.rsplit(".", 1)[-1] not in known], sorted(known)
+
+
+def check_quantization(quantization: str, device: str) -> None:
+    """Raises ``ConfigError`` for QLoRA off CUDA (bitsandbytes 4-bit on CPU leaves LoRA gradients at zero)."""
+    if quantization == "nf4" and device != "cuda":
+        raise ConfigError(
+            "lora.quantization",
+            "nf4 (QLoRA) needs a CUDA device; bitsandbytes 4-bit on CPU silently leaves LoRA gradients at "
+            "zero. Use quantization 'none' on CPU.",
+        )
+
+
+def check_target_modules(model_dir: Path | None, model_config_dict: dict[str, Any], targets: list[str]) -> None:
+    """Raises ``ConfigError`` naming LoRA targets the model does not have, and the ones it has."""
+    unknown, choices = _unknown_targets(model_dir, model_config_dict, targets)
+    if unknown:
+        raise ConfigError(
+            "lora.target_modules",
+            f"{', '.join(unknown)} not in this model ({model_config_dict.get('model_type', 'unknown')}); "
+            f"choose from {', '.join(choices)}",
+        )
+
+
+def fit_max_length(max_length: int, *, explicit: bool, model_config_dict: dict[str, Any]) -> int:
+    """``max_length`` capped at the model's positions; an explicit value over them raises ``ConfigError``."""
+    max_positions = model_config_dict.get("max_position_embeddings")
+    if not max_positions:
+        return max_length
+    if explicit and max_length > int(max_positions):
+        raise ConfigError("hyperparameters.max_length", f"{max_length} exceeds the model's {max_positions} positions")
+    return min(max_length, int(max_positions))
+
+
+# -- all together ---------------------------------------------------------------------------------------------
 
 
 def resolve_config(
@@ -171,7 +269,8 @@ def resolve_config(
     has_validation: bool = False,
     model_dir: Path | None = None,
 ) -> TrainingConfig:
-    """Resolve every ``"auto"`` in ``method`` for this dataset size, model and device.
+    """Resolve every ``"auto"`` in ``method`` for this dataset size, model and device: preset, then the step
+    plan, then the checks.
 
     Raises ``ConfigError`` (naming the field) for settings that cannot work.
     """
@@ -179,73 +278,60 @@ def resolve_config(
         raise ConfigError("device", f"must be 'cpu' or 'cuda', got {device!r}")
     params = method.params()
     hp, lora = params.hyperparameters, params.lora
-    preset = TINY_IPO if _is_tiny(model_config_dict) else ZEPHYR_IPO
+    preset = preset_for(model_config_dict)
 
-    def pick(value: Any, key: str) -> Any:
-        return preset.get(key, ZEPHYR_IPO[key]) if value == "auto" else value
-
-    beta = pick(hp.beta, "beta")
+    beta = _pick(hp.beta, preset, "beta")
     if method.type == "dpo" and hp.beta == "auto":
         beta = 0.1  # TRL/DPO paper default temperature; IPO's tau=0.01 would be far too sharp for sigmoid
-    learning_rate = pick(hp.learning_rate, "learning_rate")
+    learning_rate = _pick(hp.learning_rate, preset, "learning_rate")
     if hp.learning_rate_multiplier != "auto":
         learning_rate = learning_rate * float(hp.learning_rate_multiplier)
-    batch_size = int(pick(hp.batch_size, "batch_size"))
-    batch_size = max(1, min(batch_size, n_train_examples))
-    grad_accum = int(pick(hp.gradient_accumulation_steps, "gradient_accumulation_steps"))
-    n_epochs = int(pick(hp.n_epochs, "n_epochs"))
+    batch_size = max(1, min(int(_pick(hp.batch_size, preset, "batch_size")), n_train_examples))
+    grad_accum = int(_pick(hp.gradient_accumulation_steps, preset, "gradient_accumulation_steps"))
+    n_epochs = int(_pick(hp.n_epochs, preset, "n_epochs"))
     max_steps = -1 if hp.max_steps == "auto" else int(hp.max_steps)
-    steps_per_epoch = max(1, math.ceil(n_train_examples / (batch_size * grad_accum)))
-    total_steps = max_steps if max_steps > 0 else steps_per_epoch * n_epochs
-    checkpoint_every = (
-        int(hp.checkpoint_every) if hp.checkpoint_every != "auto" else max(1, min(200, total_steps // 4 or 1))
+    plan = plan_steps(
+        n_train_examples=n_train_examples,
+        batch_size=batch_size,
+        gradient_accumulation_steps=grad_accum,
+        n_epochs=n_epochs,
+        max_steps=max_steps,
+        checkpoint_every=None if hp.checkpoint_every == "auto" else int(hp.checkpoint_every),
+        has_validation=has_validation,
     )
-    logging_steps = max(1, min(10, total_steps // 20 or 1))
 
     quantization = lora.quantization if lora.quantization != "auto" else ("nf4" if device == "cuda" else "none")
-    if quantization == "nf4" and device != "cuda":
-        raise ConfigError(
-            "lora.quantization",
-            "nf4 (QLoRA) needs a CUDA device; bitsandbytes 4-bit on CPU silently leaves LoRA gradients at "
-            "zero. Use quantization 'none' on CPU.",
-        )
-    target_modules = list(pick(lora.target_modules, "target_modules"))
-    unknown, choices = _unknown_targets(model_dir, model_config_dict, target_modules)
-    if unknown:
-        raise ConfigError(
-            "lora.target_modules",
-            f"{', '.join(unknown)} not in this model ({model_config_dict.get('model_type', 'unknown')}); "
-            f"choose from {', '.join(choices)}",
-        )
-    max_length = int(pick(hp.max_length, "max_length"))
-    max_positions = model_config_dict.get("max_position_embeddings")
-    if max_positions and max_length > int(max_positions) and hp.max_length != "auto":
-        raise ConfigError("hyperparameters.max_length", f"{max_length} exceeds the model's {max_positions} positions")
-    if max_positions:
-        max_length = min(max_length, int(max_positions))
+    check_quantization(quantization, device)
+    target_modules = list(_pick(lora.target_modules, preset, "target_modules"))
+    check_target_modules(model_dir, model_config_dict, target_modules)
+    max_length = fit_max_length(
+        int(_pick(hp.max_length, preset, "max_length")),
+        explicit=hp.max_length != "auto",
+        model_config_dict=model_config_dict,
+    )
 
     on_cuda = device == "cuda"
     return TrainingConfig(
         loss_type="ipo" if method.type == "ipo" else "sigmoid",
         beta=float(beta),
-        sft_weight=float(pick(hp.sft_weight, "sft_weight")),
+        sft_weight=float(_pick(hp.sft_weight, preset, "sft_weight")),
         learning_rate=float(learning_rate),
         n_epochs=n_epochs,
         batch_size=batch_size,
         gradient_accumulation_steps=grad_accum,
         max_length=max_length,
-        warmup_ratio=float(pick(hp.warmup_ratio, "warmup_ratio")),
-        lr_scheduler=pick(hp.lr_scheduler, "lr_scheduler"),
+        warmup_ratio=float(_pick(hp.warmup_ratio, preset, "warmup_ratio")),
+        lr_scheduler=_pick(hp.lr_scheduler, preset, "lr_scheduler"),
         max_steps=max_steps,
-        total_steps=total_steps,
-        checkpoint_every=checkpoint_every,
-        logging_steps=logging_steps,
-        eval_every=max(1, total_steps // 4) if has_validation else None,
+        total_steps=plan.total_steps,
+        checkpoint_every=plan.checkpoint_every,
+        logging_steps=plan.logging_steps,
+        eval_every=plan.eval_every,
         seed=seed,
-        precompute_ref_log_probs=total_steps * batch_size * grad_accum >= n_train_examples,
-        lora_r=int(pick(lora.r, "lora_r")),
-        lora_alpha=float(pick(lora.alpha, "lora_alpha")),
-        lora_dropout=float(pick(lora.dropout, "lora_dropout")),
+        precompute_ref_log_probs=plan.precompute_ref_log_probs,
+        lora_r=int(_pick(lora.r, preset, "lora_r")),
+        lora_alpha=float(_pick(lora.alpha, preset, "lora_alpha")),
+        lora_dropout=float(_pick(lora.dropout, preset, "lora_dropout")),
         target_modules=target_modules,
         quantization=quantization,
         double_quant=quantization == "nf4",

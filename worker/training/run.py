@@ -14,11 +14,14 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from contracts.logs import configure_logging, log_context
 from worker.training.reporter import JsonLinesReporter, Reporter
 from worker.training.request import EXIT_OK, EXIT_STOPPED, TrainRequest
+
+if TYPE_CHECKING:
+    from worker.training.recipe import TrainingConfig
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -63,56 +66,29 @@ def train(request: TrainRequest, reporter: Reporter, stop: Any | None = None) ->
         return EXIT_FAILED
 
 
-def _device(requested: str) -> str:
-    import torch
-
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda" and not torch.cuda.is_available():
-        from worker.training.recipe import ConfigError
-
-        raise ConfigError("device", "cuda was requested but no CUDA device is available")
-    return requested
-
-
 def _train(request: TrainRequest, reporter: Reporter, flag: Any) -> int:
+    """One attempt, start to end, in the order of TRL's ``scripts/dpo.py``: data and config, model, trainer,
+    train, save. Each step is a small function below."""
     import torch
-    from peft import LoraConfig
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig
 
-    from contracts.data_formats import parse_preference_file
-    from worker.training.callbacks import NonFiniteGuard, ReportingCallback, StopCallback, TokenCountInLogHistory
-    from worker.training.data import DataError, describe_skipped, load_preference_data
-    from worker.training.recipe import resolve_config
+    from worker.training.callbacks import ReportingCallback
+    from worker.training.data import describe_skipped, load_preference_data
+    from worker.training.loading import load_model, load_tokenizer, resolve_device
     from worker.training.ref_cache import PreparedInputs
-    from worker.training.trainer import IpoDPOTrainer
 
     started = time.monotonic()
     out = Path(request.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    device = _device(request.device)
+    device = resolve_device(request.device)
     if device == "cpu":
         torch.set_num_threads(max(1, os.cpu_count() or 1))
 
-    examples, report = parse_preference_file(request.train_file)
-    if not report.ok:
-        raise DataError(report.summary("training file"))
-    model_config = AutoConfig.from_pretrained(request.model_path).to_dict()
-    cfg = resolve_config(
-        request.method,
-        n_train_examples=len(examples),
-        model_config_dict=model_config,
-        device=device,
-        seed=request.seed,
-        has_validation=request.validation_file is not None,
-        model_dir=Path(request.model_path),
-    )
+    # 1. configuration: every "auto" resolved for this data, model and device
+    cfg = _resolve(request, device)
     reporter.resolved(cfg.resolved_dict())
 
-    tokenizer = AutoTokenizer.from_pretrained(request.model_path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    # 2. tokenizer and data
+    tokenizer = load_tokenizer(request.model_path)
     if tokenizer.chat_template is None:
         raise TrainingFailed("invalid_model", f"{request.model_path} has no chat template", EXIT_BAD_INPUT)
     train_data = load_preference_data(request.train_file, tokenizer, max_length=cfg.max_length)
@@ -126,28 +102,76 @@ def _train(request: TrainRequest, reporter: Reporter, flag: Any) -> int:
         if warning:
             reporter.event(warning, level="warn")
 
-    model_kwargs: dict[str, Any] = {
-        "dtype": torch.bfloat16 if device == "cuda" else torch.float32,
-        "attn_implementation": cfg.attn_implementation,
-    }
-    if cfg.quantization == "nf4":
-        from transformers import BitsAndBytesConfig
-
-        model_kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=cfg.double_quant,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        )
-        model_kwargs["device_map"] = {"": 0}
-    model = AutoModelForCausalLM.from_pretrained(request.model_path, **model_kwargs)
-
+    # 3. model, and the cached tokenized pairs + reference log-probs of an earlier run, if any
+    model = load_model(request.model_path, cfg)
     cached = PreparedInputs(request, cfg, tokenizer, device)
     precompute = cached.load(cfg.precompute_ref_log_probs)
 
+    # 4. trainer
+    reporting = ReportingCallback(reporter, total_steps=cfg.total_steps, beta=cfg.beta, loss_type=cfg.loss_type)
+    trainer = _build_trainer(
+        model,
+        tokenizer,
+        dpo_args(cfg, out, precompute=precompute, evaluate=eval_data is not None),
+        cfg,
+        train_dataset=cached.train if cached.train is not None else train_data.dataset,
+        eval_dataset=cached.eval if cached.eval is not None else (eval_data.dataset if eval_data else None),
+        reporting=reporting,
+        flag=flag,
+    )
+    cached.report_and_store(trainer, reporter)
+    reporter.event(
+        f"training {cfg.loss_type} LoRA on {train_data.n_examples} pairs for {cfg.total_steps} steps on {device}"
+    )
+
+    # 5. train (or finish a run that was paused right after its last step)
+    _train_or_finish(trainer, request.resume_from, cfg.total_steps, reporter)
+    _raise_if_diverged(reporting)
+    if flag.reason is not None:
+        reporter.event(f"stopped on request ({flag.reason}) at step {trainer.state.global_step}")
+        return EXIT_STOPPED
+
+    # 6. final evaluation and outputs
+    if eval_data:
+        trainer.evaluate()
+    _save_outputs(trainer, tokenizer, out, reporting, reporter)
+    reporter.event(f"training finished in {time.monotonic() - started:.1f}s")
+    reporter.done(reporting.trained_tokens)
+    return EXIT_OK
+
+
+def _resolve(request: TrainRequest, device: str) -> TrainingConfig:
+    """Validate the training file (the worker never trusts the API's check) and resolve the config for it."""
+    from transformers import AutoConfig
+
+    from contracts.data_formats import parse_preference_file
+    from worker.training.data import DataError
+    from worker.training.recipe import resolve_config
+
+    examples, report = parse_preference_file(request.train_file)
+    if not report.ok:
+        raise DataError(report.summary("training file"))
+    return resolve_config(
+        request.method,
+        n_train_examples=len(examples),
+        model_config_dict=AutoConfig.from_pretrained(request.model_path).to_dict(),
+        device=device,
+        seed=request.seed,
+        has_validation=request.validation_file is not None,
+        model_dir=Path(request.model_path),
+    )
+
+
+def dpo_args(cfg: TrainingConfig, out: Path, *, precompute: bool, evaluate: bool) -> Any:
+    """TRL ``DPOConfig`` for the resolved recipe: the IPO (or sigmoid) loss, plus TRL's "sft" NLL term when
+    ``sft_weight`` > 0; checkpoints under ``out/checkpoints`` every ``checkpoint_every`` steps; no hub, no
+    trackers (progress is reported through the callbacks)."""
+    from trl import DPOConfig
+
+    on_cuda = cfg.device == "cuda"
     loss_type = [cfg.loss_type] + (["sft"] if cfg.sft_weight > 0 else [])
     loss_weights = [1.0] + ([cfg.sft_weight] if cfg.sft_weight > 0 else [])
-    args = DPOConfig(
+    return DPOConfig(
         output_dir=str(out / "checkpoints"),
         loss_type=loss_type,
         loss_weights=loss_weights,
@@ -159,16 +183,16 @@ def _train(request: TrainRequest, reporter: Reporter, flag: Any) -> int:
         per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         max_length=cfg.max_length,
-        warmup_steps=cfg.warmup_ratio,
+        warmup_steps=cfg.warmup_ratio,  # transformers 5: a float < 1 is a ratio of the total steps
         lr_scheduler_type=cfg.lr_scheduler,
         optim=cfg.optim,
         logging_steps=cfg.logging_steps,
         save_strategy="steps",
         save_steps=cfg.checkpoint_every,
-        eval_strategy="steps" if eval_data else "no",
+        eval_strategy="steps" if evaluate else "no",
         eval_steps=cfg.eval_every,
-        bf16=device == "cuda",
-        use_cpu=device == "cpu",
+        bf16=on_cuda,
+        use_cpu=not on_cuda,
         gradient_checkpointing=cfg.gradient_checkpointing,
         use_liger_kernel=cfg.use_liger_kernel,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
@@ -181,63 +205,72 @@ def _train(request: TrainRequest, reporter: Reporter, flag: Any) -> int:
         dataloader_num_workers=0,
         save_total_limit=None,
     )
-    peft_config = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,  # type: ignore[arg-type]  # peft takes any number: scaling = alpha / r
-        lora_dropout=cfg.lora_dropout,
-        target_modules=cfg.target_modules,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    reporting = ReportingCallback(reporter, total_steps=cfg.total_steps, beta=cfg.beta, loss_type=cfg.loss_type)
-    trainer = IpoDPOTrainer(
+
+
+def _build_trainer(
+    model: Any,
+    tokenizer: Any,
+    args: Any,
+    cfg: TrainingConfig,
+    *,
+    train_dataset: Any,
+    eval_dataset: Any,
+    reporting: Any,
+    flag: Any,
+) -> Any:
+    """``IpoDPOTrainer`` with the LoRA adapter and the reporting, stop and divergence callbacks (the guard
+    last: its ``should_save = False`` must override a pause's save)."""
+    from worker.training.callbacks import NonFiniteGuard, StopCallback, TokenCountInLogHistory
+    from worker.training.loading import lora_config
+    from worker.training.trainer import IpoDPOTrainer
+
+    return IpoDPOTrainer(
         model=model,
         ref_model=None,  # PEFT: the reference is the base model with the adapter disabled (no second copy)
         args=args,
-        train_dataset=cached.train if cached.train is not None else train_data.dataset,
-        eval_dataset=cached.eval if cached.eval is not None else (eval_data.dataset if eval_data else None),
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        peft_config=peft_config,
+        peft_config=lora_config(cfg),
         callbacks=[reporting, TokenCountInLogHistory(reporting), StopCallback(flag), NonFiniteGuard(reporting)],
     )
-    cached.report_and_store(trainer, reporter)
-    reporter.event(
-        f"training {cfg.loss_type} LoRA on {train_data.n_examples} pairs for {cfg.total_steps} steps on {device}"
-    )
-    done_at = _checkpoint_step(request.resume_from)
-    if done_at is not None and done_at >= cfg.total_steps:
-        # Paused or stopped right after its last step: nothing is left to train. transformers would
-        # still run one more step from such a checkpoint (it checks max_steps only after a step).
-        _load_adapter(trainer.model, Path(str(request.resume_from)))
-        reporter.event(f"resumed at step {done_at} of {cfg.total_steps}: training was already complete")
+
+
+def _train_or_finish(trainer: Any, resume_from: str | None, total_steps: int, reporter: Reporter) -> None:
+    """``trainer.train``, resuming from ``resume_from`` when given. A checkpoint already at ``total_steps``
+    (paused or stopped right after its last step) is loaded instead: transformers would still run one more
+    step from it, as it checks ``max_steps`` only after a step."""
+    done_at = _checkpoint_step(resume_from)
+    if done_at is not None and done_at >= total_steps:
+        _load_adapter(trainer.model, Path(str(resume_from)))
+        reporter.event(f"resumed at step {done_at} of {total_steps}: training was already complete")
     else:
-        trainer.train(resume_from_checkpoint=request.resume_from)
+        trainer.train(resume_from_checkpoint=resume_from)
 
-    if reporting.nan_step is not None:
-        kept = reporting.last_checkpoint_step
-        raise TrainingFailed(
-            "nan_loss",
-            f"training diverged at step {reporting.nan_step}: the loss or the weights became NaN/inf. "
-            + (f"The last good checkpoint is step {kept}. " if kept is not None else "No checkpoint was kept. ")
-            + "Lower the learning rate or raise beta.",
-        )
-    if flag.reason is not None:
-        reporter.event(f"stopped on request ({flag.reason}) at step {trainer.state.global_step}")
-        return EXIT_STOPPED
 
-    if eval_data:
-        trainer.evaluate()
+def _raise_if_diverged(reporting: Any) -> None:
+    """``TrainingFailed("nan_loss")`` naming the step and the last good checkpoint when the guard fired."""
+    if reporting.nan_step is None:
+        return
+    kept = reporting.last_checkpoint_step
+    raise TrainingFailed(
+        "nan_loss",
+        f"training diverged at step {reporting.nan_step}: the loss or the weights became NaN/inf. "
+        + (f"The last good checkpoint is step {kept}. " if kept is not None else "No checkpoint was kept. ")
+        + "Lower the learning rate or raise beta.",
+    )
+
+
+def _save_outputs(trainer: Any, tokenizer: Any, out: Path, reporting: Any, reporter: Reporter) -> None:
+    """The adapter (PEFT weights + config, with the tokenizer and its chat template beside them, so whoever
+    loads it formats prompts the same way) and the metrics CSV, each reported as an artifact."""
     adapter_dir = out / "adapter"
-    trained: Any = trainer.model
-    trained.save_pretrained(str(adapter_dir))
+    trainer.model.save_pretrained(str(adapter_dir))
     tokenizer.save_pretrained(str(adapter_dir))
     reporter.artifact("adapter", str(adapter_dir))
     metrics_path = out / "metrics.csv"
     _write_csv(metrics_path, reporting.rows)
     reporter.artifact("metrics", str(metrics_path))
-    reporter.event(f"training finished in {time.monotonic() - started:.1f}s")
-    reporter.done(reporting.trained_tokens)
-    return EXIT_OK
 
 
 def _checkpoint_step(checkpoint: str | None) -> int | None:
