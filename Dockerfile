@@ -95,10 +95,11 @@ RUN groupadd --system --gid 10001 ipo \
 WORKDIR /opt/ipo
 COPY --from=source /opt/ipo /opt/ipo
 # Keep the base image's CUDA torch: pin it to the version already installed, so that no dependency
-# can make pip "upgrade" it to a different (or CPU-only) build. constraints/cpu.txt is NOT used here.
+# can make pip "upgrade" it to a different (or CPU-only) build. constraints/cpu.txt is NOT used here;
+# constraints/worker.txt (the training stack as CI tested it, torch left out) is.
 # The check after it fails the build if torch is not a CUDA build after the install.
 RUN python -c "import torch; print(f'torch=={torch.__version__}')" > /tmp/keep-base-torch.txt \
- && python -m pip install -c /tmp/keep-base-torch.txt ".[worker,gpu]" \
+ && python -m pip install -c /tmp/keep-base-torch.txt -c constraints/worker.txt ".[worker,gpu]" \
  && python -c "import torch, sys; sys.exit(torch.version.cuda is None)" \
  && rm -rf /tmp/keep-base-torch.txt build ./*.egg-info
 

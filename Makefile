@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: help venv demo test test-slow test-all lint format serve worker up clean screenshot
+.PHONY: help venv lock demo test test-slow test-all lint format serve worker up clean screenshot
 
 help:
 	@echo "make demo       build everything and run a real IPO job end to end"
@@ -19,11 +19,14 @@ help:
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml constraints/cpu.txt
+$(STAMP): pyproject.toml constraints/cpu.txt constraints/worker.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -c constraints/cpu.txt -e ".[worker,dev]"
+	$(BIN)/python -m pip install -c constraints/cpu.txt -c constraints/worker.txt -e ".[worker,dev]"
 	touch $(STAMP)
+
+lock: venv  ## after changing dependencies: pin the worker's install as tested (constraints/worker.txt)
+	$(BIN)/python tools/freeze_constraints.py worker > constraints/worker.txt
 
 demo: venv
 	HF_HUB_OFFLINE=1 $(BIN)/ipo demo
