@@ -11,6 +11,22 @@ reference pass made once per dataset.
   adapter disabled) scores every pair once, before training, in length-sorted batches, instead of a
   second forward pass in every step. Datasets that already carry the columns (from ``ref_cache``) are
   taken as they are, and so are datasets that are already tokenized.
+
+Overrides of private TRL / transformers methods (tested with trl 1.16, transformers 5.24; a rename or a
+changed signature upstream is caught by ``tests/training/test_trl_overrides.py``, which checks each name
+and its parameters on the installed base classes, and a changed behaviour by the test named here):
+
+- ``DPOTrainer._prepare_dataset``: skip TRL's tokenizing for already-tokenized (cached) data.
+  Behaviour: ``test_fast_paths.py::test_a_second_run_on_the_same_file_uses_the_cache_and_learns_the_same``.
+- ``DPOTrainer._precompute_ref_logps``: the reference pass, longest-first and reusing cached columns.
+  Behaviour: ``test_fast_paths.py::test_precomputed_reference_trains_exactly_like_the_per_step_one`` and
+  ``::test_precomputed_reference_is_the_base_model``.
+- ``Trainer._get_train_sampler`` / ``Trainer._get_eval_sampler``: seeded length-grouped training order,
+  longest-first evaluation. Behaviour: ``test_fast_paths.py::test_length_grouped_run_resumes_exactly_across_epochs``
+  and tests/unit/test_length_grouping.py.
+- ``DPOTrainer._compute_loss``: wrapped (not replaced) to capture per-token log-probs for the IPO margin;
+  also reads ``self._metrics`` and ``self.precompute_ref_logps``. Behaviour:
+  ``test_train.py::test_train_reports_checkpoints_and_adapter`` (ipo_margin, preference_accuracy present).
 """
 
 from __future__ import annotations
