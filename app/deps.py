@@ -1,5 +1,5 @@
 """FastAPI dependencies: the app context, one session per request (committed before the response is
-sent), the authenticated caller and the worker-token guard."""
+sent), the authenticated caller, the worker-token guard and the ``Idempotency-Key`` header."""
 
 from __future__ import annotations
 
@@ -7,10 +7,13 @@ from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from app.auth import Caller, authenticate, check_worker_token
+from app.auth import Caller, check_worker_token
 from app.db import session_scope
+from app.errors import InvalidRequest, Unauthorized
+from app.middleware.auth_gate import CALLER_STATE
 from app.services.jobs import EVENTS_WRITTEN, OUTBOX_WRITTEN
 from app.state import AppContext
 
@@ -42,13 +45,20 @@ def get_session(ctx: Ctx) -> Iterator[Session]:
 DbSession = Annotated[Session, Depends(get_session, scope="function")]
 
 
-def get_caller(ctx: Ctx, session: DbSession, authorization: Annotated[str | None, Header()] = None) -> Caller:
-    caller = authenticate(session, authorization)
-    # End the read-only lookup now: its connection goes back to the pool instead of being held while
-    # the handler opens a second session (Idempotency-Key reservation). Under load, requests that each
-    # held one connection while waiting for another starved the pool (500s after pool_timeout).
-    session.commit()
-    ctx.rate_limiter.check(caller.key_id)  # per key, per API process (see app.services.rate_limit)
+_bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer ipo-sk-...`.")
+
+
+def get_caller(
+    request: Request, _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> Caller:
+    """The caller that ``AuthGateMiddleware`` authenticated (and rate-limited) before the body was read.
+
+    ``_credentials`` only declares the bearer scheme in the OpenAPI document. A ``/v1`` route reached
+    without the gate's answer is refused, never served unauthenticated.
+    """
+    caller: Caller | None = getattr(request.state, CALLER_STATE, None)
+    if caller is None:
+        raise Unauthorized("Missing or malformed API key. Send 'Authorization: Bearer ipo-sk-...'.")
     return caller
 
 
@@ -56,7 +66,39 @@ CurrentCaller = Annotated[Caller, Depends(get_caller)]
 
 
 def require_worker(ctx: Ctx, authorization: Annotated[str | None, Header()] = None) -> None:
+    """Checked again here (``AuthGateMiddleware`` already refused a wrong token before the body)."""
     check_worker_token(ctx.worker_token, authorization)
 
 
-IdempotencyKeyHeader = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)]
+IDEMPOTENCY_KEY_MAX_LENGTH = 255
+"""Stripe's and OpenAI's limit on an ``Idempotency-Key``."""
+
+
+def get_idempotency_key(
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            description="1 to 255 printable ASCII characters; a retry with the same key and body replays "
+            "the first answer for 24 hours.",
+        ),
+    ] = None,
+) -> str | None:
+    """The ``Idempotency-Key`` header, or None when absent. An empty, over-long or non-printable key is a
+    400 naming the header: an empty one would otherwise be one key shared by every POST of the project."""
+    if idempotency_key is None:
+        return None
+    if not idempotency_key.strip():
+        raise InvalidRequest("The Idempotency-Key header is empty; omit it or send a key.", param="Idempotency-Key")
+    if len(idempotency_key) > IDEMPOTENCY_KEY_MAX_LENGTH:
+        raise InvalidRequest(
+            f"The Idempotency-Key header is {len(idempotency_key)} characters long; "
+            f"the limit is {IDEMPOTENCY_KEY_MAX_LENGTH}.",
+            param="Idempotency-Key",
+        )
+    if not all(" " <= c <= "~" for c in idempotency_key):
+        raise InvalidRequest("The Idempotency-Key header must be printable ASCII characters.", param="Idempotency-Key")
+    return idempotency_key
+
+
+IdempotencyKeyHeader = Annotated[str | None, Depends(get_idempotency_key)]

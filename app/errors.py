@@ -7,6 +7,7 @@ client: unexpected exceptions become a generic 500, database outages a 503 with 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -84,15 +85,38 @@ class RateLimited(DomainError):
         self.retry_after = max(1, retry_after)
 
 
-class RequestTooLarge(StarletteHTTPException):
-    """Raised from inside the ASGI ``receive`` channel (see ``app.routes.body_limit``) as soon as a request
-    body passes its limit. It is an ``HTTPException`` so FastAPI's body parsing lets it through unchanged
-    instead of turning it into a generic "error parsing the body" 400."""
+class RequestBodyRefused(StarletteHTTPException):
+    """Raised from inside the ASGI ``receive`` channel (see ``app.middleware.body_limit``) while a request
+    body streams in. It is an ``HTTPException`` so FastAPI's body parsing lets it through unchanged
+    instead of turning it into a generic "error parsing the body" 400. The answer closes the connection:
+    the unread rest of the body is never drained."""
+
+    status = 400
+    code = "invalid_body"
 
     def __init__(self, message: str, param: str | None) -> None:
-        super().__init__(413, message)
+        super().__init__(self.status, message)
         self.message = message
         self.param = param
+
+
+class RequestTooLarge(RequestBodyRefused):
+    """The body passed its limit (413): ``file_too_large`` for an upload's ``file``, else ``request_too_large``."""
+
+    status = 413
+    code = "request_too_large"
+
+    def __init__(self, message: str, param: str | None) -> None:
+        super().__init__(message, param)
+        if param == "file":
+            self.code = "file_too_large"
+
+
+class RequestBodyTimeout(RequestBodyRefused):
+    """The client stopped sending its body, or sent it too slowly (408, ``IPO_REQUEST_BODY_TIMEOUT_SECONDS``)."""
+
+    status = 408
+    code = "request_timeout"
 
 
 class IdempotencyMismatch(DomainError):
@@ -107,56 +131,111 @@ class ServiceUnavailable(DomainError):
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    """OpenAI's error shape. ``message`` is made one line: clients print it, logs split on newlines."""
+    one_line = " ".join(message.split())
+    return {"error": {"message": one_line, "type": type_, "param": param, "code": code}}
+
+
+def domain_error_response(exc: DomainError) -> JSONResponse:
+    """The answer to a domain error, for the exception handler and for middleware (which runs outside it)."""
+    headers: dict[str, str] = {}
+    if exc.status == 503:
+        headers["Retry-After"] = "5"
+    elif isinstance(exc, RateLimited):
+        headers["Retry-After"] = str(exc.retry_after)
+    if exc.retryable is not None:
+        headers["x-should-retry"] = "true" if exc.retryable else "false"
+    return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), exc.status, headers=headers)
+
+
+def database_unavailable_response(exc: Exception) -> JSONResponse:
+    """503 for a database that is down (``OperationalError``/``DBAPIError``) or a pool that is exhausted."""
+    if isinstance(exc, PoolTimeout):
+        # Every database connection of this process is busy: overload, not a bug; the client retries.
+        log.warning("database connection pool exhausted: %s", exc)
+        body = error_body("The server is busy; retry shortly.", "server_error", None, "service_unavailable")
+        return JSONResponse(body, 503, headers={"Retry-After": "1"})
+    log.warning("database unavailable: %s", type(exc).__name__)
+    body = error_body("The database is unavailable; retry shortly.", "server_error", None, "service_unavailable")
+    return JSONResponse(body, 503, headers={"Retry-After": "5"})
 
 
 _HTTP_CODES = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
-_UNION_TAGS = {"int", "float", "str", "bool", "list", "dict", "none"}
+_SOURCES = ("body", "query", "path", "header", "form", "cookie")
+_UNION_TAGS = {"int", "float", "str", "bool", "list", "dict", "none", "bytes"}
+_UNION_TAG_PREFIXES = ("constrained-", "function-", "literal[", "json-or-python[", "tagged-union[", "nullable[")
 
 
-def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
-    """``("body", "method", "ipo", "lora", "r", "constrained-int")`` -> ``method.ipo.lora.r``.
+def _is_union_tag(part: Any) -> bool:
+    """Pydantic puts the tag of each union member it tried into ``loc`` (``constrained-int``,
+    ``literal['auto']``, ``function-after[...]``); those are not fields."""
+    if not isinstance(part, str):
+        return False
+    return part in _UNION_TAGS or part.startswith(_UNION_TAG_PREFIXES) or part.endswith("]")
 
-    Pydantic adds the tag of each union member it tried; those are not fields, so they are dropped.
-    """
-    parts: list[str] = []
-    for p in loc[1:] if loc and loc[0] in ("body", "query", "path", "header", "form", "cookie") else loc:
-        text = str(p)
-        if isinstance(p, str) and (text in _UNION_TAGS or any(c in text for c in "[]-")):
-            continue
-        parts.append(text)
+
+def loc_to_param(loc: tuple[Any, ...]) -> str | None:
+    """``("body", "method", "ipo", "lora", "r", "constrained-int")`` -> ``method.ipo.lora.r``;
+    ``("header", "Idempotency-Key")`` -> ``Idempotency-Key`` (a header keeps its name as sent)."""
+    if loc and loc[0] == "header":
+        return str(loc[1]) if len(loc) > 1 else None
+    parts = [str(p) for p in (loc[1:] if loc and loc[0] in _SOURCES else loc) if not _is_union_tag(p)]
     return ".".join(parts) or None
+
+
+def describe_validation_errors(errors: Sequence[Any], prefix: str = "") -> tuple[str | None, str]:
+    """The ``(param, one-line message)`` of a list of pydantic/FastAPI errors: the first error names its
+    field; the others are counted. ``prefix`` is put before the field (``hyperparameters.``)."""
+    if not errors:
+        return (prefix.rstrip(".") or None), "Invalid request."
+    first = errors[0]
+    param = loc_to_param(tuple(first.get("loc", ())))
+    if prefix:
+        param = prefix + param if param else prefix.rstrip(".")
+    message = str(first.get("msg", "invalid value"))
+    message = f"{param}: {message}" if param else message
+    others = {loc_to_param(tuple(e.get("loc", ()))) for e in errors[1:]} - {loc_to_param(tuple(first.get("loc", ())))}
+    if others:
+        message += f" (and {len(others)} more invalid field{'s' if len(others) > 1 else ''})"
+    return param, message
+
+
+def _json_syntax_message(exc: RequestValidationError, error: dict[str, Any]) -> str:
+    """``The request body is not valid JSON: Expecting value (line 1, column 12).`` from FastAPI's
+    ``json_invalid`` error, whose ``loc`` holds a character offset (never a field)."""
+    loc = error.get("loc", ())
+    reason = (error.get("ctx") or {}).get("error") or "syntax error"
+    offset = loc[1] if len(loc) > 1 and isinstance(loc[1], int) else None
+    doc = exc.body if isinstance(exc.body, str) else None
+    if offset is None or doc is None:
+        return f"The request body is not valid JSON: {reason}."
+    line = doc.count("\n", 0, offset) + 1
+    column = offset - (doc.rfind("\n", 0, offset) + 1) + 1
+    return f"The request body is not valid JSON: {reason} (line {line}, column {column})."
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(DomainError)
     async def _domain(_: Request, exc: DomainError) -> JSONResponse:
-        headers: dict[str, str] = {}
-        if exc.status == 503:
-            headers["Retry-After"] = "5"
-        elif isinstance(exc, RateLimited):
-            headers["Retry-After"] = str(exc.retry_after)
-        if exc.retryable is not None:
-            headers["x-should-retry"] = "true" if exc.retryable else "false"
-        return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), exc.status, headers=headers)
+        return domain_error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-        param = _loc_to_param(tuple(first.get("loc", ())))
-        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
-        if len(errors) > 1:
-            message += f" (and {len(errors) - 1} more)"
+        errors = list(exc.errors())
+        if errors and errors[0].get("type") == "json_invalid":
+            body = error_body(_json_syntax_message(exc, errors[0]), "invalid_request_error", None, "invalid_json")
+            return JSONResponse(body, 400)
+        param, message = describe_validation_errors(errors)
         return JSONResponse(error_body(message, "invalid_request_error", param, "invalid_value"), 400)
 
-    @app.exception_handler(RequestTooLarge)
-    async def _too_large(_: Request, exc: RequestTooLarge) -> JSONResponse:
-        code = "file_too_large" if exc.param == "file" else "request_too_large"
+    @app.exception_handler(RequestBodyRefused)
+    async def _body_refused(_: Request, exc: RequestBodyRefused) -> JSONResponse:
         # The unread rest of the body is not drained: the server closes the connection after this answer.
         return JSONResponse(
-            error_body(exc.message, "invalid_request_error", exc.param, code), 413, headers={"Connection": "close"}
+            error_body(exc.message, "invalid_request_error", exc.param, exc.code),
+            exc.status,
+            headers={"Connection": "close"},
         )
 
     @app.exception_handler(StarletteHTTPException)
@@ -171,17 +250,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(DBAPIError)
-    async def _db_down(_: Request, exc: Exception) -> JSONResponse:
-        log.warning("database unavailable: %s", type(exc).__name__)
-        body = error_body("The database is unavailable; retry shortly.", "server_error", None, "service_unavailable")
-        return JSONResponse(body, 503, headers={"Retry-After": "5"})
-
     @app.exception_handler(PoolTimeout)
-    async def _overloaded(_: Request, exc: Exception) -> JSONResponse:
-        # Every database connection of this process is busy: overload, not a bug; the client retries.
-        log.warning("database connection pool exhausted: %s", exc)
-        body = error_body("The server is busy; retry shortly.", "server_error", None, "service_unavailable")
-        return JSONResponse(body, 503, headers={"Retry-After": "1"})
+    async def _db_down(_: Request, exc: Exception) -> JSONResponse:
+        return database_unavailable_response(exc)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

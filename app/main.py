@@ -14,10 +14,11 @@ from fastapi import FastAPI
 from app.dashboard import routes as dashboard
 from app.db import make_engine, make_sessionmaker
 from app.errors import install_error_handlers
+from app.middleware.auth_gate import AuthGateMiddleware
+from app.middleware.body_limit import BodyLimitMiddleware, BodyLimits
+from app.middleware.http_metrics import HttpMetricsMiddleware
+from app.middleware.request_log import RequestLogMiddleware
 from app.routes import files, health, internal, jobs, metrics, models, webhooks
-from app.routes.body_limit import BodyLimitMiddleware, limits_for
-from app.routes.metrics import HttpMetricsMiddleware
-from app.routes.request_log import RequestLogMiddleware
 from app.services.dispatch import CeleryDoorbell, DispatcherThread, Doorbell
 from app.services.event_feed import EventHub, db_poll
 from app.services.rate_limit import RequestRateLimiter
@@ -77,8 +78,16 @@ def create_app(settings: Settings | None = None, doorbell: Doorbell | None = Non
     )
     app.state.ctx = ctx
     install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, pick=limits_for(settings.max_upload_bytes, settings.max_request_body_bytes))
-    app.add_middleware(HttpMetricsMiddleware)  # times everything, 413s included
+    # Added innermost first: a request meets RequestLog, HttpMetrics, AuthGate, then BodyLimit.
+    limits = BodyLimits(
+        max_upload_bytes=settings.max_upload_bytes,
+        max_request_body_bytes=settings.max_request_body_bytes,
+        max_artifact_bytes=settings.max_artifact_bytes,
+        timeout_seconds=settings.request_body_timeout_seconds,
+    )
+    app.add_middleware(BodyLimitMiddleware, limits=limits)
+    app.add_middleware(AuthGateMiddleware, ctx=ctx)  # credentials before a byte of the body is read
+    app.add_middleware(HttpMetricsMiddleware)  # times everything, 401s and 413s included
     app.add_middleware(RequestLogMiddleware)  # outermost: the request id is bound for every line logged
     for module in (health, metrics, files, jobs, models, webhooks, internal):
         app.include_router(module.router)

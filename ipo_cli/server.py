@@ -57,7 +57,7 @@ def serve(
         workers=workers,
         # Applied again in each worker process: uvicorn's lines go through our formatter too.
         log_config=logging_config(settings.log_level, settings.log_format),
-        access_log=False,  # app.routes.request_log writes the access log, with the request id
+        access_log=False,  # app.middleware.request_log writes the access log, with the request id
         timeout_graceful_shutdown=10,
     )
 

@@ -25,6 +25,8 @@ from ipo_cli.processes import free_port, wait_http_ok
 
 WORKER_TOKEN = "sdk-worker-token"
 MAX_UPLOAD_BYTES = 300_000
+BODY_TIMEOUT_SECONDS = 5
+"""IPO_REQUEST_BODY_TIMEOUT_SECONDS of the live server: short, so a stalled body's 408 comes quickly."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ def live_server(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> 
         "IPO_RUN_DISPATCHER": "false",
         "IPO_MAX_UPLOAD_BYTES": str(MAX_UPLOAD_BYTES),
         "IPO_MAX_ACTIVE_JOBS": "100",
+        "IPO_REQUEST_BODY_TIMEOUT_SECONDS": str(BODY_TIMEOUT_SECONDS),
     }
     log = (root / "server.log").open("wb")
     proc = subprocess.Popen(
