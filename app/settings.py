@@ -9,10 +9,10 @@ from __future__ import annotations
 import secrets
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, IPvAnyNetwork, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from contracts.broker import filesystem_transport_options
 from contracts.internal import DEFAULT_QUEUE
@@ -43,7 +43,15 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(1 << 30, ge=1)
     """Largest accepted file upload (413 above it, checked while the body streams in)."""
     max_request_body_bytes: int = Field(1 << 20, ge=1024)
-    """Largest accepted body of any other public (``/v1``) request, e.g. a job's JSON (413 above it)."""
+    """Largest accepted body of any other request (413 above it): a job's JSON, a worker's report batch,
+    a dashboard form."""
+    max_artifact_bytes: int = Field(16 << 30, ge=1)
+    """Largest checkpoint or adapter a worker may upload to ``/internal/v1`` (413 above it). 16 GiB holds
+    a rank-64 LoRA adapter of a 70B model with its optimizer state several times over."""
+    request_body_timeout_seconds: float = Field(30.0, gt=0)
+    """A request whose body stalls this long (no bytes), or a small body (anything but a file or artifact
+    upload) not complete after this long, gets a 408 and its connection is closed. uvicorn itself has no
+    such timeout."""
     rate_limit_per_minute: int = Field(600, ge=0)
     """Requests per minute per API key (token bucket, bursts up to the same number); 0 disables it.
     Counted in each API process: with N uvicorn workers or replicas a key gets up to N times this."""
@@ -60,11 +68,18 @@ class Settings(BaseSettings):
     """Root log level (``DEBUG``, ``INFO``, ``WARNING``, ``ERROR``)."""
     log_format: LogFormat = "auto"
     """``json`` (one object per line), ``text`` (for people), or ``auto``: text when stderr is a terminal."""
+    dashboard_session_seconds: int = Field(12 * 3600, ge=60)
+    """How long a dashboard login lasts (server-side; logging out ends it at once)."""
 
     run_webhook_sender: bool = True
     """Run the webhook delivery loop inside the API process (several replicas may all run it)."""
     webhook_allow_loopback: bool = False
-    """Accept webhook URLs that resolve to loopback, link-local or unspecified addresses (tests, dev)."""
+    """Accept webhook URLs that resolve to loopback addresses (tests, a laptop). Every other non-global
+    address (private, link-local, CGNAT...) needs ``webhook_allowed_networks``."""
+    webhook_allowed_networks: Annotated[list[IPvAnyNetwork], NoDecode] = []
+    """CIDRs that webhook targets may resolve to besides global addresses, e.g. ``10.0.8.0/24`` where
+    your receivers live; comma-separated in ``IPO_WEBHOOK_ALLOWED_NETWORKS``. Empty by default: private,
+    link-local and other non-global ranges are refused (``app.services.webhook_targets``)."""
     webhook_timeout_seconds: float = Field(5.0, gt=0)
     """Per-attempt timeout of a webhook delivery (connect + response)."""
     webhook_retry_base_seconds: float = Field(5.0, gt=0)
@@ -79,6 +94,13 @@ class Settings(BaseSettings):
     """How often the webhook sender looks for due deliveries."""
     webhook_concurrency: int = Field(4, ge=1)
     """Deliveries in flight at once per API process (a slow receiver holds one slot, not the loop)."""
+
+    @field_validator("webhook_allowed_networks", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
     @property
     def resolved_database_url(self) -> str:

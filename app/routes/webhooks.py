@@ -14,6 +14,7 @@ from app.schemas.requests import ID_PATTERN, WebhookCreate
 from app.services import idempotency
 from app.services import webhooks as webhooks_service
 from app.services.views import webhook_delivery_view, webhook_endpoint_view
+from app.services.webhook_targets import TargetPolicy
 
 router = APIRouter(
     prefix="/v1/webhooks",
@@ -49,7 +50,7 @@ def create_webhook(
     caller: CurrentCaller,
     request: Request,
     body: WebhookCreate,
-    idempotency_key: IdempotencyKeyHeader = None,
+    idempotency_key: IdempotencyKeyHeader,
 ) -> WebhookEndpointObject:
     def produce() -> WebhookEndpointObject:
         row = webhooks_service.create_endpoint(
@@ -59,20 +60,18 @@ def create_webhook(
             events=body.events,
             description=body.description,
             self_addresses=_self_addresses(request),
-            allow_loopback=ctx.settings.webhook_allow_loopback,
+            policy=TargetPolicy.from_settings(ctx.settings),
         )
         return webhook_endpoint_view(row, with_secret=True)
 
-    print_ = idempotency.fingerprint("POST", "/v1/webhooks", body.model_dump(mode="json"))
-    return run_idempotent(ctx, session, caller, idempotency_key, print_, produce)  # type: ignore[no-any-return]
+    fingerprint = idempotency.request_fingerprint("POST", "/v1/webhooks", body.model_dump(mode="json"))
+    return run_idempotent(ctx, session, caller, idempotency_key, fingerprint, produce)  # type: ignore[no-any-return]
 
 
 @router.get("", response_model=ListObject[WebhookEndpointObject])
 def list_webhooks(session: DbSession, caller: CurrentCaller) -> ListObject[WebhookEndpointObject]:
-    data = [webhook_endpoint_view(r) for r in webhooks_service.list_endpoints(session, caller.project_id)]
-    return ListObject[WebhookEndpointObject](
-        data=data, has_more=False, first_id=data[0].id if data else None, last_id=data[-1].id if data else None
-    )
+    rows = webhooks_service.list_endpoints(session, caller.project_id)
+    return ListObject[WebhookEndpointObject].page([webhook_endpoint_view(r) for r in rows], has_more=False)
 
 
 @router.get("/{webhook_id}", response_model=WebhookEndpointObject)
@@ -91,7 +90,4 @@ def list_deliveries(
     session: DbSession, caller: CurrentCaller, webhook_id: WebhookId, after: Cursor = None, limit: Limit = 20
 ) -> ListObject[WebhookDeliveryObject]:
     rows, has_more = webhooks_service.list_deliveries(session, caller.project_id, webhook_id, after=after, limit=limit)
-    data = [webhook_delivery_view(r) for r in rows]
-    return ListObject[WebhookDeliveryObject](
-        data=data, has_more=has_more, first_id=data[0].id if data else None, last_id=data[-1].id if data else None
-    )
+    return ListObject[WebhookDeliveryObject].page([webhook_delivery_view(r) for r in rows], has_more)

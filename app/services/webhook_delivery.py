@@ -23,10 +23,12 @@ import httpx
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.errors import InvalidRequest
 from app.models import DeliveryStatus, EndpointStatus, WebhookDelivery, WebhookEndpoint
 from app.models.base import utcnow
 from app.services import metrics
-from app.services.webhooks import sign
+from app.services.webhook_targets import TargetPolicy, TargetRefused
+from app.services.webhooks import parse_url, sign
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -74,7 +76,37 @@ def claim_due(session: Session, settings: Settings, limit: int) -> list[Claimed]
     return claimed
 
 
-def send(client: httpx.Client, item: Claimed) -> Outcome:
+def new_client(settings: Settings) -> httpx.Client:
+    """The sender's HTTP client: no redirects (a 3xx is a failed attempt, never followed to another
+    host), no proxy from the environment (a proxy would resolve the name itself, past the address
+    check), and no kept-alive connections (each delivery connects to the address it just checked, with
+    its own TLS server name; a pooled connection is keyed by address only)."""
+    return httpx.Client(
+        timeout=settings.webhook_timeout_seconds,
+        follow_redirects=False,
+        trust_env=False,
+        limits=httpx.Limits(max_keepalive_connections=0),
+    )
+
+
+def send(client: httpx.Client, item: Claimed, policy: TargetPolicy) -> Outcome:
+    """One delivery attempt. Never raises: whatever fails (a refused or unresolvable address, a URL the
+    client rejects, a timeout, a non-2xx answer) is a failed ``Outcome`` that ``record`` counts.
+
+    The target's name is resolved and checked here (``policy``), then the request is sent to that
+    checked address (the URL's host goes in ``Host`` and as the TLS server name), so the connection
+    reaches exactly what was checked. ``Outcome.error`` names the status code or the error class only:
+    a receiver's answer, or a network error's text, is never shown to the caller (it may come from a
+    service the caller should not be able to read).
+    """
+    try:
+        return _attempt(client, item, policy)
+    except Exception as exc:  # a bug or a corrupt row: still an attempt, counted, never a stuck delivery
+        log.warning("webhook delivery %s failed: %s", item.delivery_id, type(exc).__name__, exc_info=True)
+        return Outcome(False, None, type(exc).__name__)
+
+
+def _attempt(client: httpx.Client, item: Claimed, policy: TargetPolicy) -> Outcome:
     body = json.dumps(item.payload, separators=(",", ":"), ensure_ascii=False)
     timestamp = int(time.time())
     headers = {
@@ -85,12 +117,31 @@ def send(client: httpx.Client, item: Claimed) -> Outcome:
         "webhook-signature": sign(item.secret, item.event_id, timestamp, body),
     }
     try:
-        response = client.post(item.url, content=body.encode(), headers=headers)
-    except httpx.HTTPError as exc:
-        return Outcome(False, None, f"{type(exc).__name__}: {exc}"[:1000])
+        url = parse_url(item.url)
+        port = url.port or (443 if url.scheme == "https" else 80)
+        addresses = policy.checked_addresses(url.host, port)
+    except InvalidRequest:
+        return Outcome(False, None, "InvalidURL: the endpoint's url is not a valid http(s) URL")
+    except TargetRefused as exc:
+        return Outcome(False, None, f"TargetRefused: {exc}"[:1000])
+    headers["host"] = url.netloc.decode("ascii")
+    extensions = {"sni_hostname": url.host} if url.scheme == "https" else {}
+    response: httpx.Response | None = None
+    error = "NoAddress"
+    for address in addresses:  # in resolver order; the next one only when this one cannot be reached
+        pinned = url.copy_with(host=str(address))
+        try:
+            response = client.post(pinned, content=body.encode(), headers=headers, extensions=extensions)
+            break
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            error = type(exc).__name__
+        except httpx.HTTPError as exc:
+            return Outcome(False, None, type(exc).__name__)
+    if response is None:
+        return Outcome(False, None, error)
     if 200 <= response.status_code < 300:
         return Outcome(True, response.status_code, None)
-    return Outcome(False, response.status_code, f"HTTP {response.status_code}: {response.text[:200]}"[:1000])
+    return Outcome(False, response.status_code, f"HTTP {response.status_code}")
 
 
 def record(session: Session, settings: Settings, delivery_id: str, outcome: Outcome) -> str | None:
@@ -128,7 +179,8 @@ class WebhookSenderThread(threading.Thread):
         self.pool = ThreadPoolExecutor(settings.webhook_concurrency, thread_name_prefix="ipo-webhook-send")
         self.in_flight: set[str] = set()
         self.lock = threading.Lock()
-        self.client = httpx.Client(timeout=settings.webhook_timeout_seconds, follow_redirects=False)
+        self.client = new_client(settings)
+        self.policy = TargetPolicy.from_settings(settings)
 
     def run(self) -> None:
         while not self.stopping.is_set():
@@ -153,7 +205,7 @@ class WebhookSenderThread(threading.Thread):
 
     def _deliver(self, item: Claimed) -> None:
         try:
-            outcome = send(self.client, item)
+            outcome = send(self.client, item, self.policy)
             with self.sessions() as session, session.begin():
                 counted = record(session, self.settings, item.delivery_id, outcome)
             if counted:

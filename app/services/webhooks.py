@@ -11,20 +11,21 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import ipaddress
 import secrets
-import socket
 from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
 from app.errors import InvalidRequest, NotFound
 from app.models import Checkpoint, DeliveryStatus, EndpointStatus, Job, WebhookDelivery, WebhookEndpoint
 from app.models.base import new_id, utcnow
+from app.services import webhook_targets
 from app.services.views import checkpoint_view, job_view
+from app.services.webhook_targets import TargetPolicy, TargetRefused
 
 JOB_SUCCEEDED = "fine_tuning.job.succeeded"
 JOB_FAILED = "fine_tuning.job.failed"
@@ -59,14 +60,14 @@ def create_endpoint(
     events: list[str] | None,
     description: str | None,
     self_addresses: Iterable[tuple[str, int]],
-    allow_loopback: bool,
+    policy: TargetPolicy,
 ) -> WebhookEndpoint:
     unknown = sorted(set(events or ()) - set(EVENT_TYPES))
     if unknown:
         raise InvalidRequest(
             f"Unknown event types {unknown}; known: {list(EVENT_TYPES)}.", param="events", code="invalid_event_type"
         )
-    check_url(url, self_addresses=self_addresses, allow_loopback=allow_loopback)
+    check_url(url, self_addresses=self_addresses, policy=policy)
     endpoint = WebhookEndpoint(
         id=new_id("whep"),
         project_id=project_id,
@@ -128,50 +129,60 @@ def list_deliveries(
 # ---- URL checks --------------------------------------------------------------------------------------
 
 
-def check_url(url: str, *, self_addresses: Iterable[tuple[str, int]], allow_loopback: bool) -> None:
-    """http(s) with a host; never this service itself; no loopback/link-local targets unless allowed.
+def check_url(url: str, *, self_addresses: Iterable[tuple[str, int]], policy: TargetPolicy) -> None:
+    """An absolute http(s) URL the sender can send to; never this service itself; only addresses that
+    ``policy`` allows (``app.services.webhook_targets``). Raises ``InvalidRequest`` (param ``url``).
 
-    Checked when the endpoint is created (the name is resolved then). This blocks the obvious loops and
-    metadata-service targets; it is not a defence against DNS rebinding by a hostile project.
+    The name is resolved here for a clear 400, and again at every delivery, where the connection is
+    pinned to the address that was checked (DNS rebinding cannot slip a private address in between).
     """
+    parsed = parse_url(url)
+    host, port = parsed.host, parsed.port or (443 if parsed.scheme == "https" else 80)
+    self_addresses = [(h.lower().strip("[]"), p) for h, p in self_addresses]
+    if any(port == p and host == h for h, p in self_addresses):
+        raise InvalidRequest("url points at this service itself.", param="url", code="invalid_url")
+    targets = webhook_targets.resolve(host, port)
+    if not targets:
+        raise InvalidRequest(f"url: cannot resolve host {host!r}.", param="url", code="invalid_url")
+    reached = {webhook_targets.effective_address(t) for t in targets}
+    local = any(webhook_targets.kind_of(t) in ("loopback", "unspecified") for t in targets)
+    for self_host, self_port in self_addresses:
+        # Our own port on this machine (loopback, in any spelling) is us too, whatever name the request
+        # came in on.
+        if port != self_port:
+            continue
+        ours = {webhook_targets.effective_address(a) for a in webhook_targets.resolve(self_host, self_port)}
+        if local or reached & ours:
+            raise InvalidRequest("url points at this service itself.", param="url", code="invalid_url")
+    try:
+        policy.checked_addresses(host, port)
+    except TargetRefused as exc:
+        raise InvalidRequest(f"url is refused: {exc}.", param="url", code="invalid_url") from exc
+
+
+def parse_url(url: str) -> httpx.URL:
+    """Parse ``url`` with the parser that will send to it (httpx), after refusing what it would only fail
+    on later: control characters (a CR/LF would split the request line), spaces, non-ASCII characters,
+    credentials, schemes other than http(s)."""
+    bad = next((c for c in url if not ("!" <= c <= "~")), None)
+    if bad is not None:
+        raise InvalidRequest(
+            f"url contains the character {bad!r} at position {url.index(bad)}; only printable ASCII is "
+            "accepted (percent-encode anything else, and use the punycode form of an international host).",
+            param="url",
+            code="invalid_url",
+        )
     try:
         parts = urlsplit(url)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError as exc:
+        parts.port  # noqa: B018 - raises ValueError on a port out of range
+        parsed = httpx.URL(url)
+    except (ValueError, httpx.InvalidURL) as exc:
         raise InvalidRequest(f"url is not a valid URL: {exc}", param="url", code="invalid_url") from exc
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    if parts.scheme not in ("http", "https") or not parts.hostname or not parsed.host:
         raise InvalidRequest("url must be an absolute http:// or https:// URL.", param="url", code="invalid_url")
     if parts.username or parts.password:
         raise InvalidRequest("url must not carry credentials.", param="url", code="invalid_url")
-    host = parts.hostname.lower()
-    self_addresses = [(h.lower(), p) for h, p in self_addresses]
-    if any(port == p and host == h for h, p in self_addresses):
-        raise InvalidRequest("url points at this service itself.", param="url", code="invalid_url")
-    targets = _resolve(host, port)
-    if not targets:
-        raise InvalidRequest(f"url: cannot resolve host {host!r}.", param="url", code="invalid_url")
-    local = {t for t in targets if ipaddress.ip_address(t).is_loopback or ipaddress.ip_address(t).is_unspecified}
-    for self_host, self_port in self_addresses:
-        # Our own port on this machine (loopback) is us too, whatever name the request came in on.
-        if port == self_port and (local or targets & _resolve(self_host, self_port)):
-            raise InvalidRequest("url points at this service itself.", param="url", code="invalid_url")
-    if not allow_loopback:
-        for addr in targets:
-            ip = ipaddress.ip_address(addr)
-            if ip.is_loopback or ip.is_link_local or ip.is_unspecified:
-                raise InvalidRequest(
-                    f"url resolves to {addr}, a loopback/link-local address (refused unless "
-                    "IPO_WEBHOOK_ALLOW_LOOPBACK is set).",
-                    param="url",
-                    code="invalid_url",
-                )
-
-
-def _resolve(host: str, port: int) -> set[str]:
-    try:
-        return {str(info[4][0]).split("%", 1)[0] for info in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)}
-    except (OSError, UnicodeError):
-        return set()
+    return parsed
 
 
 # ---- emit --------------------------------------------------------------------------------------------

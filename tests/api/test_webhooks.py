@@ -22,6 +22,8 @@ from app.settings import Settings
 from tests.api import worker_steps
 from tests.api.conftest import WORKER, RecordingDoorbell
 
+LEAKED_BODY = "internal-only: db_password=hunter2"
+
 
 @dataclass
 class Received:
@@ -33,8 +35,9 @@ class Received:
 
 @dataclass
 class Receiver:
-    """A real HTTP server. Each path answers from its script of behaviours (an int status, or "hang");
-    the last entry repeats. Every request is verified with the endpoint's secret before it is answered."""
+    """A real HTTP server. Each path answers from its script of behaviours (an int status, "hang",
+    "redirect" or "leak": a 500 with a body); the last entry repeats. Every request is verified with the
+    endpoint's secret before it is answered."""
 
     base: str = ""
     secrets: dict[str, str] = field(default_factory=dict)
@@ -68,6 +71,18 @@ def receiver() -> Iterator[Receiver]:
             if action == "hang":
                 time.sleep(state.hang_seconds)
                 action = 200
+            if action == "redirect":  # to another path of this receiver: a sender must not follow it
+                self.send_response(302)
+                self.send_header("Location", state.base + "/redirected")
+                self.end_headers()
+                return
+            if action == "leak":  # an internal service's error page: a sender must not echo it anywhere
+                secret = LEAKED_BODY.encode()
+                self.send_response(500)
+                self.send_header("Content-Length", str(len(secret)))
+                self.end_headers()
+                self.wfile.write(secret)
+                return
             self.send_response(400 if payload is None else int(action))
             self.end_headers()
 
