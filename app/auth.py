@@ -1,7 +1,9 @@
-"""API keys (``Authorization: Bearer ipo-sk-...``) and the worker token for ``/internal/v1``.
+"""API keys (``Authorization: Bearer ipo-sk-...``), the worker token for ``/internal/v1``, and the
+dashboard's login sessions.
 
 A key is shown once; the database keeps its first characters (for lookup) and a SHA-256 hash.
-Keys are 256-bit random, so a fast hash is enough; comparison is constant-time.
+Keys are 256-bit random, so a fast hash is enough; comparison is constant-time. A dashboard session
+id is 256-bit random too and stored only as its SHA-256 (looked up by that hash).
 """
 
 from __future__ import annotations
@@ -10,16 +12,19 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
+from datetime import timedelta
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from app.errors import Unauthorized
-from app.models import ApiKey, Project
+from app.models import ApiKey, DashboardSession, Project
 from app.models.base import new_id, utcnow
 
 KEY_PREFIX = "ipo-sk-"
 LOOKUP_CHARS = 16
+SESSION_PREFIX = "ipo-ds-"
+"""Dashboard session ids look like ``ipo-ds-<43 characters>``: never mistaken for an API key."""
 
 
 @dataclass(frozen=True)
@@ -85,3 +90,44 @@ def _bearer(authorization: str | None) -> str | None:
         return None
     scheme, _, value = authorization.partition(" ")
     return value.strip() if scheme.lower() == "bearer" and value.strip() else None
+
+
+def start_dashboard_session(session: Session, caller: Caller, lifetime_seconds: int) -> str:
+    """Record a dashboard login of ``caller`` for ``lifetime_seconds``; returns the session id for the
+    cookie (only its hash is stored). Expired sessions of every user are removed on the way."""
+    now = utcnow()
+    session.execute(delete(DashboardSession).where(DashboardSession.expires_at <= now))
+    raw = SESSION_PREFIX + secrets.token_urlsafe(32)
+    session.add(
+        DashboardSession(
+            id_hash=hash_key(raw),
+            project_id=caller.project_id,
+            key_id=caller.key_id,
+            created_at=now,
+            expires_at=now + timedelta(seconds=lifetime_seconds),
+        )
+    )
+    session.flush()
+    return raw
+
+
+def dashboard_caller(session: Session, raw: str) -> Caller:
+    """The caller of a live dashboard session; ``Unauthorized`` when it is unknown, ended, expired, or its
+    API key was revoked since."""
+    if not raw.startswith(SESSION_PREFIX):
+        raise Unauthorized("Not a dashboard session.")
+    row = session.execute(
+        select(ApiKey, Project.name)
+        .join(DashboardSession, DashboardSession.key_id == ApiKey.id)
+        .join(Project, Project.id == ApiKey.project_id)
+        .where(DashboardSession.id_hash == hash_key(raw), DashboardSession.expires_at > utcnow())
+    ).first()
+    if row is None or row[0].revoked_at is not None:
+        raise Unauthorized("The dashboard session has ended; log in again.")
+    key, project_name = row
+    return Caller(project_id=key.project_id, project_name=project_name, key_id=key.id)
+
+
+def end_dashboard_session(session: Session, raw: str) -> None:
+    """Logout: the session id stops working at once, wherever the cookie was copied to."""
+    session.execute(delete(DashboardSession).where(DashboardSession.id_hash == hash_key(raw)))

@@ -6,25 +6,29 @@ stream, status, downloads) are in ``app.dashboard.feeds``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy.orm import Session
 
+from app.auth import end_dashboard_session, start_dashboard_session
 from app.dashboard import feeds
 from app.dashboard.pages import STATIC_DIR, HtmlRoute, render
 from app.dashboard.security import (
     DashboardCaller,
     FormFields,
     SameOrigin,
+    SessionCookie,
     check_key,
     clear_session_cookie,
     set_session_cookie,
 )
 from app.deps import Ctx, DbSession
 from app.errors import Conflict, InvalidRequest, NotFound, Unauthorized
-from app.models import JobStatus
+from app.models import Job, JobStatus
 from app.routes.params import Cursor, JobId
 from app.services import files as files_service
 from app.services import jobs as jobs_service
@@ -52,16 +56,19 @@ def login_page(request: Request) -> Response:
 def login(request: Request, ctx: Ctx, session: DbSession, form: FormFields) -> Response:
     api_key = form.get("api_key", "").strip()
     try:
-        check_key(ctx, session, api_key)
+        caller = check_key(ctx, session, api_key)
     except Unauthorized as exc:
         return render(request, "login.html", {"error": exc.message}, status_code=401)
+    session_id = start_dashboard_session(session, caller, ctx.settings.dashboard_session_seconds)
     response = RedirectResponse("/", status_code=303)
-    set_session_cookie(response, request, api_key)
+    set_session_cookie(response, request, session_id)
     return response
 
 
 @router.post("/logout", dependencies=[SameOrigin])
-def logout() -> Response:
+def logout(session: DbSession, session_id: SessionCookie = None) -> Response:
+    if session_id:
+        end_dashboard_session(session, session_id)
     response = RedirectResponse("/login", status_code=303)
     clear_session_cookie(response)
     return response
@@ -139,22 +146,32 @@ def _job_context(session: DbSession, project_id: str, job_id: str) -> dict[str, 
     }
 
 
-def _action(name: str):  # type: ignore[no-untyped-def]
-    action = {"cancel": jobs_service.cancel_job, "pause": jobs_service.pause_job, "resume": jobs_service.resume_job}[
-        name
-    ]
+def _job_action(
+    request: Request,
+    session: DbSession,
+    caller: DashboardCaller,
+    job_id: str,
+    action: Callable[[Session, str, str], Job],
+) -> Response:
+    """Run a button's transition (the API's own service call); a 409 is shown on the job's page."""
+    try:
+        action(session, caller.project_id, job_id)
+    except Conflict as exc:  # same rule and status as the API's 409, shown on the job's page
+        context = _job_context(session, caller.project_id, job_id) | {"caller": caller, "action_error": exc.message}
+        return render(request, "job.html", context, status_code=409)
+    return RedirectResponse(f"/jobs/{job_id}", status_code=303)
 
-    def handler(request: Request, session: DbSession, caller: DashboardCaller, job_id: JobId) -> Response:
-        try:
-            action(session, caller.project_id, job_id)
-        except Conflict as exc:  # same rule and status as the API's 409, shown on the job's page
-            context = _job_context(session, caller.project_id, job_id) | {"caller": caller, "action_error": exc.message}
-            return render(request, "job.html", context, status_code=409)
-        return RedirectResponse(f"/jobs/{job_id}", status_code=303)
 
-    handler.__name__ = f"dashboard_{name}_job"
-    router.add_api_route(f"/jobs/{{job_id}}/{name}", handler, methods=["POST"], dependencies=[SameOrigin])
+@router.post("/jobs/{job_id}/cancel", dependencies=[SameOrigin])
+def dashboard_cancel_job(request: Request, session: DbSession, caller: DashboardCaller, job_id: JobId) -> Response:
+    return _job_action(request, session, caller, job_id, jobs_service.cancel_job)
 
 
-for _name in ("cancel", "pause", "resume"):
-    _action(_name)
+@router.post("/jobs/{job_id}/pause", dependencies=[SameOrigin])
+def dashboard_pause_job(request: Request, session: DbSession, caller: DashboardCaller, job_id: JobId) -> Response:
+    return _job_action(request, session, caller, job_id, jobs_service.pause_job)
+
+
+@router.post("/jobs/{job_id}/resume", dependencies=[SameOrigin])
+def dashboard_resume_job(request: Request, session: DbSession, caller: DashboardCaller, job_id: JobId) -> Response:
+    return _job_action(request, session, caller, job_id, jobs_service.resume_job)

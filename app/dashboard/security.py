@@ -1,11 +1,15 @@
-"""Dashboard authentication (the API key in a session cookie) and the same-origin check of its POSTs.
+"""Dashboard authentication (a server-side login session behind a cookie) and the same-origin check of
+its POSTs.
 
-The cookie holds the raw key and is checked on every request with the API's own ``get_caller`` (so the
-same hashing, revocation and per-key rate limit apply). It is HttpOnly (no script can read it),
-SameSite=Strict (no other site's page can make the browser send it), Secure over https, and has no
-Max-Age, so it ends with the browser session. State-changing POSTs also require an ``Origin`` (or,
-failing that, ``Referer``) naming this host: SameSite alone does not cover older browsers or a
-sibling subdomain's page.
+Logging in with an API key starts a session (``app.auth.start_dashboard_session``): the cookie holds a
+random session id, never the key, and the database only its hash. Each request looks the session up
+(unknown, expired, logged out or its key revoked: back to the login page) and takes the key's
+per-key rate limit. Logout deletes the session, so a copied cookie stops working at once. The cookie
+is HttpOnly (no script can read it), SameSite=Strict (no other site's page can make the browser send
+it), Secure over https, and has no Max-Age, so it ends with the browser session; the server-side
+session ends after ``IPO_DASHBOARD_SESSION_SECONDS`` in any case. State-changing POSTs also require an
+``Origin`` (or, failing that, ``Referer``) naming this host: SameSite alone does not cover older
+browsers or a sibling subdomain's page.
 """
 
 from __future__ import annotations
@@ -15,23 +19,25 @@ from urllib.parse import parse_qsl, urlsplit
 
 from fastapi import Cookie, Depends, Request, Response
 
-from app.auth import KEY_PREFIX, Caller
-from app.deps import Ctx, DbSession, get_caller
+from app.auth import KEY_PREFIX, Caller, authenticate, dashboard_caller
+from app.deps import Ctx, DbSession
 from app.errors import Forbidden, InvalidRequest, PayloadTooLarge, Unauthorized
 
 SESSION_COOKIE = "ipo_session"
 MAX_FORM_BYTES = 8 * 1024
-"""Dashboard forms carry an API key at most; the body limit middleware only covers ``/v1``."""
+"""Dashboard forms carry an API key at most (the body limit middleware's general limit is larger)."""
+
+SessionCookie = Annotated[str | None, Cookie(alias=SESSION_COOKIE)]
 
 
 class LoginRequired(Exception):
     """No session cookie, or its key no longer authenticates: the browser is sent to the login page."""
 
 
-def set_session_cookie(response: Response, request: Request, api_key: str) -> None:
+def set_session_cookie(response: Response, request: Request, session_id: str) -> None:
     response.set_cookie(
         SESSION_COOKIE,
-        api_key,
+        session_id,
         httponly=True,
         samesite="strict",
         secure=request.url.scheme == "https",
@@ -44,19 +50,24 @@ def clear_session_cookie(response: Response) -> None:
 
 
 def check_key(ctx: Ctx, session: DbSession, api_key: str) -> Caller:
-    """The caller owning ``api_key``; ``Unauthorized`` with a message meant for the login page."""
+    """The caller owning ``api_key`` (the API's own lookup and per-key rate limit); ``Unauthorized``
+    with a message meant for the login page."""
     if not api_key.startswith(KEY_PREFIX):
         raise Unauthorized(f"That is not an API key: keys start with '{KEY_PREFIX}'.")
-    return get_caller(ctx, session, authorization=f"Bearer {api_key}")
+    caller = authenticate(session, f"Bearer {api_key}")
+    ctx.rate_limiter.check(caller.key_id)
+    return caller
 
 
-def get_dashboard_caller(ctx: Ctx, session: DbSession, ipo_session: Annotated[str | None, Cookie()] = None) -> Caller:
-    if not ipo_session:
+def get_dashboard_caller(ctx: Ctx, session: DbSession, session_id: SessionCookie = None) -> Caller:
+    if not session_id:
         raise LoginRequired
     try:
-        return check_key(ctx, session, ipo_session)
-    except Unauthorized as exc:  # revoked since login, or a forged cookie
+        caller = dashboard_caller(session, session_id)
+    except Unauthorized as exc:  # logged out, expired, key revoked since login, or a forged cookie
         raise LoginRequired from exc
+    ctx.rate_limiter.check(caller.key_id)
+    return caller
 
 
 DashboardCaller = Annotated[Caller, Depends(get_dashboard_caller)]

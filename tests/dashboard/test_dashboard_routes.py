@@ -3,11 +3,17 @@ tenancy (another project's job is a 404 page), the status filter and the cancel/
 
 from __future__ import annotations
 
+import hashlib
+from datetime import timedelta
 from typing import Any
 
 from fastapi.testclient import TestClient
+from sqlalchemy import select, update
 
+from app.auth import LOOKUP_CHARS
 from app.dashboard import routes as dashboard_routes
+from app.models import ApiKey, DashboardSession
+from app.models.base import utcnow
 from tests.api.conftest import WORKER
 from tests.api.worker_steps import claim, succeed
 
@@ -47,7 +53,7 @@ def test_login_sets_a_session_cookie_that_is_httponly_strict_and_session_only(cl
     assert r.status_code == 303
     cookie = r.headers["set-cookie"]
     flags = {part.strip().split("=")[0].lower() for part in cookie.split(";")[1:]}
-    assert cookie.startswith(f"ipo_session={key_of(auth)};")
+    assert cookie.startswith("ipo_session=ipo-ds-") and key_of(auth) not in cookie  # a session id, never the key
     assert {"httponly", "samesite", "path"} <= flags and "samesite=strict" in cookie.lower()
     assert not flags & {"max-age", "expires", "secure"}  # a browser-session cookie; plain http here
     assert client.get("/").status_code == 200
@@ -79,6 +85,50 @@ def test_logout_clears_the_cookie(client: TestClient, auth) -> None:  # type: ig
     assert r.status_code == 303 and r.headers["location"] == "/login"
     assert 'ipo_session=""' in r.headers["set-cookie"] and "max-age=0" in r.headers["set-cookie"].lower()
     assert client.get("/", headers={"Accept": "text/html"}, follow_redirects=False).status_code == 303
+
+
+def _session_hashes(client: TestClient) -> list[str]:
+    with client.app.state.ctx.sessions() as session:  # type: ignore[attr-defined]
+        return list(session.scalars(select(DashboardSession.id_hash)))
+
+
+def test_logout_ends_the_session_even_for_a_copied_cookie(client: TestClient, auth) -> None:  # type: ignore[no-untyped-def]
+    login(client, auth)
+    stolen = client.cookies["ipo_session"]
+    assert stolen.startswith("ipo-ds-") and key_of(auth) not in stolen
+    stored = _session_hashes(client)
+    assert hashlib.sha256(stolen.encode()).hexdigest() in stored and stolen not in stored  # only the hash is kept
+    assert client.post("/logout", headers=SAME_ORIGIN, follow_redirects=False).status_code == 303
+    assert hashlib.sha256(stolen.encode()).hexdigest() not in _session_hashes(client)
+
+    replay = TestClient(client.app, cookies={"ipo_session": stolen})  # the cookie, copied before logout
+    r = replay.get("/", headers={"Accept": "text/html"}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/login" and 'ipo_session=""' in r.headers["set-cookie"]
+    # The raw API key is no session id either.
+    replay.cookies.set("ipo_session", key_of(auth))
+    assert replay.get("/", headers={"Accept": "text/html"}, follow_redirects=False).status_code == 303
+
+
+def test_a_session_ends_when_it_expires_or_its_key_is_revoked(client: TestClient, auth, other_auth) -> None:  # type: ignore[no-untyped-def]
+    sessions = client.app.state.ctx.sessions  # type: ignore[attr-defined]
+    login(client, auth)
+    assert client.get("/").status_code == 200
+    with sessions() as session, session.begin():
+        mine = DashboardSession.id_hash == hashlib.sha256(client.cookies["ipo_session"].encode()).hexdigest()
+        session.execute(update(DashboardSession).where(mine).values(expires_at=utcnow() - timedelta(seconds=1)))
+    assert client.get("/", headers={"Accept": "text/html"}, follow_redirects=False).status_code == 303
+
+    login(client, other_auth)
+    assert client.get("/").status_code == 200
+    with sessions() as session, session.begin():
+        prefix = ApiKey.prefix == key_of(other_auth)[:LOOKUP_CHARS]
+        session.execute(update(ApiKey).where(prefix).values(revoked_at=utcnow()))
+    assert client.get("/", headers={"Accept": "text/html"}, follow_redirects=False).status_code == 303
+    # A new login purges expired sessions: none is kept past its end.
+    r = client.post("/login", data={"api_key": key_of(auth)}, headers=SAME_ORIGIN, follow_redirects=False)
+    assert r.status_code == 303
+    with sessions() as session:
+        assert session.scalar(select(DashboardSession).where(DashboardSession.expires_at <= utcnow())) is None
 
 
 def test_posts_from_another_origin_are_refused(client: TestClient, auth, upload) -> None:  # type: ignore[no-untyped-def]
