@@ -8,34 +8,38 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
 Auto = Literal["auto"]
-PositiveFloat = Annotated[float, Field(gt=0)]
+PositiveFloat = Annotated[StrictFloat, Field(gt=0)]
 
 
 class _Strict(BaseModel):
+    """Unknown fields are refused, and numbers are strict (``StrictFloat``/``StrictInt``) where OpenAI's
+    schema says number/integer: ``true`` or ``"0.1"`` is not a number, ``2.0`` is not an integer; an
+    integer is still a number (JSON has one number type)."""
+
     model_config = ConfigDict(extra="forbid")
 
 
 class Hyperparameters(_Strict):
     """Every field may be ``"auto"`` (resolved on the worker from the dataset and the model)."""
 
-    beta: Annotated[float, Field(gt=0, le=100)] | Auto = "auto"
+    beta: Annotated[StrictFloat, Field(gt=0, le=100)] | Auto = "auto"
     """IPO: the paper's tau (regularisation towards the reference). DPO: the sigmoid temperature."""
-    n_epochs: Annotated[int, Field(ge=1, le=100)] | Auto = "auto"
-    batch_size: Annotated[int, Field(ge=1, le=1024)] | Auto = "auto"
-    learning_rate: Annotated[float, Field(gt=0, le=1.0)] | Auto = "auto"
-    learning_rate_multiplier: Annotated[float, Field(gt=0, le=100)] | Auto = "auto"
-    gradient_accumulation_steps: Annotated[int, Field(ge=1, le=1024)] | Auto = "auto"
-    max_length: Annotated[int, Field(ge=16, le=131072)] | Auto = "auto"
-    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] | Auto = "auto"
+    n_epochs: Annotated[StrictInt, Field(ge=1, le=100)] | Auto = "auto"
+    batch_size: Annotated[StrictInt, Field(ge=1, le=1024)] | Auto = "auto"
+    learning_rate: Annotated[StrictFloat, Field(gt=0, le=1.0)] | Auto = "auto"
+    learning_rate_multiplier: Annotated[StrictFloat, Field(gt=0, le=100)] | Auto = "auto"
+    gradient_accumulation_steps: Annotated[StrictInt, Field(ge=1, le=1024)] | Auto = "auto"
+    max_length: Annotated[StrictInt, Field(ge=16, le=131072)] | Auto = "auto"
+    warmup_ratio: Annotated[StrictFloat, Field(ge=0, lt=1)] | Auto = "auto"
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] | Auto = "auto"
-    sft_weight: Annotated[float, Field(ge=0, le=100)] | Auto = "auto"
+    sft_weight: Annotated[StrictFloat, Field(ge=0, le=100)] | Auto = "auto"
     """Weight of an added NLL loss on the chosen reply (0 = pure IPO/DPO)."""
-    max_steps: Annotated[int, Field(ge=1, le=10_000_000)] | Auto = "auto"
+    max_steps: Annotated[StrictInt, Field(ge=1, le=10_000_000)] | Auto = "auto"
     """Caps the number of optimiser steps (handy for smoke runs); ``auto`` = n_epochs over the data."""
-    checkpoint_every: Annotated[int, Field(ge=1, le=10_000_000)] | Auto = "auto"
+    checkpoint_every: Annotated[StrictInt, Field(ge=1, le=10_000_000)] | Auto = "auto"
     """Save a resumable checkpoint every N optimiser steps."""
 
 
@@ -43,9 +47,9 @@ LoraTarget = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-
 
 
 class Lora(_Strict):
-    r: Annotated[int, Field(ge=1, le=1024)] | Auto = "auto"
-    alpha: Annotated[float, Field(gt=0, le=4096)] | Auto = "auto"
-    dropout: Annotated[float, Field(ge=0, lt=1)] | Auto = "auto"
+    r: Annotated[StrictInt, Field(ge=1, le=1024)] | Auto = "auto"
+    alpha: Annotated[StrictFloat, Field(gt=0, le=4096)] | Auto = "auto"
+    dropout: Annotated[StrictFloat, Field(ge=0, lt=1)] | Auto = "auto"
     target_modules: Annotated[list[LoraTarget], Field(min_length=1, max_length=32)] | Auto = "auto"
     quantization: Literal["nf4", "none"] | Auto = "auto"
     """``nf4`` = QLoRA (CUDA only); ``none`` = plain LoRA; ``auto`` = nf4 on CUDA, none on CPU."""

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
+from app.errors import InvalidRequest
 from contracts.method import Method
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$"
@@ -24,7 +25,7 @@ class JobCreate(BaseModel):
     training_file: str = Field(min_length=1, max_length=64, pattern=ID_PATTERN)
     validation_file: str | None = Field(None, min_length=1, max_length=64, pattern=ID_PATTERN)
     suffix: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
-    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    seed: StrictInt | None = Field(None, ge=0, le=2**31 - 1)
     metadata: dict[MetadataKey, MetadataValue] | None = Field(None, max_length=16)
     method: Method = Field(default_factory=lambda: Method(type="ipo"))
     hyperparameters: dict[str, object] | None = None
@@ -32,11 +33,8 @@ class JobCreate(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _no_nul(cls, data: Any) -> Any:
-        # Postgres can store no NUL character in text or JSONB, and a deeply nested document is a parser
-        # and storage hazard: refuse both here as a 400 instead of failing later in the database.
-        if (problem := _body_problem(data)) is not None:
-            raise ValueError(problem)
+    def _storable(cls, data: Any) -> Any:
+        _refuse_unstorable(data)
         return data
 
     @field_validator("metadata")
@@ -48,20 +46,39 @@ class JobCreate(BaseModel):
         return value
 
 
-def _body_problem(data: Any) -> str | None:
-    """Walk the raw body without recursion: the first NUL character or over-deep nesting, if any."""
+def _refuse_unstorable(data: Any) -> None:
+    """Refuse (400 naming the field) what the database cannot store or should not parse: a NUL character
+    (Postgres text and JSONB hold none), a lone UTF-16 surrogate (``"\\ud800"`` is valid JSON but not
+    UTF-8), or nesting deeper than ``MAX_BODY_DEPTH``. Raised as ``InvalidRequest``, which pydantic lets
+    through, so the error names the field rather than the whole body."""
+    if (problem := _body_problem(data)) is not None:
+        where, message = problem
+        raise InvalidRequest(f"{where}: {message}" if where else message, param=where)
+
+
+def _unstorable_text(text: str) -> str | None:
+    if "\x00" in text:
+        return "contains a NUL character"
+    if any("\ud800" <= c <= "\udfff" for c in text):
+        return "contains a lone UTF-16 surrogate (not valid Unicode text)"
+    return None
+
+
+def _body_problem(data: Any) -> tuple[str | None, str] | None:
+    """Walk the raw body without recursion: ``(field path, what is wrong)`` of the first unstorable
+    string or over-deep nesting, if any."""
     stack: list[tuple[Any, tuple[str, ...]]] = [(data, ())]
     while stack:
         value, path = stack.pop()
-        where = ".".join(path) or "body"
+        where = ".".join(path) or None
         if len(path) > MAX_BODY_DEPTH:
-            return f"{where}: nested deeper than {MAX_BODY_DEPTH} levels"
-        if isinstance(value, str) and "\x00" in value:
-            return f"{where} contains a NUL character"
+            return where, f"nested deeper than {MAX_BODY_DEPTH} levels"
+        if isinstance(value, str) and (problem := _unstorable_text(value)):
+            return where, problem
         if isinstance(value, dict):
             for k, v in value.items():
-                if "\x00" in str(k):
-                    return f"{where} has a key containing a NUL character"
+                if problem := _unstorable_text(str(k)):
+                    return where, f"has a key that {problem}"
                 stack.append((v, (*path, str(k))))
         elif isinstance(value, list):
             stack.extend((v, (*path, str(i))) for i, v in enumerate(value))
@@ -78,7 +95,6 @@ class WebhookCreate(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _no_nul(cls, data: Any) -> Any:
-        if (problem := _body_problem(data)) is not None:
-            raise ValueError(problem)
+    def _storable(cls, data: Any) -> Any:
+        _refuse_unstorable(data)
         return data

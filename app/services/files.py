@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from typing import BinaryIO, Literal
 
 from sqlalchemy import and_, event, exists, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, SessionTransaction
 
 from app.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
 from app.models import Checkpoint, FileStatus, Job, JobStatus, StoredFile
@@ -42,38 +42,72 @@ def store_file(
     max_bytes: int | None,
     validate: bool,
 ) -> StoredFile:
-    """Store the stream under a fresh id; for training data, run the preference-data validator on it."""
+    """Store the stream under a fresh id; for training data, run the preference-data validator on it.
+
+    The blob belongs to the session's transaction: if that transaction does not commit (the request is
+    refused after the upload, e.g. a 422 for a reused Idempotency-Key, or fails), the blob is deleted,
+    so no stored bytes are ever left without a row that names them.
+    """
     file_id = new_id("file")
     key = f"{project_id}/{file_id}"
     try:
         obj = storage.put_stream(key, stream, max_bytes=max_bytes)
     except TooLarge as exc:
         raise PayloadTooLarge(f"File is too large: the limit is {max_bytes} bytes.", param="file") from exc
-    row = StoredFile(
-        id=file_id,
-        project_id=project_id,
-        filename=safe_filename(filename),
-        purpose=purpose,
-        bytes=obj.size,
-        sha256=obj.sha256,
-        storage_key=key,
-        status=FileStatus.PROCESSED,
-        created_at=utcnow(),
-    )
-    if validate:
-        try:
+    try:
+        row = StoredFile(
+            id=file_id,
+            project_id=project_id,
+            filename=safe_filename(filename),
+            purpose=purpose,
+            bytes=obj.size,
+            sha256=obj.sha256,
+            storage_key=key,
+            status=FileStatus.PROCESSED,
+            created_at=utcnow(),
+        )
+        if validate:
             _, report = parse_preference_file(storage.local_path(key))
-        except BaseException:
-            storage.delete(key)
-            raise
-        row.n_examples = report.n_examples
-        row.data_format = report.format
-        row.validation = report.model_dump(mode="json")
-        if not report.ok:
-            row.status = FileStatus.ERROR
-            row.status_details = report.summary()[:4000]
-    session.add(row)
+            row.n_examples = report.n_examples
+            row.data_format = report.format
+            row.validation = report.model_dump(mode="json")
+            if not report.ok:
+                row.status = FileStatus.ERROR
+                row.status_details = report.summary()[:4000]
+        session.add(row)  # begins the session's transaction if none is open
+    except BaseException:
+        storage.delete(key)
+        raise
+    delete_unless_committed(session, storage, key)
     return row
+
+
+_UNCOMMITTED_BLOBS = "ipo.uncommitted_blobs"
+"""Session.info: storage keys written during the open transaction, deleted unless it commits."""
+
+
+def delete_unless_committed(session: Session, storage: Storage, key: str) -> None:
+    """Delete the blob ``key`` when the session's current transaction ends without a commit (rollback,
+    or close). Its commit keeps the blob."""
+    pending: dict[str, Storage] | None = session.info.get(_UNCOMMITTED_BLOBS)
+    if pending is None:
+        pending = session.info[_UNCOMMITTED_BLOBS] = {}
+        event.listen(session, "after_commit", _keep_blobs)
+        event.listen(session, "after_transaction_end", _drop_uncommitted_blobs)
+    pending[key] = storage
+
+
+def _keep_blobs(session: Session) -> None:
+    session.info.get(_UNCOMMITTED_BLOBS, {}).clear()
+
+
+def _drop_uncommitted_blobs(session: Session, transaction: SessionTransaction) -> None:
+    if transaction.parent is not None:  # a flush's inner transaction, not the request's
+        return
+    pending: dict[str, Storage] = session.info.get(_UNCOMMITTED_BLOBS, {})
+    for key, storage in list(pending.items()):
+        _delete_blob(storage, key)
+    pending.clear()
 
 
 def upload(

@@ -12,10 +12,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import func, select, tuple_, update
 from sqlalchemy.orm import Session
 
-from app.errors import Conflict, InvalidRequest, NotFound, RateLimited
+from app.errors import Conflict, InvalidRequest, NotFound, RateLimited, describe_validation_errors
 from app.models import Checkpoint, FileStatus, Job, JobEvent, JobStatus, OutboxMessage, Project, StoredFile
 from app.models.base import new_id, utcnow
 from app.schemas.requests import JobCreate
@@ -76,6 +77,8 @@ def enqueue_dispatch(session: Session, job: Job) -> None:
 
 
 def _merge_legacy_hyperparameters(body: JobCreate) -> Method:
+    """OpenAI's deprecated top-level ``hyperparameters`` merged under ``method`` (whose own values win),
+    validated like them; an error names ``hyperparameters.<field>``."""
     method = body.method
     if not body.hyperparameters:
         return method
@@ -85,8 +88,14 @@ def _merge_legacy_hyperparameters(body: JobCreate) -> Method:
     data[method.type] = {**params.model_dump(), "hyperparameters": merged}
     try:
         return Method.model_validate(data)
-    except ValueError as exc:
-        raise InvalidRequest(f"hyperparameters: {exc}", param="hyperparameters") from exc
+    except ValidationError as exc:
+        inside = (method.type, "hyperparameters")
+        errors = [
+            {**e, "loc": ("hyperparameters", *e["loc"][2:])} if tuple(e["loc"][:2]) == inside else e
+            for e in exc.errors()
+        ]
+        param, message = describe_validation_errors(errors)
+        raise InvalidRequest(message, param=param or "hyperparameters", code="invalid_value") from exc
 
 
 def _usable_file(session: Session, project_id: str, file_id: str, param: str) -> StoredFile:
