@@ -132,17 +132,27 @@ def jobs_list(limit: int = 20, base_url: BaseUrl = None, api_key: ApiKey = None,
     _print(obj, as_json, "\n".join(f"{j['id']}  {j['status']:<10} {j['model']}" for j in obj["data"]))
 
 
-def _transition(name: str):  # type: ignore[no-untyped-def]
-    def command(job_id: str, base_url: BaseUrl = None, api_key: ApiKey = None, as_json: AsJson = False) -> None:
-        obj = ApiClient(base_url, api_key).json("POST", f"/v1/fine_tuning/jobs/{job_id}/{name}")
-        _print(obj, as_json, f"{obj['id']}  {obj['status']}")
-
-    command.__doc__ = f"{name.capitalize()} a job."
-    jobs.command(name)(command)
+def _transition(job_id: str, action: str, base_url: str | None, api_key: str | None, as_json: bool) -> None:
+    obj = ApiClient(base_url, api_key).json("POST", f"/v1/fine_tuning/jobs/{job_id}/{action}")
+    _print(obj, as_json, f"{obj['id']}  {obj['status']}")
 
 
-for _name in ("cancel", "pause", "resume"):
-    _transition(_name)
+@jobs.command("cancel")
+def jobs_cancel(job_id: str, base_url: BaseUrl = None, api_key: ApiKey = None, as_json: AsJson = False) -> None:
+    """Cancel a job."""
+    _transition(job_id, "cancel", base_url, api_key, as_json)
+
+
+@jobs.command("pause")
+def jobs_pause(job_id: str, base_url: BaseUrl = None, api_key: ApiKey = None, as_json: AsJson = False) -> None:
+    """Pause a job."""
+    _transition(job_id, "pause", base_url, api_key, as_json)
+
+
+@jobs.command("resume")
+def jobs_resume(job_id: str, base_url: BaseUrl = None, api_key: ApiKey = None, as_json: AsJson = False) -> None:
+    """Resume a job."""
+    _transition(job_id, "resume", base_url, api_key, as_json)
 
 
 @jobs.command("events")

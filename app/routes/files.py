@@ -35,9 +35,9 @@ def upload_file(
     caller: CurrentCaller,
     file: Annotated[UploadFile, Form()],
     purpose: Annotated[str, Form(max_length=40)],
-    idempotency_key: IdempotencyKeyHeader = None,
+    idempotency_key: IdempotencyKeyHeader,
 ) -> FileObject:
-    # Size: BodyLimitMiddleware (app.routes.body_limit) has already refused an oversized body while it
+    # Size: BodyLimitMiddleware (app.middleware.body_limit) has already refused an oversized body while it
     # streamed in; storage enforces the exact file limit again as it writes.
     if file is None or not hasattr(file, "file"):
         raise InvalidRequest("file is required", param="file")
@@ -50,13 +50,13 @@ def upload_file(
         purpose=purpose,
         max_bytes=ctx.settings.max_upload_bytes,
     )
-    print_ = idempotency.fingerprint("POST", "/v1/files", [purpose, row.filename, row.sha256])
+    fingerprint = idempotency.request_fingerprint("POST", "/v1/files", [purpose, row.filename, row.sha256])
     return run_idempotent(  # type: ignore[no-any-return]
         ctx,
         session,
         caller,
         idempotency_key,
-        print_,
+        fingerprint,
         lambda: file_view(row),
         on_replay=lambda: _discard(session, ctx, row),
     )
@@ -79,10 +79,7 @@ def list_files(
     rows, has_more = files_service.list_files(
         session, caller.project_id, purpose=purpose, after=after, limit=limit, order=order
     )
-    data = [file_view(r) for r in rows]
-    return ListObject[FileObject](
-        data=data, has_more=has_more, first_id=data[0].id if data else None, last_id=data[-1].id if data else None
-    )
+    return ListObject[FileObject].page([file_view(r) for r in rows], has_more)
 
 
 @router.get("/{file_id}", response_model=FileObject)

@@ -20,7 +20,7 @@ def run_idempotent(
     session: Session,
     caller: Caller,
     key: str | None,
-    print_: str,
+    fingerprint: str,
     produce: Callable[[], BaseModel],
     status: int = 200,
     on_replay: Callable[[], None] | None = None,
@@ -28,7 +28,7 @@ def run_idempotent(
     """Run ``produce`` once per (project, key); replay its first answer to retries."""
     if key is None:
         return produce()
-    replay = idempotency.reserve(ctx.sessions, caller.project_id, key, print_)
+    replay = idempotency.reserve(ctx.sessions, caller.project_id, key, fingerprint)
     if replay is not None:
         if on_replay is not None:
             on_replay()

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
+from sqlalchemy.orm import Session
 
 from app.deps import Ctx, CurrentCaller, DbSession, IdempotencyKeyHeader
 from app.errors import InvalidRequest
+from app.models import Job
 from app.routes.events_stream import sse_events
 from app.routes.idempotent import run_idempotent
 from app.routes.params import Cursor, JobId
@@ -42,7 +45,7 @@ def create_job(
     session: DbSession,
     caller: CurrentCaller,
     body: JobCreate,
-    idempotency_key: IdempotencyKeyHeader = None,
+    idempotency_key: IdempotencyKeyHeader,
 ) -> JobObject:
     def produce() -> JobObject:
         job = jobs_service.create_job(
@@ -56,8 +59,8 @@ def create_job(
         session.flush()
         return job_view(job)
 
-    print_ = idempotency.fingerprint("POST", "/v1/fine_tuning/jobs", body.model_dump(mode="json"))
-    result = run_idempotent(ctx, session, caller, idempotency_key, print_, produce)
+    fingerprint = idempotency.request_fingerprint("POST", "/v1/fine_tuning/jobs", body.model_dump(mode="json"))
+    result = run_idempotent(ctx, session, caller, idempotency_key, fingerprint, produce)
     return result  # type: ignore[no-any-return]
 
 
@@ -71,10 +74,7 @@ def list_jobs(
 ) -> ListObject[JobObject]:
     metadata = _metadata_filters(request)
     rows, has_more = jobs_service.list_jobs(session, caller.project_id, after=after, limit=limit, metadata=metadata)
-    data = [job_view(r) for r in rows]
-    return ListObject[JobObject](
-        data=data, has_more=has_more, first_id=data[0].id if data else None, last_id=data[-1].id if data else None
-    )
+    return ListObject[JobObject].page([job_view(r) for r in rows], has_more)
 
 
 def _metadata_filters(request: Request) -> dict[str, str]:
@@ -99,26 +99,50 @@ def retrieve_job(session: DbSession, caller: CurrentCaller, job_id: JobId) -> Jo
     return job_view(jobs_service.get_job(session, caller.project_id, job_id))
 
 
-def _transition_route(name: str):  # type: ignore[no-untyped-def]
-    action = {"cancel": jobs_service.cancel_job, "pause": jobs_service.pause_job, "resume": jobs_service.resume_job}[
-        name
-    ]
+def _transition(
+    ctx: Ctx,
+    session: DbSession,
+    caller: CurrentCaller,
+    job_id: str,
+    idempotency_key: str | None,
+    action: Callable[[Session, str, str], Job],
+    name: str,
+) -> JobObject:
+    """Run one user transition (``jobs_service.cancel_job`` and its siblings), honouring Idempotency-Key."""
+    fingerprint = idempotency.request_fingerprint("POST", f"/v1/fine_tuning/jobs/{job_id}/{name}", None)
+    result = run_idempotent(
+        ctx,
+        session,
+        caller,
+        idempotency_key,
+        fingerprint,
+        lambda: job_view(action(session, caller.project_id, job_id)),
+    )
+    return result  # type: ignore[no-any-return]
 
-    def handler(
-        ctx: Ctx, session: DbSession, caller: CurrentCaller, job_id: JobId, idempotency_key: IdempotencyKeyHeader = None
-    ) -> JobObject:
-        print_ = idempotency.fingerprint("POST", f"/v1/fine_tuning/jobs/{job_id}/{name}", None)
-        result = run_idempotent(
-            ctx, session, caller, idempotency_key, print_, lambda: job_view(action(session, caller.project_id, job_id))
-        )
-        return result  # type: ignore[no-any-return]
 
-    handler.__name__ = f"{name}_job"
-    router.add_api_route(f"/{{job_id}}/{name}", handler, methods=["POST"], response_model=JobObject)
+@router.post("/{job_id}/cancel", response_model=JobObject)
+def cancel_job(
+    ctx: Ctx, session: DbSession, caller: CurrentCaller, job_id: JobId, idempotency_key: IdempotencyKeyHeader
+) -> JobObject:
+    """Cancel a validating, queued, running or paused job (409 once it has ended)."""
+    return _transition(ctx, session, caller, job_id, idempotency_key, jobs_service.cancel_job, "cancel")
 
 
-for _name in ("cancel", "pause", "resume"):
-    _transition_route(_name)
+@router.post("/{job_id}/pause", response_model=JobObject)
+def pause_job(
+    ctx: Ctx, session: DbSession, caller: CurrentCaller, job_id: JobId, idempotency_key: IdempotencyKeyHeader
+) -> JobObject:
+    """Pause a running job: the worker saves a checkpoint and stops (409 unless it is running)."""
+    return _transition(ctx, session, caller, job_id, idempotency_key, jobs_service.pause_job, "pause")
+
+
+@router.post("/{job_id}/resume", response_model=JobObject)
+def resume_job(
+    ctx: Ctx, session: DbSession, caller: CurrentCaller, job_id: JobId, idempotency_key: IdempotencyKeyHeader
+) -> JobObject:
+    """Queue a paused job again; it resumes from its pause checkpoint (409 unless it is paused)."""
+    return _transition(ctx, session, caller, job_id, idempotency_key, jobs_service.resume_job, "resume")
 
 
 @router.get(
@@ -144,10 +168,7 @@ def list_events(
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
     rows, has_more = events_service.list_events(session, job.id, after=after, limit=limit)
-    data = [event_view(r) for r in rows]
-    return ListObject[EventObject](
-        data=data, has_more=has_more, first_id=data[0].id if data else None, last_id=data[-1].id if data else None
-    )
+    return ListObject[EventObject].page([event_view(r) for r in rows], has_more)
 
 
 @router.get("/{job_id}/checkpoints", response_model=ListObject[CheckpointObject])
@@ -156,7 +177,4 @@ def list_checkpoints(
 ) -> ListObject[CheckpointObject]:
     rows, has_more = jobs_service.list_checkpoints(session, caller.project_id, job_id, after=after, limit=limit)
     job = jobs_service.get_job(session, caller.project_id, job_id)
-    data = [checkpoint_view(r, job) for r in rows]
-    return ListObject[CheckpointObject](
-        data=data, has_more=has_more, first_id=data[0].id if data else None, last_id=data[-1].id if data else None
-    )
+    return ListObject[CheckpointObject].page([checkpoint_view(r, job) for r in rows], has_more)

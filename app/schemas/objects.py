@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Generic, Literal, TypeVar
+from collections.abc import Sequence
+from typing import Any, Generic, Literal, Self, TypeVar
 
 from pydantic import BaseModel
 
@@ -126,11 +127,22 @@ class CheckpointObject(BaseModel):
 
 
 class ListObject(BaseModel, Generic[T]):
+    """OpenAI's cursor page: ``data`` in the list's order, ``first_id``/``last_id`` its ends' ids (the
+    ``after`` of the next page is ``last_id``), ``has_more`` whether another page follows."""
+
     object: Literal["list"] = "list"
     data: list[T]
     has_more: bool
     first_id: str | None = None
     last_id: str | None = None
+
+    @classmethod
+    def page(cls, data: Sequence[T], has_more: bool) -> Self:
+        """The page holding ``data`` (objects with an ``id``), ``first_id``/``last_id`` filled in."""
+        ids = [str(item.id) for item in data]  # type: ignore[attr-defined]
+        return cls(
+            data=list(data), has_more=has_more, first_id=ids[0] if ids else None, last_id=ids[-1] if ids else None
+        )
 
 
 class WebhookEndpointObject(BaseModel):

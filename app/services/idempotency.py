@@ -26,17 +26,20 @@ IN_FLIGHT_TIMEOUT = timedelta(seconds=120)
 """An in-flight key older than this belongs to a request that died; a retry may take it over."""
 
 
-def fingerprint(method: str, path: str, body: Any) -> str:
+def request_fingerprint(method: str, path: str, body: Any) -> str:
+    """SHA-256 (hex) of the request's method, path and canonical JSON body: what a replay must match."""
     raw = json.dumps([method, path, body], sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(raw.encode()).hexdigest()
 
 
-def reserve(sessions: sessionmaker[Session], project_id: str, key: str, print_: str) -> IdempotencyRecord | None:
+def reserve(sessions: sessionmaker[Session], project_id: str, key: str, fingerprint: str) -> IdempotencyRecord | None:
     """Reserve ``key``. Returns the finished record to replay, or None when this request should run."""
     for _ in range(3):
         with sessions() as session:
             try:
-                session.add(IdempotencyRecord(project_id=project_id, key=key, fingerprint=print_, created_at=utcnow()))
+                session.add(
+                    IdempotencyRecord(project_id=project_id, key=key, fingerprint=fingerprint, created_at=utcnow())
+                )
                 session.commit()
                 return None
             except IntegrityError:
@@ -49,7 +52,7 @@ def reserve(sessions: sessionmaker[Session], project_id: str, key: str, print_: 
                 session.delete(row)
                 session.commit()
                 continue
-            if row.fingerprint != print_:
+            if row.fingerprint != fingerprint:
                 raise IdempotencyMismatch(
                     "This Idempotency-Key was already used with a different request body.", param="Idempotency-Key"
                 )
@@ -103,4 +106,4 @@ def replay_headers() -> dict[str, str]:
     return {"Idempotent-Replayed": "true"}
 
 
-__all__ = ["fingerprint", "purge_expired", "record", "release", "replay_headers", "reserve", "select"]
+__all__ = ["purge_expired", "record", "release", "replay_headers", "request_fingerprint", "reserve", "select"]
