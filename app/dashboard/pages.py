@@ -20,7 +20,7 @@ from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, FileSystemLoader
 
 from app.dashboard.security import LoginRequired, clear_session_cookie
-from app.errors import DomainError, RateLimited
+from app.errors import DomainError, RateLimited, loc_to_param
 
 HERE = Path(__file__).resolve().parent
 STATIC_DIR = HERE / "static"
@@ -94,7 +94,7 @@ class HtmlRoute(APIRoute):
                     response.headers["Retry-After"] = str(exc.retry_after)
             except RequestValidationError as exc:
                 errors = exc.errors()
-                where = ".".join(str(p) for p in errors[0].get("loc", ())[1:]) if errors else ""
+                where = loc_to_param(tuple(errors[0].get("loc", ()))) if errors else None
                 response = error_page(request, 400, f"Invalid {where or 'request'}.")
             for header, value in SECURITY_HEADERS.items():
                 response.headers.setdefault(header, value)

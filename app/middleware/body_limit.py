@@ -16,7 +16,9 @@ Limits, by route (``BodyLimits.for_request``):
 
 - ``POST /v1/files``: ``IPO_MAX_UPLOAD_BYTES`` (plus the multipart framing);
 - ``POST /internal/v1/jobs/{id}/checkpoints`` and ``.../artifacts``: ``IPO_MAX_ARTIFACT_BYTES``;
-- everything else (JSON bodies of ``/v1`` and ``/internal/v1``, dashboard forms): ``IPO_MAX_REQUEST_BODY_BYTES``.
+- other ``/internal/v1`` bodies (a worker's JSON reports): ``INTERNAL_REPORT_BYTES``, or
+  ``IPO_MAX_REQUEST_BODY_BYTES`` when that is larger;
+- everything else (JSON bodies of ``/v1``, dashboard forms): ``IPO_MAX_REQUEST_BODY_BYTES``.
 """
 
 from __future__ import annotations
@@ -32,6 +34,11 @@ from app.errors import RequestBodyTimeout, RequestTooLarge
 
 MULTIPART_ALLOWANCE = 64 * 1024
 """Room for the multipart framing and the small form fields around the file itself."""
+
+INTERNAL_REPORT_BYTES = 32 << 20
+"""The largest event batch the worker protocol allows (``contracts.internal.EventsRequest``: 1,000 events
+with messages of up to 4,000 characters, each up to 4 bytes in UTF-8, plus their metrics) is about
+16 MiB; a worker's batch must never be refused for its size, or its events would be dropped."""
 
 _ARTIFACT_UPLOAD = re.compile(r"^/internal/v1/jobs/[^/]+/(checkpoints|artifacts)/?$")
 
@@ -62,6 +69,9 @@ class BodyLimits:
         if scope.get("method") == "POST" and _ARTIFACT_UPLOAD.match(path):
             message = f"Artifact is too large: the limit is {self.max_artifact_bytes} bytes (IPO_MAX_ARTIFACT_BYTES)."
             return BodyLimit(self.max_artifact_bytes + MULTIPART_ALLOWANCE, "file", message, False)
+        if path.startswith("/internal/"):
+            limit = max(self.max_request_body_bytes, INTERNAL_REPORT_BYTES)
+            return BodyLimit(limit, None, f"Request body is too large: the limit is {limit} bytes.", True)
         message = f"Request body is too large: the limit is {self.max_request_body_bytes} bytes."
         return BodyLimit(self.max_request_body_bytes, None, message, True)
 

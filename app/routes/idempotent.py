@@ -10,7 +10,6 @@ from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
 from app.auth import Caller
-from app.errors import DomainError
 from app.services import idempotency
 from app.state import AppContext
 
@@ -35,10 +34,7 @@ def run_idempotent(
         return JSONResponse(replay.response_body, replay.response_status or 200, headers=idempotency.replay_headers())
     try:
         result = produce()
-    except DomainError:
-        idempotency.release(ctx.sessions, caller.project_id, key)
-        raise
-    except BaseException:
+    except BaseException:  # refused or failed: free the key so a retry runs it again
         idempotency.release(ctx.sessions, caller.project_id, key)
         raise
     idempotency.record(session, caller.project_id, key, status, result.model_dump(mode="json"))

@@ -4,6 +4,7 @@ line, no stored bytes after a refused or failed upload, and credentials checked 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,10 +13,12 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from app.errors import loc_to_param
+from app.middleware.body_limit import INTERNAL_REPORT_BYTES
 from app.models import Job
 from app.services import idempotency
 from app.settings import Settings
 from tests.api.conftest import WORKER
+from tests.api.worker_steps import claim
 
 
 def _error(r: Any, status: int, param: str | None) -> dict[str, Any]:
@@ -235,11 +238,23 @@ def test_no_route_runs_and_no_body_is_parsed_without_credentials(client: TestCli
 
 
 def test_an_oversized_internal_body_is_refused(client: TestClient, settings: Settings) -> None:
-    big = b'{"worker_id": "' + b"w" * (settings.max_request_body_bytes + 10) + b'"}'
+    big = b'{"worker_id": "' + b"w" * (INTERNAL_REPORT_BYTES + 10) + b'"}'
     r = client.post(
         "/internal/v1/jobs/ftjob-x/claim", headers={**WORKER, "Content-Type": "application/json"}, content=big
     )
     assert _error(r, 413, None)["code"] == "request_too_large"
+
+
+def test_a_worker_report_batch_larger_than_the_public_limit_is_accepted(
+    client: TestClient, auth: dict[str, str], file_id: str, settings: Settings
+) -> None:
+    job = client.post("/v1/fine_tuning/jobs", headers=auth, json={"model": "tiny-mistral", "training_file": file_id})
+    token = claim(client, WORKER, job.json()["id"])
+    events = [{"seq": i, "message": "é" * 4000, "created_at": 1} for i in range(200)]
+    body = {"lease_token": token, "events": events}
+    assert len(json.dumps(body, ensure_ascii=False).encode()) > settings.max_request_body_bytes
+    r = client.post(f"/internal/v1/jobs/{job.json()['id']}/events", headers=WORKER, json=body)
+    assert r.status_code == 200 and r.json()["accepted"] == 200, r.text[:500]
 
 
 @pytest.fixture

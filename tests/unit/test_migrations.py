@@ -53,5 +53,6 @@ def test_every_tenant_row_carries_project_id() -> None:
         "idempotency_keys",
         "webhook_endpoints",
         "webhook_deliveries",
+        "dashboard_sessions",
     ):
         assert "project_id" in Base.metadata.tables[name].c, name
