@@ -36,6 +36,8 @@ def _under(path: str, prefix: str) -> bool:
 
 
 class AuthGateMiddleware:
+    """Refuses ``/v1`` and ``/internal/v1`` requests without valid credentials before the app reads them."""
+
     def __init__(self, app: ASGIApp, ctx: AppContext) -> None:
         self.app = app
         self.ctx = ctx

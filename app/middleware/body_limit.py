@@ -45,6 +45,8 @@ _ARTIFACT_UPLOAD = re.compile(r"^/internal/v1/jobs/[^/]+/(checkpoints|artifacts)
 
 @dataclass(frozen=True)
 class BodyLimit:
+    """The limits that apply to one request's body."""
+
     max_bytes: int
     param: str | None
     """The error's ``param`` (``file`` for an upload)."""
@@ -56,12 +58,15 @@ class BodyLimit:
 
 @dataclass(frozen=True)
 class BodyLimits:
+    """The settings behind every body limit (bytes; seconds for the timeout), and the choice by route."""
+
     max_upload_bytes: int
     max_request_body_bytes: int
     max_artifact_bytes: int
     timeout_seconds: float
 
     def for_request(self, scope: Scope) -> BodyLimit:
+        """The limit for this request's method and path (the list in the module docstring)."""
         path: str = scope.get("path", "")
         if scope.get("method") == "POST" and path.rstrip("/") == "/v1/files":
             message = f"File is too large: the limit is {self.max_upload_bytes} bytes."
@@ -77,6 +82,9 @@ class BodyLimits:
 
 
 class BodyLimitMiddleware:
+    """Wraps ``receive`` to count and time the body; raises ``RequestTooLarge`` or ``RequestBodyTimeout``
+    into whoever reads it (FastAPI's body parsing lets both through to ``app.errors``' handler)."""
+
     def __init__(self, app: ASGIApp, limits: BodyLimits) -> None:
         self.app = app
         self.limits = limits

@@ -81,6 +81,9 @@ _THIS_NETWORK = ipaddress.IPv4Network("0.0.0.0/8")
 
 @dataclass(frozen=True)
 class TargetPolicy:
+    """Which addresses a webhook may connect to: global unicast, plus loopback when ``allow_loopback``,
+    plus any address inside ``allowed_networks`` (the operator's CIDRs)."""
+
     allow_loopback: bool = False
     allowed_networks: tuple[IPNetwork, ...] = field(default=())
 
