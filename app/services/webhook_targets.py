@@ -37,7 +37,7 @@ NAT64_WELL_KNOWN = ipaddress.IPv6Network("64:ff9b::/96")
 
 class TargetRefused(Exception):
     """The URL's host resolves to no address, or to one the policy does not allow. The message says why
-    in one line and names no more than the address and its kind."""
+    in one line and names the kind of address, never the address a name resolved to."""
 
 
 def effective_address(ip: IPAddress) -> IPAddress:
@@ -101,7 +101,8 @@ class TargetPolicy:
         if any(addr in net for net in self.allowed_networks for addr in {ip, real} if addr.version == net.version):
             return None
         knob = "IPO_WEBHOOK_ALLOW_LOOPBACK" if kind == "loopback" else "IPO_WEBHOOK_ALLOWED_NETWORKS"
-        return f"it resolves to {ip}, a {kind} address (refused unless {knob} allows it)"
+        # The address itself is not named: it would tell a project what internal names resolve to.
+        return f"its host resolves to a {kind} address (refused unless {knob} allows it)"
 
     def checked_addresses(self, host: str, port: int) -> list[IPAddress]:
         """Resolve ``host`` once and return its addresses, in resolver order, when every one is allowed.
