@@ -3,7 +3,7 @@
 # ipo-align images. Two targets, built from this one file (docker-compose.yml builds both):
 #
 #   api     FastAPI + Alembic on python:slim. Installs the base package only (`pip install .`), so it
-#           never carries torch/CUDA: the API must start fast and stay small (DESIGN.md).
+#           never carries torch/CUDA: the API must start fast and stay small (docs/design.md).
 #   worker  Celery GPU worker on the official PyTorch CUDA image. Installs `.[worker,gpu]` WITHOUT
 #           constraints/cpu.txt: that file pins the local *CPU* torch wheel for dev/CI, while the
 #           image must keep the CUDA torch its base ships.

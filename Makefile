@@ -42,12 +42,12 @@ test-all: venv
 
 lint: venv
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check app ipo_cli contracts migrations
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
 format: venv
-	$(BIN)/ruff format app ipo_cli contracts migrations
+	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
 serve: venv

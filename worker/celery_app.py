@@ -1,4 +1,4 @@
-"""The Celery app: a doorbell, not a ledger (DESIGN.md, "The worker protocol").
+"""The Celery app: a doorbell, not a ledger (docs/design.md, "The worker protocol").
 
 Start a worker (one per GPU) with ``celery -A worker.celery_app worker`` (``ipo worker`` wraps it).
 The message only names a job; the claim over ``/internal/v1`` decides who runs it, so messages are

@@ -1,6 +1,6 @@
 """Worker configuration: ``IPO_*`` environment variables with embedded defaults under ``./var``.
 
-A worker machine needs only the API URL, the broker URL, the worker token and a GPU (DESIGN.md).
+A worker machine needs only the API URL, the broker URL, the worker token and a GPU (docs/design.md).
 Paths left unset are derived from ``IPO_VAR_DIR`` so one variable moves the whole embedded setup.
 """
 

@@ -21,8 +21,12 @@ pytestmark = pytest.mark.e2e
 def _sse(stack: Stack, job_id: str, timeout: float) -> list[dict[str, object]]:
     """Follow the job's event stream until the server closes it (the job reached a terminal state)."""
     events: list[dict[str, object]] = []
-    with httpx.stream("GET", f"{stack.url}/v1/fine_tuning/jobs/{job_id}/events?stream=true", headers=stack.headers,
-                      timeout=httpx.Timeout(10, read=timeout)) as r:
+    with httpx.stream(
+        "GET",
+        f"{stack.url}/v1/fine_tuning/jobs/{job_id}/events?stream=true",
+        headers=stack.headers,
+        timeout=httpx.Timeout(10, read=timeout),
+    ) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         last_id = None
         for line in r.iter_lines():
@@ -44,9 +48,17 @@ def test_rest_job_trains_and_returns_a_loadable_adapter(stack: Stack, tmp_path: 
             r = http.post("/v1/files", files={"file": (path.name, fh)}, data={"purpose": "fine-tune"})
         assert r.status_code == 200 and r.json()["status"] == "processed", r.text
         ids.append(r.json()["id"])
-    body = {"model": "tiny-mistral", "training_file": ids[0], "validation_file": ids[1], "suffix": "e2e", "seed": 3,
-            "method": {"type": "ipo", "ipo": {"hyperparameters": {"max_steps": 12, "batch_size": 8, "beta": 0.1,
-                                                                 "checkpoint_every": 6}}}}
+    body = {
+        "model": "tiny-mistral",
+        "training_file": ids[0],
+        "validation_file": ids[1],
+        "suffix": "e2e",
+        "seed": 3,
+        "method": {
+            "type": "ipo",
+            "ipo": {"hyperparameters": {"max_steps": 12, "batch_size": 8, "beta": 0.1, "checkpoint_every": 6}},
+        },
+    }
     started = time.monotonic()
     job = http.post("/v1/fine_tuning/jobs", json=body, headers={"Idempotency-Key": "e2e-create"}).json()
     assert job["status"] == "queued", job
@@ -67,12 +79,18 @@ def test_rest_job_trains_and_returns_a_loadable_adapter(stack: Stack, tmp_path: 
 
     # Replay from the middle of the stream with Last-Event-ID: only later events come back.
     middle = events[len(events) // 2]["id"]
-    with httpx.stream("GET", f"{stack.url}/v1/fine_tuning/jobs/{job['id']}/events",
-                      headers={**stack.headers, "Accept": "text/event-stream", "Last-Event-ID": str(middle)},
-                      timeout=30) as r:
-        replayed = [json.loads(line[6:])["id"] for line in r.iter_lines()
-                    if line.startswith("data: ") and line != "data: [DONE]"]
-    assert replayed == [e["id"] for e in events[len(events) // 2 + 1:]]
+    with httpx.stream(
+        "GET",
+        f"{stack.url}/v1/fine_tuning/jobs/{job['id']}/events",
+        headers={**stack.headers, "Accept": "text/event-stream", "Last-Event-ID": str(middle)},
+        timeout=30,
+    ) as r:
+        replayed = [
+            json.loads(line[6:])["id"]
+            for line in r.iter_lines()
+            if line.startswith("data: ") and line != "data: [DONE]"
+        ]
+    assert replayed == [e["id"] for e in events[len(events) // 2 + 1 :]]
 
     adapter_zip = http.get(f"/v1/files/{final['result_files'][0]}/content")
     assert adapter_zip.status_code == 200

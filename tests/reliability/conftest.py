@@ -125,8 +125,14 @@ class Stack:
 
     def _spawn(self, args: list[str], log: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
         with (self.logs / log).open("ab") as out:
-            return subprocess.Popen([sys.executable, "-m", "ipo_cli.main", *args], env=env, cwd=REPO,
-                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            return subprocess.Popen(
+                [sys.executable, "-m", "ipo_cli.main", *args],
+                env=env,
+                cwd=REPO,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def start_api(self, **env: str) -> None:
         self.api = self._spawn(["serve", "--port", str(self.port)], "api.log", {**self.env, **env})
@@ -195,10 +201,22 @@ class Stack:
         return self._train_file
 
     def job_body(self, *, max_steps: int = 20, checkpoint_every: int = 4, batch_size: int = 8) -> dict[str, Any]:
-        return {"model": "tiny-mistral", "training_file": self.train_file(), "seed": 7,
-                "method": {"type": "ipo", "ipo": {"hyperparameters": {
-                    "max_steps": max_steps, "batch_size": batch_size, "beta": 0.1,
-                    "checkpoint_every": checkpoint_every}}}}
+        return {
+            "model": "tiny-mistral",
+            "training_file": self.train_file(),
+            "seed": 7,
+            "method": {
+                "type": "ipo",
+                "ipo": {
+                    "hyperparameters": {
+                        "max_steps": max_steps,
+                        "batch_size": batch_size,
+                        "beta": 0.1,
+                        "checkpoint_every": checkpoint_every,
+                    }
+                },
+            },
+        }
 
     def submit(self, **kw: Any) -> str:
         r = self.http.post("/v1/fine_tuning/jobs", json=self.job_body(**kw))
@@ -235,8 +253,12 @@ class Stack:
             return [r for r in rows if r.payload.get("job_id") == job_id]
 
     def wait_status(self, job_id: str, *statuses: str, timeout: float = 240) -> Job:
-        return wait_for(f"{job_id} to be {statuses}", lambda: (j := self.job(job_id)).status in statuses and j,
-                        timeout, interval=0.5)
+        return wait_for(
+            f"{job_id} to be {statuses}",
+            lambda: (j := self.job(job_id)).status in statuses and j,
+            timeout,
+            interval=0.5,
+        )
 
     def wait_step(self, job_id: str, step: int, *, checkpoint: int | None = None, timeout: float = 180) -> Job:
         """Until the job reached ``step`` (and, if given, has a recorded checkpoint at >= ``checkpoint``)."""
@@ -303,13 +325,15 @@ def make_stack(pg: ThrowawayPostgres, redis: ThrowawayRedis, root: Path, models:
         **FAST_PROTOCOL,
         **env,
     }
-    return Stack(pg=pg, redis=redis, db_url=db_url, env=full_env, root=root, port=port, api_key=key,
-                 queue=full_env["IPO_QUEUE"])
+    return Stack(
+        pg=pg, redis=redis, db_url=db_url, env=full_env, root=root, port=port, api_key=key, queue=full_env["IPO_QUEUE"]
+    )
 
 
 @pytest.fixture
-def stack(pg: ThrowawayPostgres, redis_server: ThrowawayRedis, tiny_models_dir: Path,
-          tmp_path: Path) -> Iterator[Stack]:
+def stack(
+    pg: ThrowawayPostgres, redis_server: ThrowawayRedis, tiny_models_dir: Path, tmp_path: Path
+) -> Iterator[Stack]:
     """The API running (dispatcher on); tests start their own workers."""
     s = make_stack(pg, redis_server, tmp_path, tiny_models_dir)
     try:

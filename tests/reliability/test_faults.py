@@ -87,9 +87,14 @@ def test_trainer_killed_mid_run_resumes_from_checkpoint(stack: Stack) -> None:
     resumed = resumed_from(stack, job_id, 2)
     assert resumed is not None and resumed >= last_ckpt
     assert any("trainer_killed" in e.message for e in stack.events(job_id))
-    report("trainer kill -9", killed_at_step=steps[1][-1], resumed_from_step=resumed, attempts=job.attempt,
-           seconds_to_next_claim=round(attempt_started_at(stack, job_id, 2) - killed_at, 1),
-           seconds_to_first_resumed_step=round(first_step_at(stack, job_id, 2) - killed_at, 1))
+    report(
+        "trainer kill -9",
+        killed_at_step=steps[1][-1],
+        resumed_from_step=resumed,
+        attempts=job.attempt,
+        seconds_to_next_claim=round(attempt_started_at(stack, job_id, 2) - killed_at, 1),
+        seconds_to_first_resumed_step=round(first_step_at(stack, job_id, 2) - killed_at, 1),
+    )
 
 
 def test_worker_killed_lease_expires_and_new_worker_resumes(stack: Stack) -> None:
@@ -117,10 +122,15 @@ def test_worker_killed_lease_expires_and_new_worker_resumes(stack: Stack) -> Non
     assert resumed is not None and resumed >= last_ckpt
     lost = [e for e in stack.events(job_id) if "stopped heartbeating (lease expired)" in e.message]
     assert len(lost) == 1
-    report("worker kill -9", killed_at_step=steps[1][-1], resumed_from_step=resumed, attempts=job.attempt,
-           seconds_to_lease_reaped=round(lost[0].created_at.timestamp() - killed_at, 1),
-           seconds_to_next_claim=round(attempt_started_at(stack, job_id, 2) - killed_at, 1),
-           orphan_trainer_exited_after_s=round(orphan_gone, 1))
+    report(
+        "worker kill -9",
+        killed_at_step=steps[1][-1],
+        resumed_from_step=resumed,
+        attempts=job.attempt,
+        seconds_to_lease_reaped=round(lost[0].created_at.timestamp() - killed_at, 1),
+        seconds_to_next_claim=round(attempt_started_at(stack, job_id, 2) - killed_at, 1),
+        orphan_trainer_exited_after_s=round(orphan_gone, 1),
+    )
 
 
 def test_duplicate_message_runs_once(stack: Stack) -> None:
@@ -137,8 +147,11 @@ def test_duplicate_message_runs_once(stack: Stack) -> None:
     starts = [e for e in stack.events(job_id) if e.message.startswith("Attempt ")]
     assert len(starts) == 1
     # Every doorbell is consumed; all but the first find nothing to claim.
-    wait_for("the extra deliveries to be consumed",
-             lambda: sum(stack.worker_log(w).count("nothing to claim") for w in workers) >= 2, 60)
+    wait_for(
+        "the extra deliveries to be consumed",
+        lambda: sum(stack.worker_log(w).count("nothing to claim") for w in workers) >= 2,
+        60,
+    )
     received = sum(stack.worker_log(w).count("] received") for w in workers)
     refused = sum(stack.worker_log(w).count("nothing to claim") for w in workers)
     report("duplicate delivery", deliveries=received, claims=1, refused_claims=refused, attempt=job.attempt)
@@ -159,9 +172,13 @@ def test_redis_flushed_before_pickup_sweeper_redispatches(stack: Stack) -> None:
     assert job.attempt == 1
     resent = [o for o in stack.outbox(job_id) if o.sent_at and o.sent_at.timestamp() > flushed_at]
     assert resent, "the sweeper never re-sent the lost doorbell"
-    report("redis FLUSHALL", outbox_rows=len(stack.outbox(job_id)),
-           seconds_flush_to_resend=round(resent[0].sent_at.timestamp() - flushed_at, 1),  # type: ignore[union-attr]
-           seconds_flush_to_claim=round(attempt_started_at(stack, job_id, 1) - flushed_at, 1), attempt=job.attempt)
+    report(
+        "redis FLUSHALL",
+        outbox_rows=len(stack.outbox(job_id)),
+        seconds_flush_to_resend=round(resent[0].sent_at.timestamp() - flushed_at, 1),  # type: ignore[union-attr]
+        seconds_flush_to_claim=round(attempt_started_at(stack, job_id, 1) - flushed_at, 1),
+        attempt=job.attempt,
+    )
 
 
 def test_postgres_restart_during_run(stack: Stack) -> None:
@@ -190,9 +207,15 @@ def test_postgres_restart_during_run(stack: Stack) -> None:
     assert job.attempt == 1 and job.failed_attempts == 0, stack.diagnostics(job_id)
     steps = assert_clean_history(stack, job_id)
     assert steps[1] == list(range(1, STEPS + 1))  # every step's report arrived, once
-    report("postgres restart", outage_s=round(down_for, 1), responses_503=len(outage),
-           healthy_after_restart_s=round(healthy_after, 1), attempts=job.attempt,
-           step_reports=len(steps[1]), events=len(stack.events(job_id)))
+    report(
+        "postgres restart",
+        outage_s=round(down_for, 1),
+        responses_503=len(outage),
+        healthy_after_restart_s=round(healthy_after, 1),
+        attempts=job.attempt,
+        step_reports=len(steps[1]),
+        events=len(stack.events(job_id)),
+    )
 
 
 def test_api_restart_during_run(stack: Stack) -> None:
@@ -211,8 +234,13 @@ def test_api_restart_during_run(stack: Stack) -> None:
     assert job.attempt == 1 and job.failed_attempts == 0, stack.diagnostics(job_id)
     steps = assert_clean_history(stack, job_id)
     assert steps[1] == list(range(1, STEPS + 1))
-    report("API kill -9 + restart", api_down_s=round(down_for, 1), killed_at_step=step_at_kill,
-           attempts=job.attempt, step_reports=len(steps[1]))
+    report(
+        "API kill -9 + restart",
+        api_down_s=round(down_for, 1),
+        killed_at_step=step_at_kill,
+        attempts=job.attempt,
+        step_reports=len(steps[1]),
+    )
 
 
 def test_cancel_during_run(stack: Stack) -> None:
@@ -239,8 +267,13 @@ def test_cancel_during_run(stack: Stack) -> None:
     assert not [c for c in stack.checkpoints(job_id) if c.created_at > cancel_event.created_at]
     job = stack.job(job_id)
     assert job.status == "cancelled" and job.attempt == 1
-    report("cancel", status_after_s=0, trainer_group_gone_s=round(group_gone, 1),
-           lease_released_s=round(released, 1), events_after_cancel=[e.message for e in after_cancel])
+    report(
+        "cancel",
+        status_after_s=0,
+        trainer_group_gone_s=round(group_gone, 1),
+        lease_released_s=round(released, 1),
+        events_after_cancel=[e.message for e in after_cancel],
+    )
 
 
 def test_pause_then_resume_continues_at_the_same_step(stack: Stack) -> None:
@@ -272,8 +305,13 @@ def test_pause_then_resume_continues_at_the_same_step(stack: Stack) -> None:
     assert pause_step < total, "the pause landed mid-run"
     steps = assert_clean_history(stack, job_id, total)
     assert steps[2][0] == pause_step + 1
-    report("pause/resume", paused_at_step=pause_step, pause_completed_s=round(paused_in, 1),
-           resumed_from_step=resumed_from(stack, job_id, 2), first_step_after_resume=steps[2][0])
+    report(
+        "pause/resume",
+        paused_at_step=pause_step,
+        pause_completed_s=round(paused_in, 1),
+        resumed_from_step=resumed_from(stack, job_id, 2),
+        first_step_after_resume=steps[2][0],
+    )
 
 
 def test_fenced_off_worker_writes_are_refused(stack: Stack) -> None:
@@ -287,8 +325,11 @@ def test_fenced_off_worker_writes_are_refused(stack: Stack) -> None:
     os.killpg(stale.pid, signal.SIGSTOP)
     os.killpg(trainer, signal.SIGSTOP)
     stack.start_worker()
-    wait_for("another worker to claim attempt 2",
-             lambda: (j := stack.job(job_id)).attempt == 2 and j.lease_token and (j.step or 0) >= 1, 120)
+    wait_for(
+        "another worker to claim attempt 2",
+        lambda: (j := stack.job(job_id)).attempt == 2 and j.lease_token and (j.step or 0) >= 1,
+        120,
+    )
     before = stack.job(job_id)
     events_before = len(stack.events(job_id))
 
@@ -298,16 +339,28 @@ def test_fenced_off_worker_writes_are_refused(stack: Stack) -> None:
     token = old.lease_token
     answers = {
         "heartbeat": w.post(f"{base}/heartbeat", json={"lease_token": token}),
-        "events": w.post(f"{base}/events", json={"lease_token": token, "events": [
-            {"seq": 999, "type": "message", "level": "info", "message": "stale", "created_at": int(time.time())}]}),
-        "checkpoints": w.post(f"{base}/checkpoints", data={"lease_token": token, "step": "99"},
-                              files={"file": ("x.zip", b"PK\x05\x06" + b"\0" * 18)}),
-        "artifacts": w.post(f"{base}/artifacts", data={"lease_token": token, "name": "adapter"},
-                            files={"file": ("a.zip", b"x")}),
+        "events": w.post(
+            f"{base}/events",
+            json={
+                "lease_token": token,
+                "events": [
+                    {"seq": 999, "type": "message", "level": "info", "message": "stale", "created_at": int(time.time())}
+                ],
+            },
+        ),
+        "checkpoints": w.post(
+            f"{base}/checkpoints",
+            data={"lease_token": token, "step": "99"},
+            files={"file": ("x.zip", b"PK\x05\x06" + b"\0" * 18)},
+        ),
+        "artifacts": w.post(
+            f"{base}/artifacts", data={"lease_token": token, "name": "adapter"}, files={"file": ("a.zip", b"x")}
+        ),
         "finish": w.post(f"{base}/finish", json={"lease_token": token, "adapter_file_id": "file-x"}),
     }
-    assert {k: r.status_code for k, r in answers.items()} == dict.fromkeys(answers, 409), \
-        {k: r.text for k, r in answers.items()}
+    assert {k: r.status_code for k, r in answers.items()} == dict.fromkeys(answers, 409), {
+        k: r.text for k, r in answers.items()
+    }
 
     # Now thaw the stale worker: its next heartbeat is refused and it stops writing.
     os.killpg(trainer, signal.SIGCONT)
@@ -325,8 +378,12 @@ def test_fenced_off_worker_writes_are_refused(stack: Stack) -> None:
     assert job.attempt == 2
     assert all(c.step != 99 for c in stack.checkpoints(job_id))
     assert_clean_history(stack, job_id)
-    report("fenced-off worker", stale_write_statuses={k: r.status_code for k, r in answers.items()},
-           stale_events_accepted=len(stale_events), final_attempt=job.attempt)
+    report(
+        "fenced-off worker",
+        stale_write_statuses={k: r.status_code for k, r in answers.items()},
+        stale_events_accepted=len(stale_events),
+        final_attempt=job.attempt,
+    )
 
 
 def test_job_crashing_every_attempt_fails_after_max_attempts(stack: Stack) -> None:
@@ -341,8 +398,12 @@ def test_job_crashing_every_attempt_fails_after_max_attempts(stack: Stack) -> No
     assert "gave up after 3 failed attempts" in job.error["message"]
     api = stack.api_job(job_id)
     assert api["status"] == "failed" and api["error"]["code"] == "trainer_crashed"
-    report("crash every attempt", attempts=job.attempt, seconds_to_failed=round(time.monotonic() - started, 1),
-           error=job.error["message"].splitlines()[0])
+    report(
+        "crash every attempt",
+        attempts=job.attempt,
+        seconds_to_failed=round(time.monotonic() - started, 1),
+        error=job.error["message"].splitlines()[0],
+    )
 
 
 def test_sigterm_worker_checkpoints_and_another_worker_resumes(stack: Stack) -> None:
@@ -365,5 +426,11 @@ def test_sigterm_worker_checkpoints_and_another_worker_resumes(stack: Stack) -> 
     assert len(ckpts) == 1
     steps = assert_clean_history(stack, job_id)
     assert resumed_from(stack, job_id, 2) == ckpts[0].step == steps[1][-1]
-    report("SIGTERM (deploy)", checkpoint_step=ckpts[0].step, old_worker_exit_s=round(exit_s, 1),
-           exit_code=first.returncode, resumed_from_step=resumed_from(stack, job_id, 2), attempts=job.attempt)
+    report(
+        "SIGTERM (deploy)",
+        checkpoint_step=ckpts[0].step,
+        old_worker_exit_s=round(exit_s, 1),
+        exit_code=first.returncode,
+        resumed_from_step=resumed_from(stack, job_id, 2),
+        attempts=job.attempt,
+    )

@@ -32,8 +32,15 @@ CLIENTS = 50
 def test_concurrent_submissions_with_idempotent_retries(
     pg: ThrowawayPostgres, redis_server: ThrowawayRedis, tiny_models_dir: Path, tmp_path: Path
 ) -> None:
-    stack = make_stack(pg, redis_server, tmp_path, tiny_models_dir, IPO_RATE_LIMIT_PER_MINUTE="0",
-                       IPO_MAX_ACTIVE_JOBS="0", IPO_REDISPATCH_AFTER_SECONDS="3600")
+    stack = make_stack(
+        pg,
+        redis_server,
+        tmp_path,
+        tiny_models_dir,
+        IPO_RATE_LIMIT_PER_MINUTE="0",
+        IPO_MAX_ACTIVE_JOBS="0",
+        IPO_REDISPATCH_AFTER_SECONDS="3600",
+    )
     try:
         stack.start_api()
         body = stack.job_body(max_steps=10)
@@ -42,8 +49,12 @@ def test_concurrent_submissions_with_idempotent_retries(
         plan = keys + rng.sample(keys, RETRIED)
         rng.shuffle(plan)
 
-        http = httpx.Client(base_url=stack.url, headers=stack.http.headers, timeout=60,
-                            limits=httpx.Limits(max_connections=CLIENTS, max_keepalive_connections=CLIENTS))
+        http = httpx.Client(
+            base_url=stack.url,
+            headers=stack.http.headers,
+            timeout=60,
+            limits=httpx.Limits(max_connections=CLIENTS, max_keepalive_connections=CLIENTS),
+        )
         latencies: list[float] = []
         statuses: Counter[int] = Counter()
 
@@ -80,7 +91,8 @@ def test_concurrent_submissions_with_idempotent_retries(
         def all_sent() -> bool:
             with stack.db() as s:
                 return not s.scalar(
-                    select(func.count()).select_from(OutboxMessage).where(OutboxMessage.sent_at.is_(None)))
+                    select(func.count()).select_from(OutboxMessage).where(OutboxMessage.sent_at.is_(None))
+                )
 
         drained_at = time.perf_counter()
         wait_for("the dispatcher to send every doorbell", all_sent, 120)
@@ -96,10 +108,13 @@ def test_concurrent_submissions_with_idempotent_retries(
 
         lat = sorted(latencies)
         p50, p99 = lat[len(lat) // 2], lat[min(len(lat) - 1, int(len(lat) * 0.99))]
-        print(f"\nRELIABILITY load: requests={len(lat)} (planned {TOTAL}, {statuses[409]} x 409 in-progress retried), "
-              f"jobs={len(distinct)}, clients={CLIENTS}, seconds={elapsed:.1f}, "
-              f"throughput={len(plan) / elapsed:.0f} submissions/s, p50={p50 * 1000:.0f}ms, p99={p99 * 1000:.0f}ms, "
-              f"max={lat[-1] * 1000:.0f}ms, statuses={dict(statuses)}, outbox_drain_after_s={drain:.1f}, "
-              f"doorbells_in_queue={queued}", flush=True)
+        print(
+            f"\nRELIABILITY load: requests={len(lat)} (planned {TOTAL}, {statuses[409]} x 409 in-progress retried), "
+            f"jobs={len(distinct)}, clients={CLIENTS}, seconds={elapsed:.1f}, "
+            f"throughput={len(plan) / elapsed:.0f} submissions/s, p50={p50 * 1000:.0f}ms, p99={p99 * 1000:.0f}ms, "
+            f"max={lat[-1] * 1000:.0f}ms, statuses={dict(statuses)}, outbox_drain_after_s={drain:.1f}, "
+            f"doorbells_in_queue={queued}",
+            flush=True,
+        )
     finally:
         stack.close()

@@ -48,9 +48,7 @@ def write(tmp_path: Path, lines: Sequence[object], name: str = "train.jsonl") ->
     return path
 
 
-def parse(
-    tmp_path: Path, lines: Sequence[object], **kwargs: int
-) -> tuple[list[PreferenceExample], ValidationReport]:
+def parse(tmp_path: Path, lines: Sequence[object], **kwargs: int) -> tuple[list[PreferenceExample], ValidationReport]:
     return parse_preference_file(write(tmp_path, lines), **kwargs)
 
 
@@ -145,9 +143,7 @@ def test_blank_lines_are_ignored_but_counted(tmp_path: Path) -> None:
 
 def test_utf8_bom_and_crlf_are_accepted(tmp_path: Path) -> None:
     path = tmp_path / "bom.jsonl"
-    path.write_bytes(
-        b"\xef\xbb\xbf" + json.dumps(TEXT).encode() + b"\r\n" + json.dumps(TEXT).encode() + b"\r\n"
-    )
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(TEXT).encode() + b"\r\n" + json.dumps(TEXT).encode() + b"\r\n")
     examples, report = parse_preference_file(str(path))
     assert report.ok and report.n_examples == 2
     assert examples[0] == EXPECTED
@@ -407,13 +403,9 @@ def test_over_long_line_is_reported_without_parsing_and_numbering_continues(tmp_
     examples, report = parse(tmp_path, [TEXT, long_line, TEXT, "x" * (3 * MAX_LINE_BYTES), TEXT])
     assert [e.line for e in examples] == [1, 3, 5]
     assert [e.line for e in report.errors] == [2, 4]
+    assert report.errors[0].reason == f"line is too long: {len(long_line)} bytes (limit {MAX_LINE_BYTES}); not parsed"
     assert (
-        report.errors[0].reason
-        == f"line is too long: {len(long_line)} bytes (limit {MAX_LINE_BYTES}); not parsed"
-    )
-    assert (
-        report.errors[1].reason
-        == f"line is too long: {3 * MAX_LINE_BYTES} bytes (limit {MAX_LINE_BYTES}); not parsed"
+        report.errors[1].reason == f"line is too long: {3 * MAX_LINE_BYTES} bytes (limit {MAX_LINE_BYTES}); not parsed"
     )
 
 
@@ -435,9 +427,7 @@ def test_line_of_exactly_the_limit_is_parsed(tmp_path: Path) -> None:
 
 
 def test_over_long_item_in_lines_api() -> None:
-    _, report = parse_preference_lines(
-        [json.dumps(TEXT), "z" * (MAX_LINE_BYTES + 1), b"z" * (MAX_LINE_BYTES + 1)]
-    )
+    _, report = parse_preference_lines([json.dumps(TEXT), "z" * (MAX_LINE_BYTES + 1), b"z" * (MAX_LINE_BYTES + 1)])
     assert [e.line for e in report.errors] == [2, 3]
     assert all("line is too long" in e.reason for e in report.errors)
 
@@ -463,9 +453,7 @@ def test_empty_file_allowed_when_no_examples_required(tmp_path: Path) -> None:
 def test_too_few_examples(tmp_path: Path) -> None:
     examples, report = parse(tmp_path, [TEXT, TEXT], min_examples=3)
     assert len(examples) == 2
-    assert only_error(report) == LineError(
-        line=FILE_LEVEL, reason="too few examples: 2 valid, at least 3 needed"
-    )
+    assert only_error(report) == LineError(line=FILE_LEVEL, reason="too few examples: 2 valid, at least 3 needed")
 
 
 def test_os_errors_raise(tmp_path: Path) -> None:

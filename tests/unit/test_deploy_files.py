@@ -122,7 +122,7 @@ def test_worker_token_has_no_default(compose: dict[str, Any]) -> None:
 
 
 def test_only_api_side_gets_ledger_credentials(services: dict[str, dict[str, Any]]) -> None:
-    # DESIGN.md: app/ is the only process that writes the database; a worker needs no DB credentials.
+    # docs/design.md: app/ is the only process that writes the database; a worker needs no DB credentials.
     for name in ("migrate", "api"):
         url = services[name]["environment"]["IPO_DATABASE_URL"]
         assert url.startswith("postgresql+psycopg://") and "@postgres:5432/" in url

@@ -82,9 +82,7 @@ def test_real_worker_runs_job_and_checkpoints_on_warm_shutdown(
         "FAKE_STEPS": "100000",
         "FAKE_DELAY": "0.05",
     }
-    make_celery("filesystem://", broker_dir=var / "broker").send_task(
-        TASK_NAME, kwargs={"job_id": JOB_ID}, queue=QUEUE
-    )
+    make_celery("filesystem://", broker_dir=var / "broker").send_task(TASK_NAME, kwargs={"job_id": JOB_ID}, queue=QUEUE)
     log = open(tmp_path / "celery.log", "wb")  # noqa: SIM115 - closed in finally
     worker = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--loglevel=INFO", "-n", "test@%h"],

@@ -159,7 +159,7 @@ def test_unknown_model_fails_not_retryable(settings: WorkerSettings, api: ApiCli
     api_state.claim["spec"]["model"] = "../../etc"
     outcome = _make(settings, api)()
     assert outcome is not None and outcome.status == "failed" and outcome.reason == "model_not_found"
-    (action, body), = api_state.terminal
+    ((action, body),) = api_state.terminal
     assert action == "fail" and body["code"] == "model_not_found" and body["retryable"] is False
 
 
@@ -251,7 +251,7 @@ def test_trainer_failure(
     run = _make(settings, api, fake_mode=mode, fake_steps="10", fake_helper="1")
     outcome = run()
     assert outcome is not None and (outcome.status, outcome.reason) == ("failed", code)
-    (action, body), = api_state.terminal
+    ((action, body),) = api_state.terminal
     assert action == "fail" and body["code"] == code and body["retryable"] is retryable
     assert needle in body["message"]
     run.assert_no_processes_left()
