@@ -234,6 +234,7 @@ def project_child(a: argparse.Namespace) -> None:
     ref_logps_s = sum(float((r.data or {}).get("ref_logps_seconds", 0.0)) for r in events)
     train_metrics = [r for r in reporter.of_kind("metrics") if r.data and "train_loss" in r.data]
     last = train_metrics[-1]
+    assert started is not None and last.time is not None, "trainer reports carry their time"
     done = reporter.of_kind("done")[-1]
     resolved = reporter.of_kind("resolved")[-1].data or {}
     import torch
@@ -302,7 +303,7 @@ def full_data_loss(model: Path, data: Path, adapter: Path) -> float:
     with tempfile.TemporaryDirectory(prefix="ipo-bench-eval-") as out:
         args = DPOConfig(
             output_dir=out,
-            loss_type="ipo",
+            loss_type=["ipo"],
             beta=HP["beta"],
             max_length=HP["max_length"],
             per_device_eval_batch_size=HP["batch_size"],
@@ -550,14 +551,14 @@ def bench_variant(variant: str, a: argparse.Namespace, model: Path, tmp: Path) -
     ref, proj = runs["reference"], runs["project"]
     ratio = []
     if ref and proj:
-        r = median([tps(x) for x in proj]) / median([tps(x) for x in ref])
+        speedup = median([tps(x) for x in proj]) / median([tps(x) for x in ref])
         pairs = ", ".join(f"{tps(p) / tps(q):.2f}" for p, q in zip(proj, ref, strict=False))
         ref_losses = [x["full_data_loss"] for x in ref]
         gap = abs(median([x["full_data_loss"] for x in proj]) - median(ref_losses))
         noise = max(ref_losses) - min(ref_losses)
         ratio.append(
-            f"(b)/(a) tok/s = {r:.2f}x of medians (per repeat {pairs}; target >= 1.30x: "
-            f"{'met' if r >= 1.3 else 'missed'}); full-data loss (b)-(a) medians {gap:.4f} vs (a)'s spread "
+            f"(b)/(a) tok/s = {speedup:.2f}x of medians (per repeat {pairs}; target >= 1.30x: "
+            f"{'met' if speedup >= 1.3 else 'missed'}); full-data loss (b)-(a) medians {gap:.4f} vs (a)'s spread "
             f"over seeds {noise:.4f}: {'within noise' if gap <= noise else 'outside noise'}"
         )
     if runs["warm"] and ref:

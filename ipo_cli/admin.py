@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from ipo_cli.errors import CliError
 
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, sessionmaker
+
 keys = typer.Typer(help="Manage API keys (run on the server host).", no_args_is_help=True)
 
 
-def _sessions():  # type: ignore[no-untyped-def]
+def _sessions() -> sessionmaker[Session]:
     from app.db import make_engine, make_sessionmaker
     from app.settings import Settings
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 from starlette.concurrency import run_in_threadpool
 
@@ -25,7 +25,7 @@ def _frame(row: Row) -> str:
     return f"id: ftevent-{row[0]}\nevent: fine_tuning.job.event\ndata: {row[1]}\n\n"
 
 
-async def sse_events(ctx: AppContext, job_id: str, last_id: int | None) -> AsyncIterator[str]:
+async def sse_events(ctx: AppContext, job_id: str, last_id: int | None) -> AsyncGenerator[str, None]:
     yield "retry: 2000\n\n"
     async with ctx.event_hub.subscribe(job_id, last_id) as feed:
         position = feed.trimmed

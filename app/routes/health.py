@@ -34,7 +34,7 @@ def _check_broker(ctx: Ctx) -> str | None:
     try:
         from kombu import Connection
 
-        with Connection(url, connect_timeout=2) as conn:
+        with Connection(url, connect_timeout=2) as conn:  # type: ignore[no-untyped-call]  # kombu is untyped
             conn.ensure_connection(max_retries=1, timeout=2)
         return None
     except Exception as exc:

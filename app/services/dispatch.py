@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, Protocol
 
@@ -143,11 +144,12 @@ def tick(
     sessions: sessionmaker[Session], settings: Settings, doorbell: Doorbell, *, reap: bool = True
 ) -> dict[str, Any]:
     stats: dict[str, Any] = {}
-    for name, step in (
+    steps: list[tuple[str, Callable[[Session], int]]] = [
         ("reaped", lambda s: reap_expired_leases(s, settings) if reap else 0),
         ("redispatched", lambda s: redispatch_lost(s, settings)),
         ("sent", lambda s: send_pending(s, doorbell)),
-    ):
+    ]
+    for name, step in steps:
         with sessions() as session, session.begin():
             stats[name] = step(session)
     return stats

@@ -177,7 +177,7 @@ def process_registry() -> CollectorRegistry:
     """This process's registry, or every process's (``PROMETHEUS_MULTIPROC_DIR``) aggregated."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
-        MultiProcessCollector(registry)
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # prometheus_client leaves it unannotated
         return registry
     return REGISTRY
 

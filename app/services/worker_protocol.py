@@ -126,7 +126,7 @@ def heartbeat(session: Session, settings: Settings, job_id: str, body: Heartbeat
     if body.resolved_hyperparameters is not None:
         job.resolved_hyperparameters = body.resolved_hyperparameters
     action = {JobStatus.CANCELLED: "cancel", JobStatus.PAUSED: "pause"}.get(JobStatus(job.status), "continue")
-    return HeartbeatResponse(action=action, status=job.status, lease_seconds=settings.lease_seconds)  # type: ignore[arg-type]
+    return HeartbeatResponse(action=action, status=job.status, lease_seconds=settings.lease_seconds)
 
 
 def report_events(session: Session, job_id: str, body: EventsRequest) -> EventsResponse:

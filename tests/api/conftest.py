@@ -96,8 +96,8 @@ def good_jsonl() -> bytes:
 
 
 @pytest.fixture
-def upload(client: TestClient, auth: dict[str, str], good_jsonl: bytes):  # type: ignore[no-untyped-def]
-    def _upload(content: bytes = good_jsonl, name: str = "train.jsonl", headers: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+def upload(client: TestClient, auth: dict[str, str], good_jsonl: bytes):
+    def _upload(content: bytes = good_jsonl, name: str = "train.jsonl", headers: dict[str, str] | None = None):
         return client.post(
             "/v1/files", headers=headers or auth, files={"file": (name, content)}, data={"purpose": "fine-tune"}
         )

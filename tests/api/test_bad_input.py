@@ -35,13 +35,13 @@ def unchanged(client: TestClient, settings: Settings) -> Iterator[None]:
     assert _counts(client, settings) == before
 
 
-def _error(r, status: int, param: str | None = None) -> dict[str, object]:  # type: ignore[no-untyped-def]
+def _error(r, status: int, param: str | None = None) -> dict[str, object]:
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["message"], err
     if param is not None:
         assert err["param"] == param, err
-    return err  # type: ignore[no-any-return]
+    return err
 
 
 def _multipart(content: bytes, filename: str = "train.jsonl") -> bytes:
@@ -59,12 +59,12 @@ def _multipart(content: bytes, filename: str = "train.jsonl") -> bytes:
 MULTIPART = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
 
 
-def test_oversized_upload_with_content_length(upload, unchanged) -> None:  # type: ignore[no-untyped-def]
+def test_oversized_upload_with_content_length(upload, unchanged) -> None:
     err = _error(upload(content=b"x" * 300_000), 413, "file")
     assert err["code"] == "file_too_large" and "200000" in str(err["message"])
 
 
-def test_oversized_chunked_upload_is_refused_while_streaming(client, auth, unchanged) -> None:  # type: ignore[no-untyped-def]
+def test_oversized_chunked_upload_is_refused_while_streaming(client, auth, unchanged) -> None:
     # (TestClient buffers the request; tests/sdk checks the same over a real socket against uvicorn.)
     body = _multipart(b"x" * 1_000_000)
 
@@ -77,26 +77,26 @@ def test_oversized_chunked_upload_is_refused_while_streaming(client, auth, uncha
     assert "content-length" not in {k.lower() for k in r.request.headers}
 
 
-def test_exactly_at_the_limit_is_accepted(upload, settings) -> None:  # type: ignore[no-untyped-def]
+def test_exactly_at_the_limit_is_accepted(upload, settings) -> None:
     line = pref_line(1).encode() + b"\n"
     content = line * (settings.max_upload_bytes // len(line))
     assert upload(content=content).status_code == 200
 
 
-def test_oversized_json_body(client, auth, unchanged) -> None:  # type: ignore[no-untyped-def]
+def test_oversized_json_body(client, auth, unchanged) -> None:
     body = {"model": "tiny-mistral", "training_file": "file-x", "metadata": {"k": "v" * 100}, "pad": "x" * 2_000_000}
     err = _error(client.post("/v1/fine_tuning/jobs", headers=auth, json=body), 413)
     assert err["code"] == "request_too_large"
 
 
-def test_truncated_multipart(client, auth, unchanged) -> None:  # type: ignore[no-untyped-def]
+def test_truncated_multipart(client, auth, unchanged) -> None:
     body = _multipart(pref_line(1).encode() * 10)
     r = client.post("/v1/files", headers={**auth, **MULTIPART}, content=body[: len(body) // 2])
     assert 400 <= r.status_code < 500
     _error(r, r.status_code)
 
 
-def test_missing_file_field_and_wrong_purpose(client, auth, good_jsonl, unchanged) -> None:  # type: ignore[no-untyped-def]
+def test_missing_file_field_and_wrong_purpose(client, auth, good_jsonl, unchanged) -> None:
     _error(client.post("/v1/files", headers=auth, data={"purpose": "fine-tune"}), 400, "file")
     r = client.post("/v1/files", headers=auth, files={"file": ("t.jsonl", good_jsonl)}, data={"purpose": "batch"})
     _error(r, 400, "purpose")
@@ -104,13 +104,13 @@ def test_missing_file_field_and_wrong_purpose(client, auth, good_jsonl, unchange
     _error(r, 400)
 
 
-def test_non_utf8_file_is_stored_with_an_error_naming_the_line(upload) -> None:  # type: ignore[no-untyped-def]
+def test_non_utf8_file_is_stored_with_an_error_naming_the_line(upload) -> None:
     content = (pref_line(1) + "\n").encode() + b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n'
     body = upload(content=content).json()
     assert body["status"] == "error" and "line 2" in body["status_details"] and "UTF-8" in body["status_details"]
 
 
-def test_long_single_line(upload) -> None:  # type: ignore[no-untyped-def]
+def test_long_single_line(upload) -> None:
     long_valid = json.dumps({"prompt": "p" * 150_000, "chosen": "yes", "rejected": "no"}).encode()
     assert upload(content=long_valid).json()["status"] == "processed"
     garbage = upload(content=b"x" * 190_000).json()
@@ -118,7 +118,7 @@ def test_long_single_line(upload) -> None:  # type: ignore[no-untyped-def]
     assert len(garbage["status_details"]) < 4001
 
 
-def test_json_bombs(client, auth, upload, unchanged) -> None:  # type: ignore[no-untyped-def]
+def test_json_bombs(client, auth, upload, unchanged) -> None:
     deep = '{"model": "tiny-mistral", "training_file": "file-x", "hyperparameters": ' + "[" * 100_000 + "]" * 100_000
     headers = {**auth, "Content-Type": "application/json"}
     err = _error(client.post("/v1/fine_tuning/jobs", headers=headers, content=deep + "}"), 400)
@@ -131,12 +131,12 @@ def test_json_bombs(client, auth, upload, unchanged) -> None:  # type: ignore[no
     assert "nested deeper" in str(err["message"])
 
 
-def test_json_bomb_in_a_file(upload) -> None:  # type: ignore[no-untyped-def]
+def test_json_bomb_in_a_file(upload) -> None:
     body = upload(content=b"[" * 100_000 + b"\n").json()
     assert body["status"] == "error" and "line 1" in body["status_details"]
 
 
-def test_unknown_fields_wrong_types_and_nul(client, auth, upload, unchanged) -> None:  # type: ignore[no-untyped-def]
+def test_unknown_fields_wrong_types_and_nul(client, auth, upload, unchanged) -> None:
     cases = [
         ({"model": "tiny-mistral", "training_file": "file-x", "surprise": 1}, "surprise"),
         ({"model": "tiny-mistral", "training_file": 12}, "training_file"),
@@ -160,7 +160,7 @@ def test_unknown_fields_wrong_types_and_nul(client, auth, upload, unchanged) -> 
 
 
 @pytest.mark.parametrize("limit", ["0", "-1", "101", "99999999999999999999", "abc", "1.5"])
-def test_bad_limits(client, auth, upload, limit) -> None:  # type: ignore[no-untyped-def]
+def test_bad_limits(client, auth, upload, limit) -> None:
     paths = ["/v1/fine_tuning/jobs", "/v1/fine_tuning/jobs/ftjob-x/events", "/v1/fine_tuning/jobs/ftjob-x/checkpoints"]
     for path in paths:
         _error(client.get(f"{path}?limit={limit}", headers=auth), 400, "limit")
@@ -170,7 +170,7 @@ def test_bad_limits(client, auth, upload, limit) -> None:  # type: ignore[no-unt
     _error(client.get("/v1/files?order=sideways", headers=auth), 400, "order")
 
 
-def test_ids_of_the_wrong_kind_and_malformed_ids(client, auth, upload) -> None:  # type: ignore[no-untyped-def]
+def test_ids_of_the_wrong_kind_and_malformed_ids(client, auth, upload) -> None:
     file_id = upload().json()["id"]
     job = client.post("/v1/fine_tuning/jobs", headers=auth, json={"model": "tiny-mistral", "training_file": file_id})
     job_id = job.json()["id"]
@@ -193,7 +193,7 @@ TRAVERSAL_NAMES = ["../../etc/passwd", "..\\..\\windows\\system.ini", "/abs/path
 
 
 @pytest.mark.parametrize("name", TRAVERSAL_NAMES)
-def test_path_traversal_and_header_injection_in_file_names(client, upload, auth, settings, name) -> None:  # type: ignore[no-untyped-def]
+def test_path_traversal_and_header_injection_in_file_names(client, upload, auth, settings, name) -> None:
     r = upload(name=name)
     assert r.status_code == 200, r.text
     stored = r.json()["filename"]
@@ -204,18 +204,18 @@ def test_path_traversal_and_header_injection_in_file_names(client, upload, auth,
     assert all(root in p.resolve().parents for p in root.rglob("*"))
 
 
-def test_header_injection_in_metadata(client, auth, upload, unchanged) -> None:  # type: ignore[no-untyped-def]
+def test_header_injection_in_metadata(client, auth, upload, unchanged) -> None:
     for meta in ({"k": "v\r\nX-Injected: 1"}, {"k\r\nX": "v"}, {"k": "v\x00"}, {"k" * 65: "v"}, {"k": "v" * 513}):
         body = {"model": "tiny-mistral", "training_file": "file-x", "metadata": meta}
         _error(client.post("/v1/fine_tuning/jobs", headers=auth, json=body), 400)
 
 
-def test_idempotency_key_header_limits(client, auth, upload, unchanged) -> None:  # type: ignore[no-untyped-def]
+def test_idempotency_key_header_limits(client, auth, upload, unchanged) -> None:
     body = {"model": "tiny-mistral", "training_file": "file-x"}
     _error(client.post("/v1/fine_tuning/jobs", headers={**auth, "Idempotency-Key": "k" * 300}, json=body), 400)
 
 
-def test_unknown_routes_and_methods(client, auth) -> None:  # type: ignore[no-untyped-def]
+def test_unknown_routes_and_methods(client, auth) -> None:
     _error(client.get("/v1/nothing", headers=auth), 404)
     _error(client.put("/v1/files", headers=auth), 405)
     _error(client.get("/v1/files", headers={"Authorization": "Bearer ipo-sk-\x7f"}), 401)

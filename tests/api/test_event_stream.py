@@ -25,19 +25,19 @@ from app.state import AppContext
 
 
 @pytest.fixture
-def job(client, upload, auth) -> tuple[str, str]:  # type: ignore[no-untyped-def]
+def job(client, upload, auth) -> tuple[str, str]:
     file_id = upload().json()["id"]
     body = {"model": "tiny-mistral", "training_file": file_id}
     job = client.post("/v1/fine_tuning/jobs", headers=auth, json=body).json()
     return job["id"], job["organization_id"]
 
 
-def _ctx(settings, poll_seconds: float = 0.05) -> tuple[AppContext, list[int]]:  # type: ignore[no-untyped-def]
+def _ctx(settings, poll_seconds: float = 0.05) -> tuple[AppContext, list[int]]:
     ctx = build_context(settings)
     calls: list[int] = []
     real = ctx.event_poll
 
-    def counted(job_id: str, since: int | None):  # type: ignore[no-untyped-def]
+    def counted(job_id: str, since: int | None):
         calls.append(1)
         return real(job_id, since)
 
@@ -72,7 +72,7 @@ async def _collect(stream: AsyncIterator[str], until: str | None = None) -> list
     return got
 
 
-def test_many_streams_share_one_poll_and_all_get_every_event(settings, job) -> None:  # type: ignore[no-untyped-def]
+def test_many_streams_share_one_poll_and_all_get_every_event(settings, job) -> None:
     job_id, project_id = job
     ctx, calls = _ctx(settings, poll_seconds=0.2)
 
@@ -98,7 +98,7 @@ def test_many_streams_share_one_poll_and_all_get_every_event(settings, job) -> N
     assert len(calls) <= elapsed / 0.2 + 12, (len(calls), elapsed)
 
 
-def test_a_commit_wakes_the_feed_without_waiting_for_a_poll(settings, job) -> None:  # type: ignore[no-untyped-def]
+def test_a_commit_wakes_the_feed_without_waiting_for_a_poll(settings, job) -> None:
     job_id, _ = job
     ctx, _ = _ctx(settings, poll_seconds=60)  # only a wake can deliver within the test
 
@@ -115,7 +115,7 @@ def test_a_commit_wakes_the_feed_without_waiting_for_a_poll(settings, job) -> No
     assert asyncio.run(main()) < 5
 
 
-def test_a_late_subscriber_replays_from_its_last_event_id(settings, job) -> None:  # type: ignore[no-untyped-def]
+def test_a_late_subscriber_replays_from_its_last_event_id(settings, job) -> None:
     job_id, project_id = job
     ctx, _ = _ctx(settings)
     first = _emit(ctx, job_id, "a", wake=False)
@@ -141,7 +141,7 @@ def test_a_late_subscriber_replays_from_its_last_event_id(settings, job) -> None
     assert len({i for i, _ in late}) == len(late)
 
 
-def test_an_event_that_commits_after_a_higher_id_is_still_delivered(settings, job) -> None:  # type: ignore[no-untyped-def]
+def test_an_event_that_commits_after_a_higher_id_is_still_delivered(settings, job) -> None:
     if not settings.resolved_database_url.startswith("postgresql"):
         pytest.skip("SQLite serialises writers: ids cannot commit out of order")
     job_id, project_id = job
@@ -152,7 +152,9 @@ def test_an_event_that_commits_after_a_higher_id_is_still_delivered(settings, jo
         await asyncio.sleep(0.2)
         slow = ctx.sessions()
         slow.begin()
-        slow_event = add_event(slow, slow.get(Job, job_id), "slow")  # takes an id, not yet committed
+        row = slow.get(Job, job_id)
+        assert row is not None
+        slow_event = add_event(slow, row, "slow")  # takes an id, not yet committed
         slow.flush()
         fast_id = await asyncio.to_thread(_emit, ctx, job_id, "fast")
         assert fast_id > slow_event.id

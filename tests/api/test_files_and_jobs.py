@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi.testclient import TestClient
 
 from tests.api.conftest import pref_line
 
 
-def _job(client: TestClient, auth: dict[str, str], file_id: str, **extra: object):  # type: ignore[no-untyped-def]
+def _job(client: TestClient, auth: dict[str, str], file_id: str, **extra: object):
     body = {"model": "tiny-mistral", "training_file": file_id, "method": {"type": "ipo"}, **extra}
     return client.post("/v1/fine_tuning/jobs", headers=auth, json=body)
 
 
-def test_upload_valid_file_is_processed(upload) -> None:  # type: ignore[no-untyped-def]
+def test_upload_valid_file_is_processed(upload) -> None:
     r = upload()
     assert r.status_code == 200, r.text
     body = r.json()
@@ -20,7 +22,7 @@ def test_upload_valid_file_is_processed(upload) -> None:  # type: ignore[no-unty
     assert body["id"].startswith("file-") and body["bytes"] > 0
 
 
-def test_file_round_trip_and_tenancy(client: TestClient, upload, auth, other_auth, good_jsonl) -> None:  # type: ignore[no-untyped-def]
+def test_file_round_trip_and_tenancy(client: TestClient, upload, auth, other_auth, good_jsonl) -> None:
     file_id = upload().json()["id"]
     assert client.get(f"/v1/files/{file_id}", headers=auth).json()["id"] == file_id
     content = client.get(f"/v1/files/{file_id}/content", headers=auth)
@@ -31,12 +33,12 @@ def test_file_round_trip_and_tenancy(client: TestClient, upload, auth, other_aut
         assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
 
 
-def test_path_traversal_filename_is_neutralised(upload) -> None:  # type: ignore[no-untyped-def]
+def test_path_traversal_filename_is_neutralised(upload) -> None:
     r = upload(name="../../etc/passwd")
     assert r.status_code == 200 and r.json()["filename"] == "passwd"
 
 
-def test_oversized_upload_is_413_and_stores_nothing(upload, settings) -> None:  # type: ignore[no-untyped-def]
+def test_oversized_upload_is_413_and_stores_nothing(upload, settings) -> None:
     r = upload(content=b"x" * 300_000)
     assert r.status_code == 413 and r.json()["error"]["param"] == "file"
     store = settings.var_dir / "storage"
@@ -50,7 +52,7 @@ def test_auth_errors(client: TestClient) -> None:
         assert set(r.json()["error"]) == {"message", "type", "param", "code"}
 
 
-def test_bad_training_file_gives_400_with_lines_and_creates_no_job(client, upload, auth) -> None:  # type: ignore[no-untyped-def]
+def test_bad_training_file_gives_400_with_lines_and_creates_no_job(client, upload, auth) -> None:
     bad = (pref_line(1) + "\n{not json\n" + '{"prompt": "x"}\n').encode()
     file = upload(content=bad).json()
     assert file["status"] == "error" and "line 2" in file["status_details"]
@@ -61,9 +63,9 @@ def test_bad_training_file_gives_400_with_lines_and_creates_no_job(client, uploa
     assert client.get("/v1/fine_tuning/jobs", headers=auth).json()["data"] == []
 
 
-def test_job_create_validation_errors_name_the_field(client, upload, auth) -> None:  # type: ignore[no-untyped-def]
+def test_job_create_validation_errors_name_the_field(client, upload, auth) -> None:
     file_id = upload().json()["id"]
-    cases = [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"model": "no-such-model"}, "model"),
         ({"training_file": "file-missing"}, "training_file"),
         ({"method": {"type": "ipo", "ipo": {"hyperparameters": {"beta": -1}}}}, "method.ipo.hyperparameters.beta"),
@@ -79,7 +81,7 @@ def test_job_create_validation_errors_name_the_field(client, upload, auth) -> No
         assert r.json()["error"]["param"] == param, (extra, r.json())
 
 
-def test_job_lifecycle_and_listing(client, upload, auth, other_auth) -> None:  # type: ignore[no-untyped-def]
+def test_job_lifecycle_and_listing(client, upload, auth, other_auth) -> None:
     file_id = upload().json()["id"]
     created = [_job(client, auth, file_id, metadata={"team": "a" if i % 2 else "b"}, seed=i).json() for i in range(5)]
     job = created[0]
@@ -107,21 +109,21 @@ def test_job_lifecycle_and_listing(client, upload, auth, other_auth) -> None:  #
     assert r.status_code == 409 and r.json()["error"]["code"] == "invalid_state"
 
 
-def test_job_creation_writes_an_outbox_row_with_the_job(client, upload, auth, settings) -> None:  # type: ignore[no-untyped-def]
+def test_job_creation_writes_an_outbox_row_with_the_job(client, upload, auth, settings) -> None:
     from sqlalchemy import select
 
     from app.models import OutboxMessage
 
-    wake = client.app.state.ctx.wake_dispatcher  # type: ignore[attr-defined]
+    wake = client.app.state.ctx.wake_dispatcher
     wake.clear()
     job_id = _job(client, auth, upload().json()["id"]).json()["id"]
     assert wake.is_set()  # rung after the commit, so the dispatcher finds the row at once
-    with client.app.state.ctx.sessions() as session:  # type: ignore[attr-defined]
+    with client.app.state.ctx.sessions() as session:
         rows = session.scalars(select(OutboxMessage).where(OutboxMessage.kind == "dispatch_job")).all()
         assert any(r.payload == {"job_id": job_id} and r.sent_at is None for r in rows)
 
 
-def test_idempotency_key(client, upload, auth) -> None:  # type: ignore[no-untyped-def]
+def test_idempotency_key(client, upload, auth) -> None:
     file_id = upload().json()["id"]
     headers = {**auth, "Idempotency-Key": "create-1"}
     body = {"model": "tiny-mistral", "training_file": file_id}

@@ -13,7 +13,7 @@ from tests.api.conftest import WORKER, RecordingDoorbell
 from tests.api.worker_steps import claim, succeed
 
 
-def _job(client: TestClient, auth: dict[str, str], file_id: str, **extra: object):  # type: ignore[no-untyped-def]
+def _job(client: TestClient, auth: dict[str, str], file_id: str, **extra: object):
     body = {"model": "tiny-mistral", "training_file": file_id, **extra}
     return client.post("/v1/fine_tuning/jobs", headers=auth, json=body)
 
@@ -23,7 +23,7 @@ def _stored_blobs(settings: Settings) -> list[Path]:
     return [p for p in store.rglob("*") if p.is_file()] if store.exists() else []
 
 
-def test_list_files_paginates_both_ways_and_filters_by_purpose(client, upload, auth, other_auth) -> None:  # type: ignore[no-untyped-def]
+def test_list_files_paginates_both_ways_and_filters_by_purpose(client, upload, auth, other_auth) -> None:
     ids = [upload(name=f"f{i}.jsonl").json()["id"] for i in range(5)]
     page = client.get("/v1/files?limit=2", headers=auth).json()
     assert page["object"] == "list" and [f["id"] for f in page["data"]] == ids[::-1][:2] and page["has_more"]
@@ -43,7 +43,7 @@ def test_list_files_paginates_both_ways_and_filters_by_purpose(client, upload, a
     assert r.status_code == 400 and r.json()["error"]["param"] == "after"
 
 
-def test_delete_file_removes_blob_and_hides_it(client, upload, auth, settings) -> None:  # type: ignore[no-untyped-def]
+def test_delete_file_removes_blob_and_hides_it(client, upload, auth, settings) -> None:
     file_id = upload().json()["id"]
     assert len(_stored_blobs(settings)) == 1
     r = client.delete(f"/v1/files/{file_id}", headers=auth)
@@ -57,7 +57,7 @@ def test_delete_file_removes_blob_and_hides_it(client, upload, auth, settings) -
     assert r.status_code == 404 and r.json()["error"]["param"] == "training_file"
 
 
-def test_delete_file_refused_while_an_active_job_uses_it(client, upload, auth, settings) -> None:  # type: ignore[no-untyped-def]
+def test_delete_file_refused_while_an_active_job_uses_it(client, upload, auth, settings) -> None:
     train, valid = upload().json()["id"], upload(name="valid.jsonl").json()["id"]
     job = _job(client, auth, train, validation_file=valid).json()
     for file_id in (train, valid):
@@ -73,7 +73,7 @@ def test_delete_file_refused_while_an_active_job_uses_it(client, upload, auth, s
     assert client.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=auth).json()["training_file"] == train
 
 
-def test_models_list_retrieve_delete(client, upload, auth, other_auth) -> None:  # type: ignore[no-untyped-def]
+def test_models_list_retrieve_delete(client, upload, auth, other_auth) -> None:
     listing = client.get("/v1/models", headers=auth).json()
     assert listing["object"] == "list"
     assert [(m["id"], m["object"], m["owned_by"]) for m in listing["data"]] == [("tiny-mistral", "model", "system")]
@@ -107,7 +107,7 @@ def test_models_list_retrieve_delete(client, upload, auth, other_auth) -> None: 
     assert r.status_code == 404 and r.json()["error"]["param"] == "model"
 
 
-def test_jobs_metadata_filter_pages_are_full_and_chain(client, upload, auth) -> None:  # type: ignore[no-untyped-def]
+def test_jobs_metadata_filter_pages_are_full_and_chain(client, upload, auth) -> None:
     file_id = upload().json()["id"]
     jobs = []
     for i in range(9):
@@ -140,7 +140,7 @@ def _limited_client(settings: Settings, **overrides: object) -> TestClient:
     return TestClient(create_app(settings.model_copy(update=overrides), doorbell=RecordingDoorbell()))
 
 
-def test_request_rate_limit_per_key(settings, auth, other_auth) -> None:  # type: ignore[no-untyped-def]
+def test_request_rate_limit_per_key(settings, auth, other_auth) -> None:
     with _limited_client(settings, rate_limit_per_minute=3) as client:
         for _ in range(3):
             assert client.get("/v1/models", headers=auth).status_code == 200
@@ -157,7 +157,7 @@ def test_request_rate_limit_per_key(settings, auth, other_auth) -> None:  # type
         assert client.get("/healthz").status_code == 200  # health is not an API call
 
 
-def test_max_active_jobs_per_project(settings, auth, good_jsonl) -> None:  # type: ignore[no-untyped-def]
+def test_max_active_jobs_per_project(settings, auth, good_jsonl) -> None:
     with _limited_client(settings, max_active_jobs=2) as client:
         file_id = client.post(
             "/v1/files", headers=auth, files={"file": ("t.jsonl", good_jsonl)}, data={"purpose": "fine-tune"}

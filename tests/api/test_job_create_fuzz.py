@@ -185,14 +185,14 @@ def _check_job_creation(client: TestClient, auth: dict[str, str], file_id: str, 
     return statuses
 
 
-def test_odd_job_bodies_never_cause_a_server_error(fuzz_client: TestClient, upload, auth) -> None:  # type: ignore[no-untyped-def]
+def test_odd_job_bodies_never_cause_a_server_error(fuzz_client: TestClient, upload, auth) -> None:
     file_id = upload(headers=auth).json()["id"]
     statuses = _check_job_creation(fuzz_client, auth, file_id, EXAMPLES)
     assert len(statuses) >= EXAMPLES and 200 in statuses and 400 in statuses
 
 
 @pytest.mark.slow
-def test_many_odd_job_bodies_never_cause_a_server_error(fuzz_client: TestClient, upload, auth) -> None:  # type: ignore[no-untyped-def]
+def test_many_odd_job_bodies_never_cause_a_server_error(fuzz_client: TestClient, upload, auth) -> None:
     file_id = upload(headers=auth).json()["id"]
     statuses = _check_job_creation(fuzz_client, auth, file_id, EXAMPLES_SLOW)
     assert len(statuses) >= EXAMPLES_SLOW and 200 in statuses and 400 in statuses

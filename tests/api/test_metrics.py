@@ -36,14 +36,14 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
-def _job(client: TestClient, upload, auth) -> str:  # type: ignore[no-untyped-def]
+def _job(client: TestClient, upload, auth) -> str:
     file_id = upload().json()["id"]
     r = client.post("/v1/fine_tuning/jobs", headers=auth, json={"model": "tiny-mistral", "training_file": file_id})
     assert r.status_code == 200, r.text
     return str(r.json()["id"])
 
 
-def test_job_lifecycle_metrics(client: TestClient, upload, auth) -> None:  # type: ignore[no-untyped-def]
+def test_job_lifecycle_metrics(client: TestClient, upload, auth) -> None:
     _, before = scrape(client)
     done, cancelled = _job(client, upload, auth), _job(client, upload, auth)
     _, queued = scrape(client)
@@ -98,7 +98,7 @@ def test_job_lifecycle_metrics(client: TestClient, upload, auth) -> None:  # typ
     assert done not in text and cancelled not in text and "ftjob-" not in text and "proj-" not in text
 
 
-def test_http_latency_is_labelled_by_route_template(client: TestClient, upload, auth) -> None:  # type: ignore[no-untyped-def]
+def test_http_latency_is_labelled_by_route_template(client: TestClient, upload, auth) -> None:
     job_id = _job(client, upload, auth)
     key = "ipo_http_request_duration_seconds_count"
     _, before = scrape(client)
@@ -115,7 +115,7 @@ def test_http_latency_is_labelled_by_route_template(client: TestClient, upload, 
     assert job_id not in text and "ftjob-nope" not in text
 
 
-def test_grafana_dashboard_uses_exposed_metrics(client: TestClient, upload, auth) -> None:  # type: ignore[no-untyped-def]
+def test_grafana_dashboard_uses_exposed_metrics(client: TestClient, upload, auth) -> None:
     worker_steps.succeed(client, WORKER, _job(client, upload, auth))
     client.get("/healthz")
     text, _ = scrape(client)

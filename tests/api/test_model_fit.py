@@ -72,13 +72,13 @@ def line(prompt: str) -> bytes:
 
 
 @pytest.fixture
-def model_dir(settings) -> Path:  # type: ignore[no-untyped-def]
+def model_dir(settings) -> Path:
     path = settings.resolved_models_dir / "char-model"
     write_model(path)
     return path
 
 
-def _create(client: TestClient, auth: dict[str, str], file_id: str, *, lora=None, hp=None):  # type: ignore[no-untyped-def]
+def _create(client: TestClient, auth: dict[str, str], file_id: str, *, lora=None, hp=None):
     params = {"lora": lora or {}, "hyperparameters": hp or {}}
     body = {"model": "char-model", "training_file": file_id, "method": {"type": "ipo", "ipo": params}}
     return client.post("/v1/fine_tuning/jobs", headers=auth, json=body)
@@ -100,7 +100,7 @@ def test_target_modules_come_from_the_weights(model_dir: Path) -> None:
     assert unknown == ["qkv_proj", "attn.q_proj"]  # PEFT matches whole dotted components only
 
 
-def test_unknown_target_module_is_a_400_naming_the_field(client, upload, auth, model_dir) -> None:  # type: ignore[no-untyped-def]
+def test_unknown_target_module_is_a_400_naming_the_field(client, upload, auth, model_dir) -> None:
     file_id = upload(content=line("ab")).json()["id"]
     r = _create(client, auth, file_id, lora={"target_modules": ["q_proj", "c_attn"]})
     assert r.status_code == 400, r.text
@@ -110,7 +110,7 @@ def test_unknown_target_module_is_a_400_naming_the_field(client, upload, auth, m
     assert _create(client, auth, file_id, lora={"target_modules": ["gate_proj", "down_proj"]}).status_code == 200
 
 
-def test_max_length_below_a_prompt_is_a_400_with_its_lines(client, upload, auth, model_dir) -> None:  # type: ignore[no-untyped-def]
+def test_max_length_below_a_prompt_is_a_400_with_its_lines(client, upload, auth, model_dir) -> None:
     long = "a" * 30
     content = line("ab") + line(long) + line("abc") + line(long + "b")
     file_id = upload(content=content).json()["id"]
@@ -126,7 +126,7 @@ def test_max_length_below_a_prompt_is_a_400_with_its_lines(client, upload, auth,
     assert client.get("/v1/fine_tuning/jobs", headers=auth).json()["data"][0]["id"] == ok.json()["id"]
 
 
-def test_max_length_checks_the_validation_file_too(client, upload, auth, model_dir) -> None:  # type: ignore[no-untyped-def]
+def test_max_length_checks_the_validation_file_too(client, upload, auth, model_dir) -> None:
     train = upload(content=line("ab")).json()["id"]
     valid = upload(content=line("a" * 50), name="valid.jsonl").json()["id"]
     body = {
@@ -140,14 +140,14 @@ def test_max_length_checks_the_validation_file_too(client, upload, auth, model_d
     assert "of validation_file (lines 1)" in r.json()["error"]["message"]
 
 
-def test_max_length_over_the_model_positions_is_a_400(client, upload, auth, model_dir) -> None:  # type: ignore[no-untyped-def]
+def test_max_length_over_the_model_positions_is_a_400(client, upload, auth, model_dir) -> None:
     file_id = upload(content=line("ab")).json()["id"]
     r = _create(client, auth, file_id, hp={"max_length": 129})
     assert r.status_code == 400 and "128 positions" in r.json()["error"]["message"]
     assert r.json()["error"]["param"] == "method.ipo.hyperparameters.max_length"
 
 
-def test_a_corrupt_weights_header_is_a_clear_400(client, upload, auth, model_dir) -> None:  # type: ignore[no-untyped-def]
+def test_a_corrupt_weights_header_is_a_clear_400(client, upload, auth, model_dir) -> None:
     (model_dir / "model.safetensors").write_bytes(struct.pack("<Q", 10) + b"{not json}")
     file_id = upload(content=line("ab")).json()["id"]
     r = _create(client, auth, file_id, lora={"target_modules": ["q_proj"]})

@@ -46,7 +46,7 @@ def file_id(upload: Any) -> str:
 def test_a_bad_idempotency_key_is_a_400_naming_the_header_on_every_post(
     client: TestClient, auth: dict[str, str], file_id: str, good_jsonl: bytes, value: str | bytes, why: str
 ) -> None:
-    headers = {**auth, "Idempotency-Key": value}
+    headers: dict[str, Any] = {**auth, "Idempotency-Key": value}  # bytes on purpose: a non-ASCII key
     job = client.post("/v1/fine_tuning/jobs", headers=auth, json={"model": "tiny-mistral", "training_file": file_id})
     posts: list[tuple[str, dict[str, Any]]] = [
         ("/v1/fine_tuning/jobs", {"json": {"model": "tiny-mistral", "training_file": file_id}}),

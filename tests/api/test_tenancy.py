@@ -20,7 +20,7 @@ def settings(settings: Settings) -> Settings:
     return settings.model_copy(update={"webhook_allowed_networks": [ip_network("192.0.2.0/24")]})
 
 
-def _ids(client: TestClient, upload, auth) -> dict[str, str]:  # type: ignore[no-untyped-def]
+def _ids(client: TestClient, upload, auth) -> dict[str, str]:
     file_id = upload().json()["id"]
     done = client.post("/v1/fine_tuning/jobs", headers=auth, json={"model": "tiny-mistral", "training_file": file_id})
     succeed(client, WORKER, done.json()["id"])
@@ -35,7 +35,7 @@ def _ids(client: TestClient, upload, auth) -> dict[str, str]:  # type: ignore[no
     }
 
 
-def test_every_public_path_answers_404_to_another_project(client: TestClient, upload, auth, other_auth) -> None:  # type: ignore[no-untyped-def]
+def test_every_public_path_answers_404_to_another_project(client: TestClient, upload, auth, other_auth) -> None:
     ids = _ids(client, upload, auth)
     before = {
         "file": client.get(f"/v1/files/{ids['file_id']}", headers=auth).json(),

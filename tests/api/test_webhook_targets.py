@@ -91,7 +91,7 @@ REFUSED = [
 
 
 @pytest.mark.parametrize("url", REFUSED)
-def test_non_global_targets_are_refused_in_every_spelling(client: TestClient, auth, url: str) -> None:  # type: ignore[no-untyped-def]
+def test_non_global_targets_are_refused_in_every_spelling(client: TestClient, auth, url: str) -> None:
     r = client.post("/v1/webhooks", headers=auth, json={"url": url})
     assert r.status_code == 400, r.text
     error = r.json()["error"]
@@ -104,7 +104,7 @@ def test_non_global_targets_are_refused_in_every_spelling(client: TestClient, au
 )
 def test_this_service_in_ipv6_spelling_is_refused_even_with_loopback_allowed(
     hooks_client: TestClient, auth, url
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     r = hooks_client.post("/v1/webhooks", headers=auth, json={"url": url})
     assert r.status_code == 400 and "itself" in r.json()["error"]["message"], r.text
 
@@ -121,14 +121,14 @@ def test_this_service_in_ipv6_spelling_is_refused_even_with_loopback_allowed(
         "https://exämple.com/hook",
     ],
 )
-def test_urls_with_control_characters_or_spaces_are_refused(client: TestClient, auth, url: str) -> None:  # type: ignore[no-untyped-def]
+def test_urls_with_control_characters_or_spaces_are_refused(client: TestClient, auth, url: str) -> None:
     r = client.post("/v1/webhooks", headers=auth, json={"url": url})
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == "url" and error["message"].startswith("url") and "\n" not in error["message"]
 
 
-def test_the_allow_list_admits_a_private_network(settings: Settings, auth) -> None:  # type: ignore[no-untyped-def]
+def test_the_allow_list_admits_a_private_network(settings: Settings, auth) -> None:
     allowed = settings.model_copy(update={"webhook_allowed_networks": [ipaddress.ip_network("10.0.0.0/8")]})
     with TestClient(create_app(allowed, doorbell=RecordingDoorbell())) as client:
         for url in ("http://10.1.2.3/hook", "http://[::ffff:10.1.2.3]/hook"):
@@ -165,7 +165,7 @@ def fake_dns(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, list[str]]]:
 
 def test_a_name_rebound_to_loopback_after_creation_is_refused_at_delivery(
     settings: Settings, receiver: Receiver, upload, auth, fake_dns
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     strict = settings.model_copy(
         update={"run_webhook_sender": True, "webhook_poll_seconds": 0.05, "webhook_retry_base_seconds": 0.1}
     )
@@ -186,7 +186,7 @@ def test_a_name_rebound_to_loopback_after_creation_is_refused_at_delivery(
 
 def test_the_connection_goes_to_the_checked_address(
     hooks_client: TestClient, receiver: Receiver, upload, auth, fake_dns
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     # "pinned.test" exists only in this test's resolver: the delivery can only arrive if the sender
     # connects to the address it checked, sending the name in Host, instead of resolving again.
     port = receiver.base.rsplit(":", 1)[1]
@@ -202,7 +202,7 @@ def test_the_connection_goes_to_the_checked_address(
 
 def test_redirects_are_not_followed_and_receiver_bodies_are_not_echoed(
     hooks_client: TestClient, receiver: Receiver, upload, auth
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     receiver.scripts["/moved"] = ["redirect"]
     receiver.scripts["/leaky"] = ["leak"]
     moved = _register(hooks_client, auth, receiver, "/moved")
@@ -222,7 +222,7 @@ def test_redirects_are_not_followed_and_receiver_bodies_are_not_echoed(
 
 def test_a_stored_url_with_crlf_fails_counted_attempts_and_marks_the_endpoint_failing(
     hooks_client: TestClient, receiver: Receiver, upload, auth
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     """A URL stored before URLs were checked (or written by hand): every delivery still ends."""
     job = _job(hooks_client, upload, auth)
     sessions = hooks_client.app.state.ctx.sessions  # type: ignore[attr-defined]

@@ -129,7 +129,7 @@ def _register(client: TestClient, auth: dict[str, str], receiver: Receiver, path
     return body
 
 
-def _job(client: TestClient, upload, auth: dict[str, str]) -> str:  # type: ignore[no-untyped-def]
+def _job(client: TestClient, upload, auth: dict[str, str]) -> str:
     file_id = upload(headers=auth).json()["id"]
     r = client.post("/v1/fine_tuning/jobs", headers=auth, json={"model": "tiny-mistral", "training_file": file_id})
     assert r.status_code == 200, r.text
@@ -159,7 +159,7 @@ def _counter(outcome: str) -> float:
     return REGISTRY.get_sample_value("ipo_webhook_deliveries_total", {"outcome": outcome}) or 0.0
 
 
-def test_job_events_arrive_signed_and_verifiable(hooks_client: TestClient, receiver: Receiver, upload, auth) -> None:  # type: ignore[no-untyped-def]
+def test_job_events_arrive_signed_and_verifiable(hooks_client: TestClient, receiver: Receiver, upload, auth) -> None:
     client = hooks_client
     succeeded_before = _counter("succeeded")
     everything = _register(client, auth, receiver, "/all", description="all events")
@@ -194,7 +194,7 @@ def test_job_events_arrive_signed_and_verifiable(hooks_client: TestClient, recei
     ckpt = by_type["fine_tuning.job.checkpoint.created"].payload
     assert ckpt is not None and ckpt["data"]["object"] == "fine_tuning.job.checkpoint"
     assert ckpt["data"]["fine_tuning_job_id"] == done and ckpt["data"]["step_number"] == 1
-    assert by_type["fine_tuning.job.cancelled"].payload["data"]["status"] == "cancelled"  # type: ignore[index]
+    assert by_type["fine_tuning.job.cancelled"].payload["data"]["status"] == "cancelled"
 
     # The filtered endpoint got the cancellation only, verified with its own secret.
     _wait(lambda: receiver.at("/cancel"))
@@ -212,7 +212,7 @@ def test_job_events_arrive_signed_and_verifiable(hooks_client: TestClient, recei
 
 def test_a_failing_receiver_is_retried_until_it_answers(
     hooks_client: TestClient, receiver: Receiver, upload, auth
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     client = hooks_client
     receiver.scripts["/flaky"] = [500, 200]
     endpoint = _register(client, auth, receiver, "/flaky", events=["fine_tuning.job.cancelled"])
@@ -229,7 +229,7 @@ def test_a_failing_receiver_is_retried_until_it_answers(
 
 def test_a_hanging_receiver_is_given_up_on_and_slows_nothing_down(
     hooks_client: TestClient, receiver: Receiver, upload, auth
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     client = hooks_client
     receiver.scripts["/slow"] = ["hang"]
     slow = _register(client, auth, receiver, "/slow", events=["fine_tuning.job.cancelled"])
@@ -269,20 +269,20 @@ def test_a_hanging_receiver_is_given_up_on_and_slows_nothing_down(
         ({"url": "https://example.com/hook", "secret": "mine"}, "secret"),
     ],
 )
-def test_bad_webhooks_are_refused(client: TestClient, auth, body: dict[str, Any], param: str) -> None:  # type: ignore[no-untyped-def]
+def test_bad_webhooks_are_refused(client: TestClient, auth, body: dict[str, Any], param: str) -> None:
     r = client.post("/v1/webhooks", headers=auth, json=body)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
 
 
-def test_own_port_on_loopback_is_refused_even_when_loopback_is_allowed(hooks_client: TestClient, auth) -> None:  # type: ignore[no-untyped-def]
+def test_own_port_on_loopback_is_refused_even_when_loopback_is_allowed(hooks_client: TestClient, auth) -> None:
     r = hooks_client.post("/v1/webhooks", headers=auth, json={"url": "http://127.0.0.1:80/hook"})
     assert r.status_code == 400 and "itself" in r.json()["error"]["message"]
 
 
 def test_another_projects_webhook_is_not_found(
     hooks_client: TestClient, receiver: Receiver, upload, auth, other_auth
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     client = hooks_client
     mine = _register(client, auth, receiver, "/mine")
     for method, path in (

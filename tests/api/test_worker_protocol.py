@@ -15,13 +15,13 @@ from app.services.dispatch import reap_expired_leases
 from tests.api.conftest import WORKER
 
 
-def _queued_job(client: TestClient, upload, auth) -> str:  # type: ignore[no-untyped-def]
+def _queued_job(client: TestClient, upload, auth) -> str:
     file_id = upload().json()["id"]
     r = client.post("/v1/fine_tuning/jobs", headers=auth, json={"model": "tiny-mistral", "training_file": file_id})
     return str(r.json()["id"])
 
 
-def _claim(client: TestClient, job_id: str, worker: str = "w1"):  # type: ignore[no-untyped-def]
+def _claim(client: TestClient, job_id: str, worker: str = "w1"):
     return client.post(f"/internal/v1/jobs/{job_id}/claim", headers=WORKER, json={"worker_id": worker})
 
 
@@ -32,7 +32,7 @@ def _events(n0: int, n: int) -> list[dict[str, object]]:
     ]
 
 
-def test_worker_token_required(client: TestClient, upload, auth) -> None:  # type: ignore[no-untyped-def]
+def test_worker_token_required(client: TestClient, upload, auth) -> None:
     job_id = _queued_job(client, upload, auth)
     for headers in ({}, auth, {"Authorization": "Bearer wrong"}):
         assert (
@@ -41,7 +41,7 @@ def test_worker_token_required(client: TestClient, upload, auth) -> None:  # typ
         )
 
 
-def test_claim_is_exclusive_and_writes_are_fenced(client: TestClient, upload, auth) -> None:  # type: ignore[no-untyped-def]
+def test_claim_is_exclusive_and_writes_are_fenced(client: TestClient, upload, auth) -> None:
     job_id = _queued_job(client, upload, auth)
     first = _claim(client, job_id)
     assert first.status_code == 200, first.text
@@ -120,7 +120,7 @@ def test_claim_is_exclusive_and_writes_are_fenced(client: TestClient, upload, au
     assert late.status_code == 409
 
 
-def test_cancel_and_pause_reach_the_worker_through_heartbeats(client: TestClient, upload, auth) -> None:  # type: ignore[no-untyped-def]
+def test_cancel_and_pause_reach_the_worker_through_heartbeats(client: TestClient, upload, auth) -> None:
     job_id = _queued_job(client, upload, auth)
     token = _claim(client, job_id).json()["lease_token"]
     assert client.post(f"/v1/fine_tuning/jobs/{job_id}/pause", headers=auth).json()["status"] == "paused"
@@ -145,7 +145,7 @@ def test_cancel_and_pause_reach_the_worker_through_heartbeats(client: TestClient
     assert late.status_code == 409  # no events after a cancel
 
 
-def test_retryable_failure_requeues_then_fails_after_max_attempts(client: TestClient, upload, auth) -> None:  # type: ignore[no-untyped-def]
+def test_retryable_failure_requeues_then_fails_after_max_attempts(client: TestClient, upload, auth) -> None:
     job_id = _queued_job(client, upload, auth)
     for attempt in (1, 2):  # settings.max_attempts == 2
         token = _claim(client, job_id).json()["lease_token"]
@@ -159,7 +159,7 @@ def test_retryable_failure_requeues_then_fails_after_max_attempts(client: TestCl
     assert job["error"]["code"] == "worker_crashed" and "2 failed attempts" in job["error"]["message"]
 
 
-def test_reaper_requeues_expired_lease_with_resume_point(client: TestClient, upload, auth, settings) -> None:  # type: ignore[no-untyped-def]
+def test_reaper_requeues_expired_lease_with_resume_point(client: TestClient, upload, auth, settings) -> None:
     job_id = _queued_job(client, upload, auth)
     token = _claim(client, job_id).json()["lease_token"]
     client.post(

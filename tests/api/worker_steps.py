@@ -1,6 +1,6 @@
 """Drive a job through the worker protocol (``/internal/v1``) from a test, as a worker would.
 
-Works with a ``TestClient`` or an ``httpx.Client`` pointed at a live server (both are httpx clients).
+Works with a ``TestClient`` or an ``httpx.Client`` pointed at a live server (the same calls on both).
 """
 
 from __future__ import annotations
@@ -8,21 +8,25 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+from fastapi.testclient import TestClient
+
+Client = httpx.Client | TestClient
+"""Either client: starlette's ``TestClient`` is an ``httpx2.Client``, not an ``httpx.Client``."""
 
 
-def _ok(r: httpx.Response) -> dict[str, Any]:
+def _ok(r: Any) -> dict[str, Any]:  # an httpx or httpx2 Response
     assert r.status_code == 200, r.text
     body: dict[str, Any] = r.json()
     return body
 
 
-def claim(client: httpx.Client, worker: dict[str, str], job_id: str) -> str:
+def claim(client: Client, worker: dict[str, str], job_id: str) -> str:
     """queued -> running; returns the lease token."""
     r = client.post(f"/internal/v1/jobs/{job_id}/claim", headers=worker, json={"worker_id": "test-worker"})
     return str(_ok(r)["lease_token"])
 
 
-def add_checkpoint(client: httpx.Client, worker: dict[str, str], job_id: str, token: str, step: int) -> str:
+def add_checkpoint(client: Client, worker: dict[str, str], job_id: str, token: str, step: int) -> str:
     r = client.post(
         f"/internal/v1/jobs/{job_id}/checkpoints",
         headers=worker,
@@ -32,7 +36,7 @@ def add_checkpoint(client: httpx.Client, worker: dict[str, str], job_id: str, to
     return str(_ok(r)["id"])
 
 
-def succeed(client: httpx.Client, worker: dict[str, str], job_id: str) -> dict[str, Any]:
+def succeed(client: Client, worker: dict[str, str], job_id: str) -> dict[str, Any]:
     """queued -> running -> succeeded, with an adapter artifact; returns the finish answer."""
     token = claim(client, worker, job_id)
     add_checkpoint(client, worker, job_id, token, 1)
@@ -51,7 +55,7 @@ def succeed(client: httpx.Client, worker: dict[str, str], job_id: str) -> dict[s
     return _ok(r)
 
 
-def stopped(client: httpx.Client, worker: dict[str, str], job_id: str, token: str) -> None:
+def stopped(client: Client, worker: dict[str, str], job_id: str, token: str) -> None:
     """The worker saw the pause and stopped: the job becomes resumable."""
     r = client.post(
         f"/internal/v1/jobs/{job_id}/stopped", headers=worker, json={"lease_token": token, "reason": "paused"}

@@ -15,6 +15,7 @@ import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
@@ -25,6 +26,9 @@ from tests.e2e.conftest import Stack
 from worker.training.demo_data import write_demo_data
 
 CHROMIUM = Path("/usr/bin/chromium")
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, Page
+
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
 if not CHROMIUM.exists():
     pytest.skip(f"no Chromium at {CHROMIUM} (Debian: apt-get install chromium)", allow_module_level=True)
@@ -46,7 +50,7 @@ def artifacts() -> Path:
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[sync_api.Browser]:
+def browser() -> Iterator[Browser]:
     with sync_api.sync_playwright() as pw:
         chromium = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True)
         try:
@@ -90,7 +94,7 @@ def _other_project_key(stack: Stack) -> str:
     return key
 
 
-def _login(page: sync_api.Page, stack: Stack, key: str) -> int:
+def _login(page: Page, stack: Stack, key: str) -> int:
     page.goto(f"{stack.url}/login")
     page.fill("#api_key", key)
     with page.expect_response(lambda r: r.url.endswith("/login") and r.request.method == "POST") as answer:
@@ -98,11 +102,11 @@ def _login(page: sync_api.Page, stack: Stack, key: str) -> int:
     return answer.value.status
 
 
-def _points(page: sync_api.Page) -> int:
+def _points(page: Page) -> int:
     return int(page.get_attribute("#chart-loss", "data-points") or 0)
 
 
-def _watch_chart_grow(page: sync_api.Page, timeout: float) -> tuple[int, int]:
+def _watch_chart_grow(page: Page, timeout: float) -> tuple[int, int]:
     """Sample the loss chart's point count while the page shows the job running, until it has grown.
     The page reloads itself on status changes, so a sample may hit a navigation: skip it."""
     deadline = time.monotonic() + timeout
@@ -124,7 +128,7 @@ def _watch_chart_grow(page: sync_api.Page, timeout: float) -> tuple[int, int]:
     raise AssertionError(f"the loss chart did not grow while the job ran: samples {seen}, status {status}")
 
 
-def test_dashboard_in_a_browser(stack: Stack, browser: sync_api.Browser, artifacts: Path, tmp_path: Path) -> None:
+def test_dashboard_in_a_browser(stack: Stack, browser: Browser, artifacts: Path, tmp_path: Path) -> None:
     started = time.monotonic()
     context = browser.new_context(accept_downloads=True, viewport={"width": 1280, "height": 1060})
     page = context.new_page()

@@ -48,7 +48,7 @@ def test_wrong_or_malformed_key_is_a_401_login_page(client: TestClient) -> None:
         assert "set-cookie" not in r.headers
 
 
-def test_login_sets_a_session_cookie_that_is_httponly_strict_and_session_only(client: TestClient, auth) -> None:  # type: ignore[no-untyped-def]
+def test_login_sets_a_session_cookie_that_is_httponly_strict_and_session_only(client: TestClient, auth) -> None:
     r = client.post("/login", data={"api_key": key_of(auth)}, headers=SAME_ORIGIN, follow_redirects=False)
     assert r.status_code == 303
     cookie = r.headers["set-cookie"]
@@ -65,7 +65,7 @@ def test_login_sets_a_session_cookie_that_is_httponly_strict_and_session_only(cl
     assert r.status_code == 303 and "secure" in r.headers["set-cookie"].lower()
 
 
-def test_pages_need_a_session(client: TestClient, auth, upload) -> None:  # type: ignore[no-untyped-def]
+def test_pages_need_a_session(client: TestClient, auth, upload) -> None:
     job_id = new_job(client, auth, upload)
     r = client.get("/", headers={"Accept": "text/html"}, follow_redirects=False)
     assert r.status_code == 303 and r.headers["location"] == "/login"
@@ -79,7 +79,7 @@ def test_pages_need_a_session(client: TestClient, auth, upload) -> None:  # type
     assert client.get(f"/v1/fine_tuning/jobs/{job_id}").status_code == 401
 
 
-def test_logout_clears_the_cookie(client: TestClient, auth) -> None:  # type: ignore[no-untyped-def]
+def test_logout_clears_the_cookie(client: TestClient, auth) -> None:
     login(client, auth)
     r = client.post("/logout", headers=SAME_ORIGIN, follow_redirects=False)
     assert r.status_code == 303 and r.headers["location"] == "/login"
@@ -92,7 +92,7 @@ def _session_hashes(client: TestClient) -> list[str]:
         return list(session.scalars(select(DashboardSession.id_hash)))
 
 
-def test_logout_ends_the_session_even_for_a_copied_cookie(client: TestClient, auth) -> None:  # type: ignore[no-untyped-def]
+def test_logout_ends_the_session_even_for_a_copied_cookie(client: TestClient, auth) -> None:
     login(client, auth)
     stolen = client.cookies["ipo_session"]
     assert stolen.startswith("ipo-ds-") and key_of(auth) not in stolen
@@ -109,7 +109,7 @@ def test_logout_ends_the_session_even_for_a_copied_cookie(client: TestClient, au
     assert replay.get("/", headers={"Accept": "text/html"}, follow_redirects=False).status_code == 303
 
 
-def test_a_session_ends_when_it_expires_or_its_key_is_revoked(client: TestClient, auth, other_auth) -> None:  # type: ignore[no-untyped-def]
+def test_a_session_ends_when_it_expires_or_its_key_is_revoked(client: TestClient, auth, other_auth) -> None:
     sessions = client.app.state.ctx.sessions  # type: ignore[attr-defined]
     login(client, auth)
     assert client.get("/").status_code == 200
@@ -131,7 +131,7 @@ def test_a_session_ends_when_it_expires_or_its_key_is_revoked(client: TestClient
         assert session.scalar(select(DashboardSession).where(DashboardSession.expires_at <= utcnow())) is None
 
 
-def test_posts_from_another_origin_are_refused(client: TestClient, auth, upload) -> None:  # type: ignore[no-untyped-def]
+def test_posts_from_another_origin_are_refused(client: TestClient, auth, upload) -> None:
     job_id = new_job(client, auth, upload)
     login(client, auth)
     for headers in (
@@ -151,7 +151,7 @@ def test_posts_from_another_origin_are_refused(client: TestClient, auth, upload)
     assert r.status_code == 200 and 'data-status="cancelled"' in r.text
 
 
-def test_another_projects_job_is_a_404_page(client: TestClient, auth, other_auth, upload) -> None:  # type: ignore[no-untyped-def]
+def test_another_projects_job_is_a_404_page(client: TestClient, auth, other_auth, upload) -> None:
     job_id = new_job(client, auth, upload)
     done = new_job(client, auth, upload)
     succeed(client, WORKER, done)
@@ -173,7 +173,7 @@ def test_another_projects_job_is_a_404_page(client: TestClient, auth, other_auth
     assert client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=auth).json()["status"] == "queued"
 
 
-def test_job_list_filters_by_status_and_pages(client: TestClient, auth, upload, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_job_list_filters_by_status_and_pages(client: TestClient, auth, upload, monkeypatch) -> None:
     ids = [new_job(client, auth, upload) for _ in range(3)]  # newest last
     client.post(f"/v1/fine_tuning/jobs/{ids[1]}/cancel", headers=auth)
     login(client, auth)
@@ -192,7 +192,7 @@ def test_job_list_filters_by_status_and_pages(client: TestClient, auth, upload, 
     assert ids[0] in older and ids[1] not in older and 'id="older"' not in older
 
 
-def test_buttons_follow_the_apis_transition_rules(client: TestClient, auth, upload) -> None:  # type: ignore[no-untyped-def]
+def test_buttons_follow_the_apis_transition_rules(client: TestClient, auth, upload) -> None:
     job_id = new_job(client, auth, upload)
     login(client, auth)
     page = client.get(f"/jobs/{job_id}").text
@@ -211,7 +211,7 @@ def test_buttons_follow_the_apis_transition_rules(client: TestClient, auth, uplo
     assert client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=auth).json()["status"] == "cancelled"
 
 
-def test_job_page_downloads_stream_and_status(client: TestClient, auth, upload) -> None:  # type: ignore[no-untyped-def]
+def test_job_page_downloads_stream_and_status(client: TestClient, auth, upload) -> None:
     job_id = new_job(client, auth, upload)
     succeed(client, WORKER, job_id)
     finished = client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=auth).json()

@@ -70,7 +70,7 @@ def test_rest_job_trains_and_returns_a_loadable_adapter(stack: Stack, tmp_path: 
 
     metrics = [e["data"] for e in events if e["type"] == "metrics"]
     steps = [m["step"] for m in metrics if "train_loss" in m]  # type: ignore[index,operator]
-    assert steps and steps == sorted(set(steps)) and max(steps) == 12  # type: ignore[type-var]
+    assert steps and steps == sorted(set(steps)) and max(steps) == 12
     assert all(m["total_steps"] == 12 and isinstance(m["train_loss"], float) for m in metrics if "train_loss" in m)  # type: ignore[index,operator]
     ids_seen = [int(str(e["id"]).removeprefix("ftevent-")) for e in events]
     assert ids_seen == sorted(ids_seen) and len(ids_seen) == len(set(ids_seen))

@@ -22,7 +22,7 @@ def readme_python_block(repo_root: Path) -> str:
     return block
 
 
-def test_readme_sdk_example_runs(stack: Stack, repo_root: Path, tmp_path: Path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_readme_sdk_example_runs(stack: Stack, repo_root: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     write_demo_data(tmp_path / "var" / "data", n_train=32, n_valid=8, seed=5)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("IPO_BASE_URL", stack.url)

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import httpx
 import psutil
@@ -63,13 +63,13 @@ def redis_server() -> Iterator[ThrowawayRedis]:
         server.destroy()
 
 
-def wait_for(what: str, check: Callable[[], T], timeout: float, interval: float = 0.2) -> T:
+def wait_for(what: str, check: Callable[[], T | Literal[False] | None], timeout: float, interval: float = 0.2) -> T:
     deadline = time.monotonic() + timeout
     while True:
         try:
             value = check()
         except Exception:  # the database or API may be down on purpose
-            value = None  # type: ignore[assignment]
+            value = None
         if value:
             return value
         if time.monotonic() > deadline:
@@ -226,7 +226,7 @@ class Stack:
     def api_job(self, job_id: str) -> dict[str, Any]:
         r = self.http.get(f"/v1/fine_tuning/jobs/{job_id}")
         assert r.status_code == 200, r.text
-        return r.json()  # type: ignore[no-any-return]
+        return r.json()
 
     # ---- the ledger, read directly ----
 

@@ -161,7 +161,7 @@ class ThrowawayRedis:
                 raise RuntimeError(f"redis-server did not start; see {self.root / 'redis.log'}")
             time.sleep(0.1)
 
-    def client(self):  # type: ignore[no-untyped-def]
+    def client(self):
         import redis
 
         return redis.Redis(host="127.0.0.1", port=self.port, db=0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import socket
 import uuid
+from typing import Any
 from urllib.parse import urlparse
 
 import httpx
@@ -35,8 +36,8 @@ def _pref(i: int) -> str:
 
 
 DATA = ("\n".join(_pref(i) for i in range(8)) + "\n").encode()
-IPO = {"type": "ipo", "ipo": {"hyperparameters": {"beta": 0.1, "n_epochs": 1}, "lora": {"r": 8}}}
-DPO = {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1}}}
+IPO: Any = {"type": "ipo", "ipo": {"hyperparameters": {"beta": 0.1, "n_epochs": 1}, "lora": {"r": 8}}}
+DPO: Any = {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1}}}
 
 
 @pytest.fixture
@@ -71,9 +72,9 @@ def test_jobs_ipo_and_dpo_pagination_retrieve_events(client: OpenAI, worker: htt
     ipo = client.fine_tuning.jobs.create(
         model="tiny-mistral", training_file=file_id, method=IPO, suffix="sdk", seed=3, metadata={"run": "sdk"}
     )
-    assert ipo.status == "queued" and ipo.method.type == "ipo" and ipo.seed == 3  # type: ignore[comparison-overlap]
+    assert ipo.status == "queued" and ipo.method is not None and ipo.method.type == "ipo" and ipo.seed == 3
     dpo = client.fine_tuning.jobs.create(model="tiny-mistral", training_file=file_id, method=DPO)
-    assert dpo.method.type == "dpo" and dpo.method.dpo is not None
+    assert dpo.method is not None and dpo.method.type == "dpo" and dpo.method.dpo is not None
     more = [client.fine_tuning.jobs.create(model="tiny-mistral", training_file=file_id).id for _ in range(3)]
 
     listed = [job.id for job in client.fine_tuning.jobs.list(limit=2)]  # three pages, followed by the SDK
@@ -83,7 +84,9 @@ def test_jobs_ipo_and_dpo_pagination_retrieve_events(client: OpenAI, worker: htt
     assert [j.id for j in client.fine_tuning.jobs.list(metadata={"run": "sdk"})] == [ipo.id]
 
     got = client.fine_tuning.jobs.retrieve(ipo.id)
-    assert got.id == ipo.id and got.training_file == file_id and got.user_provided_suffix == "sdk"
+    assert (
+        got.id == ipo.id and got.training_file == file_id and (got.model_extra or {})["user_provided_suffix"] == "sdk"
+    )
     events = list(client.fine_tuning.jobs.list_events(ipo.id, limit=1))  # auto-paginated too
     assert len(events) >= 2 and all(e.object == "fine_tuning.job.event" for e in events)
     assert "Created fine-tuning job" in events[-1].message
@@ -139,9 +142,8 @@ def test_error_classes(client: OpenAI) -> None:
     assert nf.value.status_code == 404 and nf.value.code == "not_found"
     file_id = client.files.create(file=("train.jsonl", DATA), purpose="fine-tune").id
     with pytest.raises(openai.BadRequestError) as bad:
-        client.fine_tuning.jobs.create(
-            model="tiny-mistral", training_file=file_id, method={"type": "ipo", "ipo": {"lora": {"r": 0}}}
-        )
+        bad_lora: Any = {"type": "ipo", "ipo": {"lora": {"r": 0}}}
+        client.fine_tuning.jobs.create(model="tiny-mistral", training_file=file_id, method=bad_lora)
     assert bad.value.param == "method.ipo.lora.r"
     with pytest.raises(openai.BadRequestError) as bad:
         client.fine_tuning.jobs.create(model="gpt-4o", training_file=file_id)

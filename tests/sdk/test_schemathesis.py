@@ -43,7 +43,7 @@ def test_public_api_conforms_to_its_openapi(live_server: LiveServer) -> None:
             database=None,
             suppress_health_check=list(HealthCheck),
         )
-        def check(case) -> None:  # type: ignore[no-untyped-def]
+        def check(case) -> None:
             if isinstance(case.query, dict) and case.query.get("stream") not in (None, False, "false"):
                 case.query["stream"] = False  # an SSE stream of a live job never ends by itself
             response = case.call_and_validate(

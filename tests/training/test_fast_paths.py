@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from datasets import Dataset
 from safetensors.torch import load_file
 
 import worker.training.recipe as recipe
@@ -91,7 +92,6 @@ def test_precomputed_reference_trains_exactly_like_the_per_step_one(
 
 def test_precomputed_reference_is_the_base_model(tiny_model_dir: Path, small_data: Path, tmp_path: Path) -> None:
     """With PEFT and no ref_model, the reference is the adapter disabled: the plain base model's log-probs."""
-    from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig
@@ -112,9 +112,11 @@ def test_precomputed_reference_is_the_base_model(tiny_model_dir: Path, small_dat
         peft_config=LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
     )
     with torch.no_grad():  # LoRA B starts at zero, so give the adapter weight: disabling it must matter
+        assert trainer.model is not None
         for name, param in trainer.model.named_parameters():
             if "lora_B" in name:
                 param.fill_(0.05)
+    assert isinstance(trainer.train_dataset, Dataset)
     unscored = trainer.train_dataset.remove_columns(list(REF_COLUMNS))
     prepared = trainer._precompute_ref_logps(unscored, "train", 3)  # longest-first batches of 3, the last short
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
@@ -154,7 +156,7 @@ def test_a_second_run_on_the_same_file_uses_the_cache_and_learns_the_same(
 def test_length_grouped_run_resumes_exactly_across_epochs(
     tiny_model_dir: Path, small_data: Path, tmp_path: Path
 ) -> None:
-    hp = {"batch_size": 4, "n_epochs": 3, "checkpoint_every": 100}  # 4 steps an epoch, 12 in all
+    hp: dict[str, Any] = {"batch_size": 4, "n_epochs": 3, "checkpoint_every": 100}  # 4 steps an epoch, 12 in all
     full = ListReporter()
     assert train(_request(tiny_model_dir, small_data, tmp_path / "full", **hp), full) == EXIT_OK
     resolved = full.reports[0].data or {}

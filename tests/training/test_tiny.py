@@ -1,10 +1,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer, BatchEncoding
 
 from worker.training import demo_data
+
+
+def _input_ids(encoded: Any) -> list[int]:
+    """``apply_chat_template(..., tokenize=True, return_dict=True)``'s token ids (its return type is a union)."""
+    assert isinstance(encoded, BatchEncoding)
+    return list(encoded["input_ids"])
 
 
 def test_chat_template_prompt_is_a_token_prefix(tiny_model_dir: Path) -> None:
@@ -25,13 +32,14 @@ def test_chat_template_prompt_is_a_token_prefix(tiny_model_dir: Path) -> None:
         ),
     ]
     for prompt, reply in cases:
-        p = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-        full = tok.apply_chat_template(
-            [*prompt, {"role": "assistant", "content": reply}], tokenize=True, return_dict=True
-        )["input_ids"]
+        p = _input_ids(tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True))
+        full = _input_ids(
+            tok.apply_chat_template([*prompt, {"role": "assistant", "content": reply}], tokenize=True, return_dict=True)
+        )
         assert list(full[: len(p)]) == list(p), (prompt, reply)
         assert len(full) > len(p)
         text = tok.decode(full)
+        assert isinstance(text, str)
         assert text.startswith("<s><|") and "<|assistant|>\n" + reply + "</s>" in text
 
 

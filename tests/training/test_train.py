@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import BatchEncoding
 
 from contracts.method import Method
 from worker.training.callbacks import StopFlag
@@ -90,6 +91,7 @@ def test_train_reports_checkpoints_and_adapter(
         return_tensors="pt",
         return_dict=True,
     )
+    assert isinstance(ids, BatchEncoding)
     out = model.generate(**ids, max_new_tokens=4, do_sample=False)
     assert out.shape[1] > ids["input_ids"].shape[1]
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 
-def test_api_does_not_import_training_libraries(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_api_does_not_import_training_libraries(tmp_path) -> None:
     code = (
         "import sys, json\n"
         "from fastapi.testclient import TestClient\n"

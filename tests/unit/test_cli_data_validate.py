@@ -26,7 +26,15 @@ def test_token_lengths_and_truncation_for_a_model(tmp_path: Path) -> None:
     data.write_bytes(line("ab") + line("a" * 20) + line("abc") + line("a" * 40))
     limit = prompt_tokens("a" * 20) + 2  # line 2 fits with its reply cut; line 4's prompt fills it
     r = ipo(
-        "data", "validate", data, "--model", "char-model", "--max-length", limit, "--json", models=tmp_path / "models"
+        "data",
+        "validate",
+        data,
+        "--model",
+        "char-model",
+        "--max-length",
+        str(limit),
+        "--json",
+        models=tmp_path / "models",
     )
     assert r.returncode == 2, r.stderr  # a prompt that fills max_length would make the job refused
     out = json.loads(r.stdout)

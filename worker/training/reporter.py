@@ -29,7 +29,7 @@ class _ReportBuilder:
         raise NotImplementedError
 
     def _emit(self, kind: str, **fields: Any) -> None:
-        self.emit(TrainerReport(kind=kind, time=time.time(), **fields))  # type: ignore[arg-type]
+        self.emit(TrainerReport(kind=kind, time=time.time(), **fields))
 
     def event(self, message: str, level: Level = "info", data: dict[str, Any] | None = None) -> None:
         self._emit("event", message=message, level=level, data=data)
