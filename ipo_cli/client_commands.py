@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from app.schemas.job_spec import SCHEMA_PATH, SPEC_VERSION
 from ipo_cli.errors import CliError
 from ipo_cli.http import ApiClient
 from ipo_cli.local import configured_models_dir
@@ -58,7 +59,9 @@ def files_delete(file_id: str, base_url: BaseUrl = None, api_key: ApiKey = None,
 
 @jobs.command("create")
 def jobs_create(
-    training_file: Annotated[str, typer.Option(help="File id (file-...) or a local JSONL path to upload.")],
+    training_file: Annotated[
+        str | None, typer.Option(help="File id (file-...) or a local JSONL path to upload; or from --spec.")
+    ] = None,
     model: Annotated[str, typer.Option()] = "tiny-mistral",
     validation_file: Annotated[str | None, typer.Option()] = None,
     method: Annotated[str, typer.Option(help="ipo or dpo")] = "ipo",
@@ -67,7 +70,9 @@ def jobs_create(
     learning_rate: Annotated[float | None, typer.Option()] = None,
     suffix: Annotated[str | None, typer.Option()] = None,
     seed: Annotated[int | None, typer.Option()] = None,
-    spec: Annotated[Path | None, typer.Option(help="A JSON/YAML job spec; flags override it.")] = None,
+    spec: Annotated[
+        Path | None, typer.Option(help="A JSON/YAML job spec (`ipo jobs spec` writes one); flags override it.")
+    ] = None,
     base_url: BaseUrl = None,
     api_key: ApiKey = None,
     as_json: AsJson = False,
@@ -75,9 +80,13 @@ def jobs_create(
     client = ApiClient(base_url, api_key)
     body: dict[str, Any] = _load_spec(spec) if spec else {}
     body["model"] = body.get("model", model)
-    body["training_file"] = _file_id(client, training_file)
+    training_file = training_file or body.get("training_file")
+    if not training_file:
+        raise CliError("give --training-file, or a --spec that names training_file")
+    body["training_file"] = _file_id(client, str(training_file))
+    validation_file = validation_file or body.get("validation_file")
     if validation_file:
-        body["validation_file"] = _file_id(client, validation_file)
+        body["validation_file"] = _file_id(client, str(validation_file))
     hp = {
         k: v for k, v in {"beta": beta, "n_epochs": n_epochs, "learning_rate": learning_rate}.items() if v is not None
     }
@@ -103,6 +112,9 @@ def _load_spec(path: Path) -> dict[str, Any]:
         raise CliError(f"{path}: not valid JSON/YAML: {exc}") from exc
     if not isinstance(loaded, dict):
         raise CliError(f"{path}: a job spec must be a mapping")
+    version = loaded.pop("spec_version", SPEC_VERSION)
+    if version != SPEC_VERSION:
+        raise CliError(f"{path}: spec_version {version!r} is not supported (this ipo reads {SPEC_VERSION})")
     return loaded
 
 
@@ -124,6 +136,33 @@ def jobs_get(job_id: str, base_url: BaseUrl = None, api_key: ApiKey = None, as_j
         f"{obj['id']}  {obj['status']}  step {obj.get('step')}/{obj.get('total_steps')}"
         + (f"  error: {obj['error']['message']}" if obj.get("error") else ""),
     )
+
+
+@jobs.command("spec")
+def jobs_spec(
+    job_id: str,
+    out: Annotated[Path | None, typer.Option(help="Write here (.json: JSON, else YAML); default: stdout.")] = None,
+    base_url: BaseUrl = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Write a job back as a spec file; `ipo jobs create --spec FILE` replays it."""
+    import yaml
+
+    client = ApiClient(base_url, api_key)
+    spec = client.json("GET", f"/v1/fine_tuning/jobs/{job_id}/spec")
+    if out is not None and out.suffix == ".json":
+        text = json.dumps(spec, indent=2) + "\n"
+    else:
+        header = (
+            f"# ipo-align job spec v{spec.get('spec_version')} of {job_id}; schema: {client.base_url}{SCHEMA_PATH}\n"
+            "# replay: ipo jobs create --spec THIS_FILE (flags override it)\n"
+        )
+        text = header + yaml.safe_dump(spec, sort_keys=False, allow_unicode=True)
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        out.write_text(text)
+        typer.echo(f"wrote {out}", err=True)
 
 
 @jobs.command("list")

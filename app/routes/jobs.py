@@ -15,12 +15,13 @@ from app.models import Job
 from app.routes.events_stream import sse_events
 from app.routes.idempotent import run_idempotent
 from app.routes.params import Cursor, JobId
+from app.schemas.job_spec import JobSpec
 from app.schemas.objects import CheckpointObject, ErrorResponse, EventObject, JobObject, ListObject
 from app.schemas.requests import JobCreate
 from app.services import events as events_service
 from app.services import idempotency
 from app.services import jobs as jobs_service
-from app.services.views import checkpoint_view, event_view, job_view
+from app.services.views import checkpoint_view, event_view, job_view, spec_of_job
 
 router = APIRouter(
     prefix="/v1/fine_tuning/jobs",
@@ -97,6 +98,12 @@ def _metadata_filters(request: Request) -> dict[str, str]:
 @router.get("/{job_id}", response_model=JobObject)
 def retrieve_job(session: DbSession, caller: CurrentCaller, job_id: JobId) -> JobObject:
     return job_view(jobs_service.get_job(session, caller.project_id, job_id))
+
+
+@router.get("/{job_id}/spec", response_model=JobSpec, response_model_exclude_none=True)
+def job_spec(session: DbSession, caller: CurrentCaller, job_id: JobId) -> JobSpec:
+    """The job as a spec file (extension): POSTing its create body asks for the same run again."""
+    return spec_of_job(jobs_service.get_job(session, caller.project_id, job_id))
 
 
 def _transition(

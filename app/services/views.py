@@ -6,6 +6,7 @@ from typing import Any
 
 from app.models import Checkpoint, Job, JobEvent, StoredFile, WebhookDelivery, WebhookEndpoint
 from app.models.base import unix
+from app.schemas.job_spec import JobSpec
 from app.schemas.objects import (
     CheckpointObject,
     EventObject,
@@ -63,6 +64,23 @@ def job_view(row: Job) -> JobObject:
         attempt=row.attempt,
         step=row.step,
         total_steps=row.total_steps,
+    )
+
+
+def spec_of_job(row: Job) -> JobSpec:
+    """The job's create body as a spec (``app.schemas.job_spec``): what to POST to ask for the same run.
+
+    ``method`` comes back with its defaults spelled out and ``seed`` is the job's actual seed, so the
+    spec of a job created from this spec is identical to it.
+    """
+    return JobSpec(
+        model=row.model,
+        training_file=row.training_file,
+        validation_file=row.validation_file,
+        suffix=row.suffix,
+        seed=row.seed,
+        metadata=row.job_metadata,
+        method=Method.model_validate(row.method),
     )
 
 

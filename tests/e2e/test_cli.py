@@ -111,3 +111,34 @@ def _assert_merged_differs_from_base(merged: Path, base: Path) -> None:
     assert merged_sd.keys() == base_sd.keys()  # plain weights: no lora_A/lora_B left over
     q = "model.layers.0.self_attn.q_proj.weight"
     assert not merged_sd[q].equal(base_sd[q])  # the checkpoint's LoRA delta was folded in
+
+
+def test_a_spec_file_round_trips_through_the_cli(stack: Stack, tmp_path: Path) -> None:
+    train, _ = write_demo_data(tmp_path / "data", n_train=16, n_valid=4, seed=3)
+    first_spec = tmp_path / "first.yaml"
+    first_spec.write_text(  # a local path where a file id goes: the CLI uploads it
+        f"spec_version: 1\nmodel: tiny-mistral\ntraining_file: {train}\nseed: 11\n"
+        "method:\n  type: ipo\n  ipo:\n    hyperparameters:\n      beta: 0.3\n      max_steps: 2\n"
+    )
+    first = json.loads(ipo(stack, "jobs", "create", "--spec", str(first_spec), "--json").stdout)
+    written = tmp_path / "written.yaml"
+    ipo(stack, "jobs", "spec", first["id"], "--out", str(written))
+    text = written.read_text()
+    assert text.startswith("# ipo-align job spec v1") and "/schemas/job-spec.v1.json" in text
+    second = json.loads(ipo(stack, "jobs", "create", "--spec", str(written), "--json").stdout)
+    as_json = tmp_path / "second.json"
+    ipo(stack, "jobs", "spec", second["id"], "--out", str(as_json))
+
+    import yaml
+
+    replayed, original = json.loads(as_json.read_text()), yaml.safe_load(text)
+    assert replayed == original  # create from spec -> spec of the job -> the identical spec
+    assert original["training_file"] == first["training_file"] and original["seed"] == 11
+    assert original["method"]["ipo"]["hyperparameters"]["beta"] == 0.3
+    for job in (first, second):
+        ipo(stack, "jobs", "cancel", job["id"], check=False)  # may have finished already: 2 steps
+
+    future = tmp_path / "future.yaml"
+    future.write_text(text.replace("spec_version: 1", "spec_version: 2"))
+    refused = ipo(stack, "jobs", "create", "--spec", str(future), check=False)
+    assert refused.returncode == 2 and "spec_version 2 is not supported" in refused.stderr
