@@ -23,30 +23,34 @@ File-level problems (empty file, too few examples) are reported with ``line == F
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
 from pydantic import BaseModel
 
-Message = dict[str, str]
+from contracts.data_records import SHAPES, BadLine, Message, clip, json_type, normalise, shape_of
+from contracts.text_rows import TextMode, plan_text_rows
+
+__all__ = ["FILE_LEVEL", "FORMATS", "LineError", "Message", "PreferenceExample", "ValidationReport"]
 
 MAX_LINE_BYTES = 1 << 20
 """A longer line is reported without being decoded or parsed (hostile-input guard)."""
 FILE_LEVEL = 0
 """``LineError.line`` of errors about the file as a whole rather than one line."""
-FORMATS = ("text", "conversational", "implicit_prompt", "openai_preference")
-ROLES = ("system", "user", "assistant")
+FORMATS = SHAPES
+"""Recognised shapes: text, conversational, implicit_prompt, text_implicit_prompt, openai_preference, sharegpt."""
 _SKIP_CHUNK = 1 << 16
-_SHAPES: tuple[tuple[str, frozenset[str]], ...] = (
-    ("openai_preference", frozenset({"input", "preferred_output", "non_preferred_output"})),
-    ("text or conversational", frozenset({"prompt", "chosen", "rejected"})),
-    ("implicit_prompt", frozenset({"chosen", "rejected"})),
-)
-_EXPECTED = (
-    'expected {"prompt", "chosen", "rejected"} (text or conversational), {"chosen", "rejected"} '
-    '(implicit prompt) or {"input", "preferred_output", "non_preferred_output"} (OpenAI preference)'
-)
+_ARRAY_PEEK_BYTES = 1 << 20
+"""How much of a JSON-array file is read to name the shape of its first record."""
+_SHAPE_NAMES = {
+    "openai_preference": "OpenAI preference",
+    "sharegpt": "ShareGPT (LLaMA-Factory) preference",
+    "text": "text prompt/chosen/rejected",
+    "conversational": "conversational prompt/chosen/rejected",
+    "implicit_prompt": "implicit-prompt chosen/rejected",
+    "text_implicit_prompt": "implicit-prompt text chosen/rejected",
+}
 
 
 class LineError(BaseModel):
@@ -61,6 +65,15 @@ class PreferenceExample(BaseModel):
     rejected: list[Message]
     line: int
     """1-based line number the example came from (for error messages further down the pipeline)."""
+    text: tuple[str, str, str] | None = None
+    """A text row's (prompt, chosen, rejected) strings as given; None for message rows."""
+    system: str | None = None
+    """The record's top-level ``system`` field (already the first message of ``prompt``)."""
+    text_implicit: bool = False
+    """A text row whose prompt was split off implicit chosen/rejected transcripts (always verbatim)."""
+    verbatim: bool = False
+    """Train on ``text`` as written (TRL's standard text format) instead of templating the messages
+    (``contracts/text_rows.py`` decides, once per file)."""
 
 
 class ValidationReport(BaseModel):
@@ -73,11 +86,16 @@ class ValidationReport(BaseModel):
     """At most ``max_errors`` entries, line errors in file order then the file-level error, if any."""
     error_count: int
     """All errors found, including those not kept in ``errors``."""
+    text_mode: TextMode | None = None
+    """What is done with text rows: ``chat_template`` or ``verbatim`` (None: no text rows)."""
+    text_rows: str | None = None
+    """That decision in words, with the lines that made it (``TextRowsPlan.describe``)."""
 
     def summary(self, name: str = "training file") -> str:
         """One human-readable message, e.g. for an HTTP 400 body."""
         if self.ok:
-            return f"{name} is valid: {self.n_examples} examples (format: {self.format})"
+            said = f"{name} is valid: {self.n_examples} examples (format: {self.format})"
+            return said + (f"; {self.text_rows}" if self.text_rows else "")
         file_reasons = [e.reason for e in self.errors if e.line == FILE_LEVEL]
         shown = [f"line {e.line}: {e.reason}" for e in self.errors if e.line != FILE_LEVEL]
         n_lines = self.error_count - len(file_reasons)
@@ -88,8 +106,7 @@ class ValidationReport(BaseModel):
         return f"{name} has {n_lines} invalid {noun}: " + "; ".join(parts + file_reasons)
 
 
-class _Bad(Exception):
-    """One line's problem; caught per line and turned into a ``LineError``."""
+_Bad = BadLine
 
 
 class _TooLong:
@@ -100,18 +117,30 @@ class _TooLong:
 
 
 def parse_preference_lines(
-    lines: Iterable[bytes | str], *, min_examples: int = 1, max_errors: int = 20
+    lines: Iterable[bytes | str],
+    *,
+    min_examples: int = 1,
+    max_errors: int = 20,
+    special_tokens: Sequence[str] = (),
 ) -> tuple[list[PreferenceExample], ValidationReport]:
-    """Validate and normalise JSONL lines (each item one line, trailing newline optional)."""
-    return _scan(enumerate(lines, 1), min_examples=min_examples, max_errors=max_errors)
+    """Validate and normalise JSONL lines (each item one line, trailing newline optional).
+
+    ``special_tokens``: the base model's special tokens, when known: text rows holding one are used
+    verbatim (``contracts/text_rows.py``).
+    """
+    return _scan(enumerate(lines, 1), min_examples=min_examples, max_errors=max_errors, special_tokens=special_tokens)
 
 
 def parse_preference_file(
-    path: str | Path, *, min_examples: int = 1, max_errors: int = 20
+    path: str | Path, *, min_examples: int = 1, max_errors: int = 20, special_tokens: Sequence[str] = ()
 ) -> tuple[list[PreferenceExample], ValidationReport]:
-    """Validate and normalise a JSONL file, streamed line by line (never read whole into memory)."""
+    """Validate and normalise a JSONL file, streamed line by line (never read whole into memory).
+
+    A file that is not JSON Lines as a whole (UTF-16/UTF-32, a JSON array) gets one file-level error that
+    says what to do, not an error per line.
+    """
     with open(path, "rb") as f:
-        return _scan(_bounded_lines(f), min_examples=min_examples, max_errors=max_errors)
+        return _scan(_bounded_lines(f), min_examples=min_examples, max_errors=max_errors, special_tokens=special_tokens)
 
 
 def _bounded_lines(f: BinaryIO) -> Iterator[tuple[int, bytes | _TooLong]]:
@@ -130,7 +159,11 @@ def _bounded_lines(f: BinaryIO) -> Iterator[tuple[int, bytes | _TooLong]]:
 
 
 def _scan(
-    numbered: Iterable[tuple[int, bytes | str | _TooLong]], *, min_examples: int, max_errors: int
+    numbered: Iterable[tuple[int, bytes | str | _TooLong]],
+    *,
+    min_examples: int,
+    max_errors: int,
+    special_tokens: Sequence[str] = (),
 ) -> tuple[list[PreferenceExample], ValidationReport]:
     if min_examples < 0 or max_errors < 1:
         raise ValueError("min_examples must be >= 0 and max_errors >= 1")
@@ -139,23 +172,47 @@ def _scan(
     error_count = 0
     first: tuple[int, str] | None = None  # (line, shape) of the first line whose shape was recognised
     saw_content = False  # any non-blank line, valid or not
-    for lineno, raw in numbered:
+    lines = iter(numbered)
+    for lineno, raw in lines:
+        if not saw_content:
+            whole = _whole_file_problem(raw, lines)
+            if whole is not None:
+                error = LineError(line=FILE_LEVEL, reason=whole)
+                return [], ValidationReport(ok=False, n_examples=0, format=None, errors=[error], error_count=1)
         try:
             record = _load(raw, first_line=lineno == 1)
             if record is None:
                 continue
             saw_content = True
-            shape = _shape(record)
+            shape = shape_of(record)
             if first is None:
                 first = (lineno, shape)
             elif shape != first[1]:
                 raise _Bad(f'mixed shapes: line {first[0]} is "{first[1]}" but this line is "{shape}"')
-            examples.append(_normalise(record, shape, lineno))
+            done = normalise(record, shape)
+            examples.append(
+                PreferenceExample(
+                    prompt=done.prompt,
+                    chosen=done.chosen,
+                    rejected=done.rejected,
+                    line=lineno,
+                    text=done.text,
+                    system=done.system,
+                    text_implicit=shape == "text_implicit_prompt",
+                )
+            )
         except _Bad as bad:
             saw_content = True
             error_count += 1
             if len(errors) < max_errors:
                 errors.append(LineError(line=lineno, reason=str(bad)))
+    plan = plan_text_rows(examples, special_tokens)
+    if plan.refused:
+        refused = {line for line, _ in plan.refused}
+        examples = [ex for ex in examples if ex.line not in refused]
+        error_count += len(plan.refused)
+        errors = sorted(errors + [LineError(line=n, reason=r) for n, r in plan.refused], key=lambda e: e.line)
+        del errors[max_errors:]
     file_error = None
     if not saw_content and min_examples > 0:
         file_error = "file is empty: no examples found"
@@ -171,8 +228,73 @@ def _scan(
         format=first[1] if first else None,
         errors=errors,
         error_count=error_count,
+        text_mode=plan.mode,
+        text_rows=plan.describe(),
     )
     return examples, report
+
+
+_UTF16_FIX = (
+    "save it as UTF-8 (PowerShell: `Get-Content IN | Set-Content -Encoding utf8 OUT`; "
+    "elsewhere: `iconv -f UTF-16 -t UTF-8 IN > OUT`)"
+)
+
+
+def _whole_file_problem(raw: bytes | str | _TooLong, rest: Iterator[tuple[int, bytes | str | _TooLong]]) -> str | None:
+    """The reason a file is not JSON Lines as a whole, judged on its first non-blank line, or None.
+
+    UTF-16 and UTF-32 (by byte-order mark, or NUL bytes in the first line) and a JSON array (the first
+    line starts with ``[``; up to ``_ARRAY_PEEK_BYTES`` more are read to name its records' shape)."""
+    if isinstance(raw, _TooLong):
+        return None
+    if isinstance(raw, bytes):
+        if raw.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):
+            return "the file is UTF-32 encoded (it starts with a UTF-32 byte-order mark), not UTF-8: " + _UTF16_FIX
+        if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+            return (
+                "the file is UTF-16 encoded (it starts with a UTF-16 byte-order mark, as Windows PowerShell "
+                "writes by default), not UTF-8: " + _UTF16_FIX
+            )
+        if b"\x00" in raw:
+            return "the file holds NUL bytes: it looks UTF-16 or UTF-32 encoded, not UTF-8: " + _UTF16_FIX
+        text = raw.decode("utf-8", errors="replace")
+    else:
+        text = raw
+    text = text.removeprefix("\ufeff").lstrip()
+    if not text.startswith("["):
+        return None
+    record = _first_array_record(text, rest)
+    said = (
+        'the file is one JSON array (it starts with "["), not JSON Lines (one JSON object per line): '
+        "write each record on its own line, e.g. `jq -c '.[]' FILE.json > FILE.jsonl`"
+    )
+    if not isinstance(record, dict):
+        return said
+    try:
+        shape = shape_of(record)
+    except BadLine as bad:
+        return f"{said}. Its first record: {bad}"
+    return f"{said}. Its records have the {_SHAPE_NAMES.get(shape, shape)} shape, which is accepted one per line"
+
+
+def _first_array_record(text: str, rest: Iterator[tuple[int, bytes | str | _TooLong]]) -> object:
+    """The first element of the JSON array that starts ``text`` (reading on from ``rest``), or None."""
+    decoder = json.JSONDecoder()
+    buffer = text
+    while True:
+        start = len(buffer) - len(buffer[1:].lstrip()) if buffer.startswith("[") else 0
+        try:
+            value, _ = decoder.raw_decode(buffer, start)
+            return value
+        except (ValueError, RecursionError):
+            pass
+        if len(buffer) > _ARRAY_PEEK_BYTES:
+            return None
+        nxt = next(rest, None)
+        if nxt is None or isinstance(nxt[1], _TooLong):
+            return None
+        piece = nxt[1]
+        buffer += piece.decode("utf-8", errors="replace") if isinstance(piece, bytes) else piece + "\n"
 
 
 def _load(raw: bytes | str | _TooLong, *, first_line: bool) -> dict[str, object] | None:
@@ -201,146 +323,7 @@ def _load(raw: bytes | str | _TooLong, *, first_line: bool) -> dict[str, object]
     except RecursionError:
         raise _Bad("malformed JSON: nested too deeply") from None
     except ValueError as e:  # e.g. an integer literal over Python's digit limit
-        raise _Bad(f"malformed JSON: {_clip(str(e), 120)}") from None
+        raise _Bad(f"malformed JSON: {clip(str(e), 120)}") from None
     if not isinstance(value, dict):
-        raise _Bad(f"expected a JSON object, got {_json_type(value)}")
+        raise _Bad(f"expected a JSON object, got {json_type(value)}")
     return value
-
-
-def _shape(record: dict[str, object]) -> str:
-    keys = record.keys()
-    if _SHAPES[0][1] <= keys:
-        return "openai_preference"
-    if _SHAPES[2][1] <= keys:
-        if "prompt" not in keys:
-            return "implicit_prompt"
-        if isinstance(record["prompt"], str):
-            # UltraFeedback-binarized carries a plain-text "prompt" next to full conversations in
-            # chosen/rejected; like TRL's maybe_extract_prompt, the conversations win.
-            return "implicit_prompt" if isinstance(record["chosen"], list) else "text"
-        return "conversational"
-    found = sorted(keys)
-    shown = ", ".join(json.dumps(_clip(k, 40)) for k in found[:10]) + (", ..." if len(found) > 10 else "")
-    name, required = max(_SHAPES, key=lambda s: (len(s[1] & keys), -len(s[1] - keys)))
-    hint = ""
-    if required & keys:
-        missing = ", ".join(json.dumps(k) for k in sorted(required - keys))
-        hint = f" (looks like {name} but is missing {missing})"
-    raise _Bad(f"unknown shape: found keys [{shown}]{hint}, {_EXPECTED}")
-
-
-def _normalise(record: dict[str, object], shape: str, lineno: int) -> PreferenceExample:
-    if shape == "text":
-        for field in ("prompt", "chosen", "rejected"):
-            if not isinstance(record[field], str):
-                raise _Bad(f"text format: {field} must be a string (got {_json_type(record[field])})")
-        prompt = _messages([{"role": "user", "content": record["prompt"]}], "prompt")
-        chosen = _messages([{"role": "assistant", "content": record["chosen"]}], "chosen")
-        rejected = _messages([{"role": "assistant", "content": record["rejected"]}], "rejected")
-    elif shape == "conversational":
-        prompt = _messages(record["prompt"], "prompt")
-        chosen = _messages(record["chosen"], "chosen")
-        rejected = _messages(record["rejected"], "rejected")
-    elif shape == "openai_preference":
-        given = record["input"]
-        if not isinstance(given, dict) or "messages" not in given:
-            raise _Bad(f'input must be an object with a "messages" list (got {_json_type(given)})')
-        prompt = _messages(given["messages"], "input.messages")
-        chosen = _messages(record["preferred_output"], "preferred_output")
-        rejected = _messages(record["non_preferred_output"], "non_preferred_output")
-    else:
-        prompt, chosen, rejected = _split_implicit(record)
-    names = ("preferred_output", "non_preferred_output") if shape == "openai_preference" else ("chosen", "rejected")
-    prompt_name = "input.messages" if shape == "openai_preference" else "prompt"
-    _check_prompt(prompt, prompt_name)
-    _check_reply(chosen, names[0])
-    _check_reply(rejected, names[1])
-    if [(m["role"], m["content"].strip()) for m in chosen] == [(m["role"], m["content"].strip()) for m in rejected]:
-        raise _Bad(f"{names[0]} and {names[1]} are identical")
-    return PreferenceExample(prompt=prompt, chosen=chosen, rejected=rejected, line=lineno)
-
-
-def _split_implicit(record: dict[str, object]) -> tuple[list[Message], list[Message], list[Message]]:
-    for field in ("chosen", "rejected"):
-        if isinstance(record[field], str):
-            hint = "" if "prompt" in record else ' (plain-text replies need a "prompt")'
-            raise _Bad(f"implicit prompt: {field} must be a list of messages, got a string{hint}")
-    chosen = _messages(record["chosen"], "chosen")
-    rejected = _messages(record["rejected"], "rejected")
-    if chosen == rejected:
-        raise _Bad("chosen and rejected are identical")
-    n = 0
-    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
-        n += 1
-    if n == 0:
-        raise _Bad("implicit prompt: chosen and rejected share no prompt (their first messages differ)")
-    if chosen[n - 1]["role"] != "user":
-        raise _Bad(
-            "implicit prompt: the common prefix of chosen and rejected must end with a user turn "
-            f'(its last message, {n}, is "{chosen[n - 1]["role"]}")'
-        )
-    for field, rest in (("chosen", chosen[n:]), ("rejected", rejected[n:])):
-        if not rest:
-            raise _Bad(f"{field} is empty: no reply after the shared prompt")
-    return chosen[:n], chosen[n:], rejected[n:]
-
-
-def _messages(value: object, field: str) -> list[Message]:
-    if not isinstance(value, list):
-        raise _Bad(f"{field} must be a list of messages (got {_json_type(value)})")
-    if not value:
-        raise _Bad(f"{field} is empty")
-    out: list[Message] = []
-    for i, msg in enumerate(value, 1):
-        where = f"{field} message {i}"
-        if not isinstance(msg, dict):
-            raise _Bad(f"{where} must be an object (got {_json_type(msg)})")
-        for key in ("role", "content"):
-            if key not in msg:
-                raise _Bad(f'{where} has no "{key}"')
-        role, content = msg["role"], msg["content"]
-        if role not in ROLES:
-            shown = json.dumps(_clip(role, 40)) if isinstance(role, str) else _json_type(role)
-            raise _Bad(f"{where}: role {shown} is not one of system, user, assistant")
-        if not isinstance(content, str):
-            raise _Bad(f"{where}: content must be a string (got {_json_type(content)})")
-        try:
-            content.encode("utf-8")
-        except UnicodeEncodeError:
-            raise _Bad(f"{where}: content is not valid Unicode (lone surrogate escape)") from None
-        out.append({"role": role, "content": content})
-    return out
-
-
-def _check_prompt(prompt: list[Message], field: str) -> None:
-    last = prompt[-1]
-    if last["role"] != "user":
-        raise _Bad(f'{field} must end with a user turn (its last message is "{last["role"]}")')
-    if not last["content"].strip():
-        raise _Bad(f"{field} is empty: its last user turn has no text")
-
-
-def _check_reply(reply: list[Message], field: str) -> None:
-    for i, msg in enumerate(reply, 1):
-        if msg["role"] != "assistant":
-            raise _Bad(f'{field} message {i}: role must be "assistant" (got "{msg["role"]}")')
-        if not msg["content"].strip():
-            raise _Bad(f"{field} is empty" if len(reply) == 1 else f"{field} message {i} is empty")
-
-
-def _json_type(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    return "object" if isinstance(value, dict) else type(value).__name__
-
-
-def _clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -88,8 +88,10 @@ def validate(
     else:
         typer.echo(report.summary(path.name))
         if lengths is not None:
+            if lengths.get("text_rows") == report.text_rows:
+                lengths = {**lengths, "text_rows": None}  # said once, above
             _print_lengths(lengths, model or "", max_length)
-    if not report.ok or (lengths is not None and lengths["unusable"]):
+    if not report.ok or (lengths is not None and (lengths["unusable"] or lengths["template_refusals"])):
         raise typer.Exit(2)
 
 
@@ -110,12 +112,24 @@ def _print_lengths(lengths: dict[str, object], model: str, max_length: int | Non
     def row(stats: object) -> str:
         return "  ".join(f"{k} {v}" for k, v in stats.items()) if isinstance(stats, dict) else "-"
 
+    if lengths.get("text_rows"):
+        typer.echo(f"text rows ({model}): {lengths['text_rows']}")
+    refusals = list(lengths.get("template_refusal_lines") or [])  # type: ignore[call-overload]
+    if refusals:
+        count = int(str(lengths["template_refusals"]))
+        typer.echo(f"the chat template of {model} refuses {count} example(s) (a job is refused):")
+        for item in refusals:
+            typer.echo(f"  line {item['line']}: {item['message']}")
     typer.echo(f"tokens ({model}, chat template applied):")
     typer.echo(f"  prompt:          {row(lengths['prompt_tokens'])}")
     typer.echo(f"  prompt + reply:  {row(lengths['prompt_plus_reply_tokens'])}")
     if max_length is None:
         return
-    for key, what in (("truncated", "reply cut to fit"), ("unusable", "prompt alone fills it: a job is refused")):
+    for key, what in (
+        ("truncated", "reply cut to fit"),
+        ("unusable", "prompt alone fills it: a job is refused"),
+        ("identical_after_truncation", "replies identical once cut: left out of training"),
+    ):
         count, lines = int(str(lengths[key])), list(lengths[f"{key}_lines"])  # type: ignore[call-overload]
         shown = f" (lines {', '.join(map(str, lines))}{' ...' if count > len(lines) else ''})" if lines else ""
-        typer.echo(f"  at max_length {max_length}: {count} {key} ({what}){shown}")
+        typer.echo(f"  at max_length {max_length}: {count} {key.replace('_', ' ')} ({what}){shown}")

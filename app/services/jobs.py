@@ -23,8 +23,9 @@ from app.schemas.requests import JobCreate
 from app.services import files as files_service
 from app.services import metrics, webhooks
 from app.services.models_registry import is_allowed, list_base_models
-from app.services.prompt_lengths import longest_prompt, tokenizer_for
+from app.services.prompt_lengths import longest_prompt, measure_file, tokenizer_for
 from app.storage import Storage
+from contracts.chat_templates import describe_template_refusals
 from contracts.method import Method
 from contracts.model_info import ModelInfoError, max_positions, unknown_target_modules
 
@@ -112,11 +113,13 @@ def _usable_file(session: Session, project_id: str, file_id: str, param: str) ->
     return row
 
 
-def check_fits_model(model_dir: Path, method: Method, data_files: dict[str, Path]) -> None:
+def check_fits_model(model_dir: Path, method: Method, data_files: dict[str, Path]) -> list[str]:
     """Refuse settings the chosen model cannot train with: LoRA targets it does not have, a
-    ``max_length`` over its positions or too short for the longest prompt of a data file."""
+    ``max_length`` over its positions or too short for the longest prompt of a data file, conversations
+    its chat template refuses. Returns notes for the job's events (what is done with text rows)."""
     params = method.params()
     prefix = f"method.{method.type}"
+    max_length = params.hyperparameters.max_length
     try:
         if params.lora.target_modules != "auto":
             unknown, choices = unknown_target_modules(model_dir, list(params.lora.target_modules))
@@ -127,11 +130,8 @@ def check_fits_model(model_dir: Path, method: Method, data_files: dict[str, Path
                     param=f"{prefix}.lora.target_modules",
                     code="invalid_lora_target_modules",
                 )
-        max_length = params.hyperparameters.max_length
-        if max_length == "auto":
-            return
         positions = max_positions(model_dir)
-        if positions is not None and max_length > positions:
+        if max_length != "auto" and positions is not None and max_length > positions:
             raise InvalidRequest(
                 f"max_length {max_length} exceeds the {positions} positions of model {model_dir.name!r}.",
                 param=f"{prefix}.hyperparameters.max_length",
@@ -140,9 +140,23 @@ def check_fits_model(model_dir: Path, method: Method, data_files: dict[str, Path
         raise InvalidRequest(f"Model {model_dir.name!r} cannot be read: {exc}", param="model") from exc
     tokenizer = tokenizer_for(model_dir)
     if tokenizer is None:
-        return
+        return []
+    notes: list[str] = []
     for param, path in data_files.items():
-        found = longest_prompt(path, tokenizer, max_length)
+        measured = measure_file(path, tokenizer)
+        if measured is None:
+            continue
+        if measured.refusals:
+            raise InvalidRequest(
+                describe_template_refusals(measured.refusals, param) + ".",
+                param=param,
+                code="invalid_training_file",
+            )
+        if measured.text_rows:
+            notes.append(f"{param}: {measured.text_rows}")
+        if max_length == "auto":
+            continue
+        found = longest_prompt(measured, max_length)
         if found is not None and found.n_over:
             lines = ", ".join(map(str, found.over)) + (" and more" if found.n_over > len(found.over) else "")
             raise InvalidRequest(
@@ -152,6 +166,7 @@ def check_fits_model(model_dir: Path, method: Method, data_files: dict[str, Path
                 param=f"{prefix}.hyperparameters.max_length",
                 code="max_length_too_short",
             )
+    return notes
 
 
 def check_active_jobs(session: Session, project_id: str, max_active: int) -> None:
@@ -194,7 +209,7 @@ def create_job(
     data_files = {"training_file": _usable_file(session, project_id, body.training_file, "training_file")}
     if body.validation_file:
         data_files["validation_file"] = _usable_file(session, project_id, body.validation_file, "validation_file")
-    check_fits_model(
+    notes = check_fits_model(
         models_dir / body.model, method, {p: storage.local_path(f.storage_key) for p, f in data_files.items()}
     )
     check_active_jobs(session, project_id, max_active)
@@ -215,6 +230,8 @@ def create_job(
     session.add(job)
     session.flush()
     add_event(session, job, f"Created fine-tuning job: {job.id}")
+    for note in notes:
+        add_event(session, job, note)
     add_event(session, job, "Files validated, job queued")
     enqueue_dispatch(session, job)
     return job

@@ -17,7 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from app.services.prompt_lengths import PromptTokenizer, longest_prompt
+from app.services.prompt_lengths import PromptTokenizer, longest_prompt, measure_file
 from contracts.model_info import unknown_target_modules
 
 TEMPLATE = (
@@ -89,7 +89,9 @@ def test_prompt_tokens_are_counted_with_the_chat_template(model_dir: Path, tmp_p
     assert tokenizer.render([{"role": "user", "content": "hi"}]) == "<s><|user|>\nhi</s>\n<|assistant|>\n"
     data = tmp_path / "d.jsonl"
     data.write_bytes(line("ab") + line("a" * 40) + line("abc"))
-    found = longest_prompt(data, tokenizer, limit=prompt_tokens("a" * 40))
+    measured = measure_file(data, tokenizer)
+    assert measured is not None
+    found = longest_prompt(measured, limit=prompt_tokens("a" * 40))
     assert found is not None
     assert (found.tokens, found.line, found.over, found.n_over) == (prompt_tokens("a" * 40), 2, (2,), 1)
 

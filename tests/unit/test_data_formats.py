@@ -81,21 +81,35 @@ def only_error(report: ValidationReport) -> LineError:
             },
             "implicit_prompt",
         ),
+        # OpenAI's flags and empty tool fields carry nothing to train on
         (
-            {
-                **OPENAI,
-                "input": {"messages": [USER], "tools": [{"type": "function"}], "parallel_tool_calls": True},
-            },
+            {**OPENAI, "input": {"messages": [USER], "tools": [], "parallel_tool_calls": True}},
             "openai_preference",
         ),
-        # extra keys on a message are dropped from the normalised form
-        ({**CONVERSATIONAL, "prompt": [{**USER, "name": "bob"}]}, "conversational"),
+        # bookkeeping keys on a message, and empty ones, carry no content
+        ({**CONVERSATIONAL, "prompt": [{**USER, "id": "m1", "name": None, "tool_calls": []}]}, "conversational"),
+        # OpenAI's content parts (text only), ShareGPT turns (LLaMA-Factory's preference shape)
+        (
+            {**CONVERSATIONAL, "prompt": [{"role": "user", "content": [{"type": "text", "text": "What is 2+2?"}]}]},
+            "conversational",
+        ),
+        (
+            {
+                "conversations": [{"from": "human", "value": "What is 2+2?"}],
+                "chosen": {"from": "gpt", "value": "4."},
+                "rejected": {"from": "gpt", "value": "5."},
+            },
+            "sharegpt",
+        ),
     ],
 )
 def test_each_format_normalises_to_the_same_example(tmp_path: Path, record: Record, fmt: str) -> None:
     examples, report = parse(tmp_path, [record])
-    assert report == ValidationReport(ok=True, n_examples=1, format=fmt, errors=[], error_count=0)
-    assert examples == [EXPECTED]
+    assert (report.ok, report.n_examples, report.format, report.errors) == (True, 1, fmt, [])
+    ex = examples[0]
+    assert (ex.prompt, ex.chosen, ex.rejected, ex.line) == (EXPECTED.prompt, EXPECTED.chosen, EXPECTED.rejected, 1)
+    assert ex.text == (("What is 2+2?", "4.", "5.") if fmt == "text" else None)
+    assert report.text_mode == ("chat_template" if fmt == "text" else None)
 
 
 @pytest.mark.parametrize(
@@ -146,7 +160,11 @@ def test_utf8_bom_and_crlf_are_accepted(tmp_path: Path) -> None:
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps(TEXT).encode() + b"\r\n" + json.dumps(TEXT).encode() + b"\r\n")
     examples, report = parse_preference_file(str(path))
     assert report.ok and report.n_examples == 2
-    assert examples[0] == EXPECTED
+    assert (examples[0].prompt, examples[0].chosen, examples[0].rejected) == (
+        EXPECTED.prompt,
+        EXPECTED.chosen,
+        EXPECTED.rejected,
+    )
 
 
 def test_non_ascii_content_survives(tmp_path: Path) -> None:
@@ -186,8 +204,8 @@ ERROR_CASES: list[tuple[str, Record, object, str]] = [
     (
         "bad role",
         CONVERSATIONAL,
-        {**CONVERSATIONAL, "prompt": [{"role": "tool", "content": "x"}, USER]},
-        'prompt message 1: role "tool" is not one of system, user, assistant',
+        {**CONVERSATIONAL, "prompt": [{"role": "narrator", "content": "x"}, USER]},
+        'prompt message 1: role "narrator" is not one of system, user, assistant',
     ),
     (
         "role not a string",
@@ -235,13 +253,13 @@ ERROR_CASES: list[tuple[str, Record, object, str]] = [
         "content not a string",
         CONVERSATIONAL,
         {**CONVERSATIONAL, "chosen": [{"role": "assistant", "content": None}]},
-        "chosen message 1: content must be a string (got null)",
+        "chosen message 1: content must be a string or a list of text parts (got null)",
     ),
     (
-        "content parts list",
+        "image content part",
         CONVERSATIONAL,
-        {**CONVERSATIONAL, "prompt": [{"role": "user", "content": [{"type": "text", "text": "x"}]}]},
-        "content must be a string (got array)",
+        {**CONVERSATIONAL, "prompt": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+        'prompt message 1: content part 1 is "image_url": only text parts',
     ),
     ("lone surrogate", TEXT, '{"prompt": "\\ud800", "chosen": "a", "rejected": "b"}', "not valid Unicode"),
     (
@@ -294,10 +312,16 @@ ERROR_CASES: list[tuple[str, Record, object, str]] = [
         "rejected is empty: no reply after the shared prompt",
     ),
     (
-        "implicit text replies",
-        IMPLICIT,
+        "implicit text replies without a shared prompt",
+        {"chosen": "Q: x? A: yes", "rejected": "Q: x? A: no"},
         {"chosen": "a", "rejected": "b"},
-        'implicit prompt: chosen must be a list of messages, got a string (plain-text replies need a "prompt")',
+        "implicit prompt: chosen and rejected share no prompt",
+    ),
+    (
+        "implicit text and messages mixed",
+        IMPLICIT,
+        {"chosen": [USER, GOOD], "rejected": "b"},
+        "use strings for both (text) or messages for both",
     ),
     (
         "openai input not an object",
@@ -476,7 +500,13 @@ def test_bad_arguments_raise() -> None:
 @pytest.mark.parametrize(
     ("lines", "kwargs", "expected"),
     [
-        ([TEXT, TEXT], {}, "training file is valid: 2 examples (format: text)"),
+        (
+            [TEXT, TEXT],
+            {},
+            "training file is valid: 2 examples (format: text); 2 text rows: each prompt becomes a user turn and "
+            "each reply an assistant turn, formatted with the chat template (no chat markup found in them)",
+        ),
+        ([CONVERSATIONAL], {}, "training file is valid: 1 examples (format: conversational)"),
         ([TEXT, "[]"], {}, "training file has 1 invalid line: line 2: expected a JSON object, got array"),
         (
             [TEXT, "[]", "1", TEXT, "null"],
@@ -487,10 +517,10 @@ def test_bad_arguments_raise() -> None:
             ),
         ),
         (
-            ["[]", "1"],
+            ["1", "[]"],
             {"max_errors": 2},
             (
-                "training file has 2 invalid lines: line 1: expected a JSON object, got array; (and 1 more); "
+                "training file has 2 invalid lines: line 1: expected a JSON object, got number; (and 1 more); "
                 "too few examples: 0 valid, at least 1 needed"
             ),
         ),
@@ -507,7 +537,7 @@ def test_summary(tmp_path: Path, lines: list[object], kwargs: dict[str, int], ex
 
 
 def test_summary_names_the_file() -> None:
-    _, report = parse_preference_lines(["[]"])
+    _, report = parse_preference_lines(["7"])
     assert report.summary("validation file").startswith("validation file has 1 invalid line: line 1:")
 
 

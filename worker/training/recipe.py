@@ -135,6 +135,10 @@ class TrainingConfig(BaseModel):
     use_liger_kernel: bool = False
     """Liger's fused RMSNorm/SwiGLU/RoPE kernels on CUDA when ``liger-kernel`` is installed."""
     device: Device = "cuda"
+    text_rows: Literal["chat_template", "verbatim"] | None = None
+    """What was done with the training file's text rows (``contracts/text_rows.py``): formatted with the
+    chat template, or used verbatim (TRL's text format) because they already carry chat markup; None
+    when the file has no text rows. Set once the data is loaded."""
 
     def resolved_dict(self) -> dict[str, Any]:
         """JSON-able record of every value used (stored on the job as its resolved hyperparameters)."""

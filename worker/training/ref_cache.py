@@ -40,7 +40,8 @@ from worker.training.request import TrainRequest
 
 log = logging.getLogger(__name__)
 
-FORMAT = "ipo-align/prepared-pairs/v1"
+FORMAT = "ipo-align/prepared-pairs/v2"
+"""v2: text rows with chat markup are used verbatim and pairs identical after truncation are left out."""
 COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps", "ref_rejected_logps")
 _KEY_META = b"ipo_align_key"
 _SAMPLE_BYTES = 1 << 20

@@ -71,6 +71,7 @@ def _train(request: TrainRequest, reporter: Reporter, flag: Any) -> int:
     train, save. Each step is a small function below."""
     import torch
 
+    from contracts.chat_templates import special_tokens
     from worker.training.callbacks import ReportingCallback
     from worker.training.data import describe_skipped, load_preference_data
     from worker.training.loading import load_model, load_tokenizer, resolve_device
@@ -84,20 +85,28 @@ def _train(request: TrainRequest, reporter: Reporter, flag: Any) -> int:
         torch.set_num_threads(max(1, os.cpu_count() or 1))
 
     # 1. configuration: every "auto" resolved for this data, model and device
-    cfg = _resolve(request, device)
-    reporter.resolved(cfg.resolved_dict())
+    specials = special_tokens(Path(request.model_path))
+    cfg = _resolve(request, device, specials)
 
     # 2. tokenizer and data
     tokenizer = load_tokenizer(request.model_path)
     if tokenizer.chat_template is None:
         raise TrainingFailed("invalid_model", f"{request.model_path} has no chat template", EXIT_BAD_INPUT)
-    train_data = load_preference_data(request.train_file, tokenizer, max_length=cfg.max_length)
+    train_data = load_preference_data(request.train_file, tokenizer, max_length=cfg.max_length, special_tokens=specials)
     eval_data = None
     if request.validation_file:
         eval_data = load_preference_data(
-            request.validation_file, tokenizer, max_length=cfg.max_length, name="validation file"
+            request.validation_file,
+            tokenizer,
+            max_length=cfg.max_length,
+            name="validation file",
+            special_tokens=specials,
         )
+    cfg = cfg.model_copy(update={"text_rows": train_data.text_mode})
+    reporter.resolved(cfg.resolved_dict())
     for prepared, name in ((train_data, "training file"), (eval_data, "validation file")):
+        if prepared is not None and prepared.text_rows:
+            reporter.event(f"{name}: {prepared.text_rows}")
         warning = describe_skipped(prepared, cfg.max_length, name) if prepared else None
         if warning:
             reporter.event(warning, level="warn")
@@ -140,7 +149,7 @@ def _train(request: TrainRequest, reporter: Reporter, flag: Any) -> int:
     return EXIT_OK
 
 
-def _resolve(request: TrainRequest, device: str) -> TrainingConfig:
+def _resolve(request: TrainRequest, device: str, specials: tuple[str, ...]) -> TrainingConfig:
     """Validate the training file (the worker never trusts the API's check) and resolve the config for it."""
     from transformers import AutoConfig
 
@@ -148,7 +157,7 @@ def _resolve(request: TrainRequest, device: str) -> TrainingConfig:
     from worker.training.data import DataError
     from worker.training.recipe import resolve_config
 
-    examples, report = parse_preference_file(request.train_file)
+    examples, report = parse_preference_file(request.train_file, special_tokens=specials)
     if not report.ok:
         raise DataError(report.summary("training file"))
     return resolve_config(

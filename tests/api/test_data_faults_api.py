@@ -1,0 +1,134 @@
+"""Job creation and upload on real-world data faults (issue 12, section 3): a chat template that refuses a
+conversation is a 400 ``invalid_training_file`` naming the lines and the template's message (never a 500),
+whole-file mistakes are one reason, and what is done with text rows is said in the job's events."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.api.test_model_fit import write_model
+
+# Gemma-style refusal of a system turn and Mistral-Instruct-style alternation rule (the field case's template).
+REFUSING_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+SYSTEM_ROW = {
+    "prompt": [
+        {"role": "system", "content": "you explain tasks in simple steps"},
+        {"role": "user", "content": "what part of speech is quickly"},
+    ],
+    "chosen": [{"role": "assistant", "content": "an adverb"}],
+    "rejected": [{"role": "assistant", "content": "a noun"}],
+}
+PLAIN_ROW = {
+    "prompt": [{"role": "user", "content": "who wrote it"}],
+    "chosen": [{"role": "assistant", "content": "jane austen"}],
+    "rejected": [{"role": "assistant", "content": "nobody"}],
+}
+DOUBLE_USER_ROW = {
+    "prompt": [{"role": "user", "content": "hi"}, {"role": "user", "content": "who wrote it"}],
+    "chosen": [{"role": "assistant", "content": "jane austen"}],
+    "rejected": [{"role": "assistant", "content": "nobody"}],
+}
+
+
+def jsonl(*rows: object) -> bytes:
+    return b"".join(json.dumps(r).encode() + b"\n" for r in rows)
+
+
+def set_template(model_dir: Path, template: str) -> None:
+    config_path = model_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = template
+    config_path.write_text(json.dumps(config))
+
+
+@pytest.fixture
+def refusing_model(settings) -> Path:  # type: ignore[no-untyped-def]
+    path = settings.resolved_models_dir / "char-model"
+    write_model(path)
+    set_template(path, REFUSING_TEMPLATE)
+    return path
+
+
+def _create(client, auth, file_id: str, hp: dict[str, object] | None = None, validation: str | None = None):  # type: ignore[no-untyped-def]
+    body: dict[str, object] = {
+        "model": "char-model",
+        "training_file": file_id,
+        "method": {"type": "ipo", "ipo": {"hyperparameters": hp or {}}},
+    }
+    if validation:
+        body["validation_file"] = validation
+    return client.post("/v1/fine_tuning/jobs", headers=auth, json=body)
+
+
+@pytest.mark.parametrize("hp", [{}, {"max_length": 100}])
+def test_a_template_refusal_is_a_400_naming_lines_and_message(client, upload, auth, refusing_model, hp) -> None:  # type: ignore[no-untyped-def]
+    file_id = upload(content=jsonl(PLAIN_ROW, SYSTEM_ROW, DOUBLE_USER_ROW, SYSTEM_ROW)).json()["id"]
+    r = _create(client, auth, file_id, hp)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "invalid_training_file" and err["param"] == "training_file"
+    assert '"System role not supported" (lines 2, 4)' in err["message"], err["message"]
+    assert '"Conversation roles must alternate user/assistant/user/assistant/..." (line 3)' in err["message"]
+    assert "refuses 3 examples of training_file" in err["message"]
+    assert client.get("/v1/fine_tuning/jobs", headers=auth).json()["data"] == []  # nothing queued
+
+
+def test_a_template_refusal_in_the_validation_file_names_it(client, upload, auth, refusing_model) -> None:  # type: ignore[no-untyped-def]
+    train = upload(content=jsonl(PLAIN_ROW)).json()["id"]
+    valid = upload(content=jsonl(SYSTEM_ROW), name="valid.jsonl").json()["id"]
+    r = _create(client, auth, train, validation=valid)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "validation_file"
+    assert "of validation_file" in r.json()["error"]["message"]
+
+
+def test_rows_the_template_accepts_make_a_job(client, upload, auth, refusing_model) -> None:  # type: ignore[no-untyped-def]
+    file_id = upload(content=jsonl(PLAIN_ROW)).json()["id"]
+    assert _create(client, auth, file_id).status_code == 200
+
+
+def test_a_broken_template_is_left_to_the_worker_not_a_500(client, upload, auth, settings) -> None:  # type: ignore[no-untyped-def]
+    path = settings.resolved_models_dir / "char-model"
+    write_model(path)
+    set_template(path, "{% for m in messages %}{{ m['content'] | nosuchfilter }}{% endfor %}")
+    file_id = upload(content=jsonl(PLAIN_ROW)).json()["id"]
+    r = _create(client, auth, file_id)
+    assert r.status_code < 500, r.text
+
+
+def test_what_is_done_with_text_rows_is_a_job_event(client, upload, auth, settings) -> None:  # type: ignore[no-untyped-def]
+    write_model(settings.resolved_models_dir / "char-model")
+    hh = {"prompt": "\n\nHuman: who wrote it\n\nAssistant:", "chosen": " jane", "rejected": " nobody"}
+    verbatim_id = upload(content=jsonl(hh)).json()["id"]
+    job = _create(client, auth, verbatim_id).json()
+    events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", headers=auth).json()["data"]
+    said = [e["message"] for e in events if "text rows" in e["message"]]
+    assert len(said) == 1 and "used verbatim" in said[0] and "Anthropic HH" in said[0], said
+
+    # the model's own special tokens count as markup too (the API reads them from tokenizer.json)
+    marked = {"prompt": "<|user|>\nwho wrote it</s>\n<|assistant|>\n", "chosen": "jane", "rejected": "nobody"}
+    job = _create(client, auth, upload(content=jsonl(marked)).json()["id"]).json()
+    events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", headers=auth).json()["data"]
+    assert any("used verbatim" in e["message"] for e in events)
+
+    plain = {"prompt": "who wrote it", "chosen": "jane", "rejected": "nobody"}
+    job = _create(client, auth, upload(content=jsonl(plain)).json()["id"]).json()
+    events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", headers=auth).json()["data"]
+    assert any("formatted with the chat template" in e["message"] for e in events)
+
+
+def test_upload_of_a_utf16_file_is_one_reason(client, upload, auth, settings) -> None:  # type: ignore[no-untyped-def]
+    rows = '{"prompt": "Is ice cold?", "chosen": "Yes.", "rejected": "No."}\r\n'
+    r = upload(content=b"\xff\xfe" + (rows * 2).encode("utf-16-le"))
+    assert r.status_code == 200
+    body = r.json()
+    assert body["status"] == "error" and "UTF-16 encoded" in body["status_details"]
+    assert "line" not in body["status_details"].split("UTF-16")[0]  # file-level, not per line
