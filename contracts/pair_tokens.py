@@ -69,3 +69,19 @@ def describe_lines(lines: Sequence[int], total: int | None = None, limit: int = 
     total = len(lines) if total is None else total
     shown = ", ".join(str(n) for n in list(lines)[:limit])
     return shown + (f" and {total - min(limit, len(lines))} more" if total > min(limit, len(lines)) else "")
+
+
+def describe_left_out(unusable: list[int], identical: list[int], max_length: int) -> str:
+    """The examples left out of training at ``max_length`` and why (the API says the same at creation)."""
+    parts = []
+    if unusable:
+        parts.append(
+            f"{len(unusable)} examples skipped: the prompt alone fills max_length={max_length} "
+            f"(lines {describe_lines(unusable)})"
+        )
+    if identical:
+        parts.append(
+            f"{len(identical)} pairs left out: chosen and rejected are the same tokens once cut at "
+            f"max_length={max_length}, so they carry no preference (lines {describe_lines(identical)})"
+        )
+    return "; ".join(parts)

@@ -23,11 +23,13 @@ from app.schemas.requests import JobCreate
 from app.services import files as files_service
 from app.services import metrics, webhooks
 from app.services.models_registry import is_allowed, list_base_models
-from app.services.prompt_lengths import longest_prompt, measure_file, tokenizer_for
+from app.services.prompt_lengths import identical_after_truncation, longest_prompt, measure_file, tokenizer_for
 from app.storage import Storage
 from contracts.chat_templates import describe_template_refusals
+from contracts.max_length import MaxLengthError, resolve_max_length
 from contracts.method import Method
-from contracts.model_info import ModelInfoError, max_positions, unknown_target_modules
+from contracts.model_info import ModelInfoError, read_config, unknown_target_modules
+from contracts.pair_tokens import describe_left_out
 
 ACTIVE = (JobStatus.VALIDATING_FILES, JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.PAUSED)
 ACTIVE_JOBS_RETRY_AFTER = 30
@@ -114,12 +116,15 @@ def _usable_file(session: Session, project_id: str, file_id: str, param: str) ->
 
 
 def check_fits_model(model_dir: Path, method: Method, data_files: dict[str, Path]) -> list[str]:
-    """Refuse settings the chosen model cannot train with: LoRA targets it does not have, a
-    ``max_length`` over its positions or too short for the longest prompt of a data file, conversations
-    its chat template refuses. Returns notes for the job's events (what is done with text rows)."""
+    """Refuse settings the chosen model cannot train with: LoRA targets it does not have, a ``max_length``
+    (``"auto"`` resolved exactly as the worker will, ``contracts.max_length``) over its positions or too
+    short for the longest prompt of a data file, conversations its chat template refuses, or a file with
+    no pair left to train on. Returns notes for the job's events: what is done with text rows, and the
+    pairs left out of training because their replies are identical once cut at ``max_length``."""
     params = method.params()
     prefix = f"method.{method.type}"
-    max_length = params.hyperparameters.max_length
+    requested = params.hyperparameters.max_length
+    max_length_param = f"{prefix}.hyperparameters.max_length"
     try:
         if params.lora.target_modules != "auto":
             unknown, choices = unknown_target_modules(model_dir, list(params.lora.target_modules))
@@ -130,17 +135,15 @@ def check_fits_model(model_dir: Path, method: Method, data_files: dict[str, Path
                     param=f"{prefix}.lora.target_modules",
                     code="invalid_lora_target_modules",
                 )
-        positions = max_positions(model_dir)
-        if max_length != "auto" and positions is not None and max_length > positions:
-            raise InvalidRequest(
-                f"max_length {max_length} exceeds the {positions} positions of model {model_dir.name!r}.",
-                param=f"{prefix}.hyperparameters.max_length",
-            )
+        max_length = resolve_max_length(requested, read_config(model_dir))
+    except MaxLengthError as exc:
+        raise InvalidRequest(f"max_length {exc} ({model_dir.name!r}).", param=max_length_param) from exc
     except ModelInfoError as exc:
         raise InvalidRequest(f"Model {model_dir.name!r} cannot be read: {exc}", param="model") from exc
     tokenizer = tokenizer_for(model_dir)
     if tokenizer is None:
         return []
+    said = f"max_length {max_length}" + (" (auto for this model)" if requested == "auto" else "")
     notes: list[str] = []
     for param, path in data_files.items():
         measured = measure_file(path, tokenizer)
@@ -148,24 +151,31 @@ def check_fits_model(model_dir: Path, method: Method, data_files: dict[str, Path
             continue
         if measured.refusals:
             raise InvalidRequest(
-                describe_template_refusals(measured.refusals, param) + ".",
-                param=param,
-                code="invalid_training_file",
+                describe_template_refusals(measured.refusals, param) + ".", param=param, code="invalid_training_file"
             )
         if measured.text_rows:
             notes.append(f"{param}: {measured.text_rows}")
-        if max_length == "auto":
-            continue
         found = longest_prompt(measured, max_length)
         if found is not None and found.n_over:
             lines = ", ".join(map(str, found.over)) + (" and more" if found.n_over > len(found.over) else "")
             raise InvalidRequest(
-                f"max_length {max_length} leaves no room for a reply in {found.n_over} example(s) of {param} "
+                f"{said} leaves no room for a reply in {found.n_over} example(s) of {param} "
                 f"(lines {lines}): their prompt alone is {max_length} tokens or more; the longest is "
                 f"{found.tokens} tokens (line {found.line}). Raise max_length or shorten those prompts.",
-                param=f"{prefix}.hyperparameters.max_length",
+                param=max_length_param,
                 code="max_length_too_short",
             )
+        identical = identical_after_truncation(measured, max_length)
+        if identical and len(identical) == len(measured):
+            raise InvalidRequest(
+                f"No pair of {param} is left to train on at {said}: "
+                + describe_left_out([], identical, max_length)
+                + ". Raise max_length.",
+                param=max_length_param,
+                code="max_length_too_short",
+            )
+        if identical:
+            notes.append(f"{param}: " + describe_left_out([], identical, max_length))
     return notes
 
 

@@ -132,3 +132,58 @@ def test_upload_of_a_utf16_file_is_one_reason(client, upload, auth, settings) ->
     body = r.json()
     assert body["status"] == "error" and "UTF-16 encoded" in body["status_details"]
     assert "line" not in body["status_details"].split("UTF-16")[0]  # file-level, not per line
+
+
+# --- pairs identical after truncation; max_length "auto" checked like an explicit value ---------------------
+
+STEPS = "here is a careful step by step answer first we read the question then we check each fact so "
+LONG_CONTEXT = "context the quarterly report lists revenue costs staff numbers and a long appendix " * 2
+
+
+def test_pairs_identical_after_truncation_are_named_at_creation(client, upload, auth, settings) -> None:  # type: ignore[no-untyped-def]
+    write_model(settings.resolved_models_dir / "char-model")
+    rows = [
+        {"prompt": "capital of france", "chosen": STEPS + "paris", "rejected": STEPS + "lyon"},
+        {"prompt": "is ice cold", "chosen": "yes", "rejected": "no"},
+        {"prompt": "what is 3 times 4", "chosen": STEPS + "12", "rejected": STEPS + "7"},
+    ]
+    file_id = upload(content=jsonl(*rows)).json()["id"]
+    r = _create(client, auth, file_id, {"max_length": 64})
+    assert r.status_code == 200, r.text
+    events = client.get(f"/v1/fine_tuning/jobs/{r.json()['id']}/events", headers=auth).json()["data"]
+    said = [e["message"] for e in events if "left out" in e["message"]]
+    assert said == [
+        "training_file: 2 pairs left out: chosen and rejected are the same tokens once cut at max_length=64, "
+        "so they carry no preference (lines 1, 3)"
+    ]
+    assert not any("left out" in e["message"] for e in _events_of(client, auth, _create(client, auth, file_id)))
+
+
+def _events_of(client, auth, response) -> list[dict[str, str]]:  # type: ignore[no-untyped-def]
+    assert response.status_code == 200, response.text
+    return client.get(f"/v1/fine_tuning/jobs/{response.json()['id']}/events", headers=auth).json()["data"]
+
+
+def test_no_pair_left_after_truncation_is_a_400(client, upload, auth, settings) -> None:  # type: ignore[no-untyped-def]
+    write_model(settings.resolved_models_dir / "char-model")
+    file_id = upload(content=jsonl({"prompt": "q", "chosen": STEPS + "a", "rejected": STEPS + "b"})).json()["id"]
+    r = _create(client, auth, file_id, {"max_length": 40})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "max_length_too_short", r.text
+    assert "No pair of training_file is left to train on at max_length 40" in r.json()["error"]["message"]
+
+
+def test_auto_max_length_is_resolved_and_checked_at_creation(client, upload, auth, settings) -> None:  # type: ignore[no-untyped-def]
+    write_model(settings.resolved_models_dir / "char-model")  # not demo-sized: auto = 1024, capped at 128 positions
+    rows = [
+        {"prompt": LONG_CONTEXT + "what is listed first", "chosen": "revenue", "rejected": "names"},
+        {"prompt": "is ice cold", "chosen": "yes", "rejected": "no"},
+    ]
+    file_id = upload(content=jsonl(*rows)).json()["id"]
+    for hp in ({}, {"max_length": "auto"}):
+        r = _create(client, auth, file_id, hp)
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["code"] == "max_length_too_short" and err["param"] == "method.ipo.hyperparameters.max_length"
+        assert err["message"].startswith("max_length 128 (auto for this model) leaves no room for a reply in 1 ")
+        assert "(lines 1)" in err["message"]
+    assert _create(client, auth, upload(content=jsonl(rows[1])).json()["id"]).status_code == 200

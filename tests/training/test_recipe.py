@@ -146,3 +146,15 @@ def test_presets_and_max_length_fit() -> None:
         fit_max_length(1024, explicit=True, model_config_dict=TINY)
     assert err.value.field == "hyperparameters.max_length"
     assert fit_max_length(4096, explicit=True, model_config_dict={}) == 4096  # positions unknown
+
+
+@pytest.mark.parametrize(
+    "config", [TINY, {"hidden_size": 4096, "num_hidden_layers": 32, "max_position_embeddings": 600}]
+)
+@pytest.mark.parametrize("requested", ["auto", 100])
+def test_max_length_resolves_as_the_api_resolves_it(config: dict[str, Any], requested: Any) -> None:
+    from contracts.max_length import resolve_max_length
+
+    method = Method.model_validate({"type": "ipo", "ipo": {"hyperparameters": {"max_length": requested}}})
+    cfg = resolve_config(method, n_train_examples=8, model_config_dict=config, device="cpu")
+    assert cfg.max_length == resolve_max_length(requested, config)

@@ -56,3 +56,27 @@ def test_bad_usage_is_one_line_on_stderr(tmp_path: Path) -> None:
     assert r.returncode == 2 and "--max-length needs --model" in r.stderr and "Traceback" not in r.stderr
     r = ipo("data", "validate", data, "--model", "nope", models=tmp_path)
     assert r.returncode == 2 and "no tokenizer for model 'nope'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_template_refusal_names_the_lines_without_a_traceback(tmp_path: Path) -> None:
+    from tests.api.test_data_faults_api import PLAIN_ROW, REFUSING_TEMPLATE, SYSTEM_ROW, jsonl, set_template
+
+    model = tmp_path / "models" / "gemma-like"
+    write_model(model)
+    set_template(model, REFUSING_TEMPLATE)
+    data = tmp_path / "train.jsonl"
+    data.write_bytes(jsonl(PLAIN_ROW, SYSTEM_ROW))
+    r = ipo("data", "validate", data, "--model", "gemma-like", models=tmp_path / "models")
+    assert r.returncode == 2 and "Traceback" not in r.stderr + r.stdout, r.stderr
+    assert "refuses 1 example(s)" in r.stdout and "line 2: System role not supported" in r.stdout
+    out = json.loads(ipo("data", "validate", data, "--model", model, "--json", models=tmp_path).stdout)
+    assert out["tokens"]["template_refusal_lines"] == [{"line": 2, "message": "System role not supported"}]
+
+
+def test_text_rows_with_markup_are_said_to_be_used_verbatim(tmp_path: Path) -> None:
+    write_model(tmp_path / "models" / "char-model")
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"prompt": "<|user|>\nab</s>\n<|assistant|>\n", "chosen": "a", "rejected": "b"}) + "\n")
+    r = ipo("data", "validate", data, "--model", "char-model", models=tmp_path / "models")
+    assert r.returncode == 0, r.stderr
+    assert "used verbatim" in r.stdout and "Zephyr" in r.stdout

@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from contracts.chat_templates import describe_template_refusals, template_message
 from contracts.data_formats import PreferenceExample, parse_preference_file
-from contracts.pair_tokens import PairTokens, describe_lines, split_pair
+from contracts.pair_tokens import PairTokens, describe_left_out, describe_lines, split_pair
 
 
 class DataError(ValueError):
@@ -157,22 +157,6 @@ def _to_dataset(examples: list[PreferenceExample]) -> Dataset:
         else:
             rows.append({"prompt": ex.prompt, "chosen": ex.chosen, "rejected": ex.rejected})
     return Dataset.from_list(rows)
-
-
-def describe_left_out(unusable: list[int], identical: list[int], max_length: int) -> str:
-    """The examples left out of training at ``max_length`` and why (the API says the same at creation)."""
-    parts = []
-    if unusable:
-        parts.append(
-            f"{len(unusable)} examples skipped: the prompt alone fills max_length={max_length} "
-            f"(lines {describe_lines(unusable)})"
-        )
-    if identical:
-        parts.append(
-            f"{len(identical)} pairs left out: chosen and rejected are the same tokens once cut at "
-            f"max_length={max_length}, so they carry no preference (lines {describe_lines(identical)})"
-        )
-    return "; ".join(parts)
 
 
 def describe_skipped(prepared: PreparedData, max_length: int, name: str = "training file") -> str | None:

@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from contracts.max_length import RECIPE_MAX_LENGTH, TINY_MAX_LENGTH, MaxLengthError, is_tiny_model, resolve_max_length
+from contracts.max_length import fit_max_length as _fit_max_length
 from contracts.method import Method
 from contracts.model_info import DECODER_LINEAR_NAMES, unknown_target_modules
 
@@ -38,7 +40,7 @@ ZEPHYR_IPO: dict[str, Any] = {
     "n_epochs": 1,  # handbook: num_train_epochs 1
     "batch_size": 4,  # handbook: per_device_train_batch_size 4
     "gradient_accumulation_steps": 4,  # seed: one GPU, 4 x 4 = 16 pairs a step (handbook: 1 a device on 8 GPUs = 32)
-    "max_length": 1024,  # handbook: max_length 1024
+    "max_length": RECIPE_MAX_LENGTH,  # handbook: max_length 1024
     "warmup_ratio": 0.1,  # handbook: warmup_ratio 0.1
     "lr_scheduler": "cosine",  # handbook: lr_scheduler_type cosine
     "sft_weight": 0.0,  # pure IPO
@@ -61,7 +63,7 @@ TINY_IPO: dict[str, Any] = {
     "n_epochs": 3,
     "batch_size": 8,
     "gradient_accumulation_steps": 1,
-    "max_length": 64,
+    "max_length": TINY_MAX_LENGTH,
     "warmup_ratio": 0.1,
     "lr_scheduler": "cosine",
     "sft_weight": 1.0,  # NLL on chosen: keeps the chosen reply likely while IPO widens the margin
@@ -146,10 +148,7 @@ class TrainingConfig(BaseModel):
 
 
 def _is_tiny(model_config_dict: dict[str, Any]) -> bool:
-    return (
-        int(model_config_dict.get("hidden_size", 4096)) <= 512
-        and int(model_config_dict.get("num_hidden_layers", 32)) <= 8
-    )
+    return is_tiny_model(model_config_dict)
 
 
 def _installed(module: str) -> bool:
@@ -251,13 +250,12 @@ def check_target_modules(model_dir: Path | None, model_config_dict: dict[str, An
 
 
 def fit_max_length(max_length: int, *, explicit: bool, model_config_dict: dict[str, Any]) -> int:
-    """``max_length`` capped at the model's positions; an explicit value over them raises ``ConfigError``."""
-    max_positions = model_config_dict.get("max_position_embeddings")
-    if not max_positions:
-        return max_length
-    if explicit and max_length > int(max_positions):
-        raise ConfigError("hyperparameters.max_length", f"{max_length} exceeds the model's {max_positions} positions")
-    return min(max_length, int(max_positions))
+    """``max_length`` capped at the model's positions; an explicit value over them raises ``ConfigError``
+    (``contracts.max_length.fit_max_length``, which the API uses too)."""
+    try:
+        return _fit_max_length(max_length, explicit=explicit, model_config_dict=model_config_dict)
+    except MaxLengthError as exc:
+        raise ConfigError("hyperparameters.max_length", str(exc)) from exc
 
 
 # -- all together ---------------------------------------------------------------------------------------------
@@ -308,11 +306,10 @@ def resolve_config(
     check_quantization(quantization, device)
     target_modules = list(_pick(lora.target_modules, preset, "target_modules"))
     check_target_modules(model_dir, model_config_dict, target_modules)
-    max_length = fit_max_length(
-        int(_pick(hp.max_length, preset, "max_length")),
-        explicit=hp.max_length != "auto",
-        model_config_dict=model_config_dict,
-    )
+    try:  # the same function the API resolved it with at job creation
+        max_length = resolve_max_length(hp.max_length, model_config_dict)
+    except MaxLengthError as exc:
+        raise ConfigError("hyperparameters.max_length", str(exc)) from exc
 
     on_cuda = device == "cuda"
     return TrainingConfig(
