@@ -58,6 +58,10 @@ class Lora(_Strict):
 class MethodParams(_Strict):
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     lora: Lora = Field(default_factory=Lora)
+    chat_template: Annotated[str, Field(min_length=1, max_length=65536)] | Auto = "auto"
+    """How conversations are formatted (``contracts/chat_templates.py``): ``auto`` = the model's own
+    template, or Zephyr's for a base model without one; a name (``zephyr``, ``chatml``, ``llama-3``,
+    ``mistral-instruct``); or a Jinja template string, checked at job creation."""
 
 
 class Method(_Strict):

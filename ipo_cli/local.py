@@ -65,6 +65,13 @@ def validate(
     max_length: Annotated[
         int | None, typer.Option(min=1, help="With --model: count examples this max_length would cut.")
     ] = None,
+    chat_template: Annotated[
+        str,
+        typer.Option(
+            help="With --model: the job's chat_template: auto (the model's own, Zephyr's for a base model), "
+            "zephyr, chatml, llama-3, mistral-instruct, or a file holding a Jinja template."
+        ),
+    ] = "auto",
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Validate a preference JSONL file with the server's validator; exit 2 when it is invalid.
@@ -79,7 +86,7 @@ def validate(
     if max_length is not None and model is None:
         raise CliError("--max-length needs --model (lengths are counted in the model's tokens)")
     _, report = parse_preference_file(path)
-    lengths = _lengths(path, model, max_length) if model is not None and report.ok else None
+    lengths = _lengths(path, model, max_length, chat_template) if model is not None and report.ok else None
     if as_json:
         out = report.model_dump(mode="json")
         if lengths is not None:
@@ -95,23 +102,36 @@ def validate(
         raise typer.Exit(2)
 
 
-def _lengths(path: Path, model: str, max_length: int | None) -> dict[str, object]:
+def _lengths(path: Path, model: str, max_length: int | None, chat_template: str) -> dict[str, object]:
     from app.services.prompt_lengths import PromptTokenizer, length_report
+    from contracts.chat_templates import ChatTemplateError, resolve_chat_template
 
     model_dir = Path(model) if Path(model).is_dir() else configured_models_dir() / model
     if not (model_dir / "tokenizer.json").is_file():
         raise CliError(f"no tokenizer for model {model!r}: expected {model_dir / 'tokenizer.json'}")
+    requested = chat_template
+    if requested not in ("auto",) and Path(requested).is_file():
+        requested = Path(requested).read_text(encoding="utf-8")
     try:
-        tokenizer = PromptTokenizer(model_dir)
+        choice = resolve_chat_template(requested, model_dir)
+        tokenizer = PromptTokenizer(model_dir, choice.template)
+    except ChatTemplateError as exc:
+        raise CliError(str(exc)) from exc
     except Exception as exc:
         raise CliError(f"cannot load the tokenizer of {model!r}: {exc}") from exc
-    return length_report(path, tokenizer, max_length).summary()
+    report = length_report(path, tokenizer, max_length).summary()
+    report["chat_template"] = choice.name
+    if choice.source != "model":
+        report["chat_template_note"] = choice.describe(model_dir.name)
+    return report
 
 
 def _print_lengths(lengths: dict[str, object], model: str, max_length: int | None) -> None:
     def row(stats: object) -> str:
         return "  ".join(f"{k} {v}" for k, v in stats.items()) if isinstance(stats, dict) else "-"
 
+    if lengths.get("chat_template_note"):
+        typer.echo(f"chat template: {lengths['chat_template_note']}")
     if lengths.get("text_rows"):
         typer.echo(f"text rows ({model}): {lengths['text_rows']}")
     refusals = list(lengths.get("template_refusal_lines") or [])  # type: ignore[call-overload]

@@ -25,7 +25,7 @@ from app.services import metrics, webhooks
 from app.services.models_registry import is_allowed, list_base_models
 from app.services.prompt_lengths import identical_after_truncation, longest_prompt, measure_file, tokenizer_for
 from app.storage import Storage
-from contracts.chat_templates import describe_template_refusals
+from contracts.chat_templates import ChatTemplateError, describe_template_refusals, resolve_chat_template
 from contracts.max_length import MaxLengthError, resolve_max_length
 from contracts.method import Method
 from contracts.model_info import ModelInfoError, read_config, unknown_target_modules
@@ -118,9 +118,11 @@ def _usable_file(session: Session, project_id: str, file_id: str, param: str) ->
 def check_fits_model(model_dir: Path, method: Method, data_files: dict[str, Path]) -> list[str]:
     """Refuse settings the chosen model cannot train with: LoRA targets it does not have, a ``max_length``
     (``"auto"`` resolved exactly as the worker will, ``contracts.max_length``) over its positions or too
-    short for the longest prompt of a data file, conversations its chat template refuses, or a file with
-    no pair left to train on. Returns notes for the job's events: what is done with text rows, and the
-    pairs left out of training because their replies are identical once cut at ``max_length``."""
+    short for the longest prompt of a data file, a ``chat_template`` that is no name and no usable Jinja,
+    conversations the chat template refuses (the job's, the model's, or Zephyr's for a base model), or a
+    file with no pair left to train on. Returns notes for the job's events: which chat template when it
+    is not the model's own, what is done with text rows, and the pairs left out of training because their
+    replies are identical once cut at ``max_length``."""
     params = method.params()
     prefix = f"method.{method.type}"
     requested = params.hyperparameters.max_length
@@ -136,15 +138,18 @@ def check_fits_model(model_dir: Path, method: Method, data_files: dict[str, Path
                     code="invalid_lora_target_modules",
                 )
         max_length = resolve_max_length(requested, read_config(model_dir))
+        choice = resolve_chat_template(params.chat_template, model_dir)
     except MaxLengthError as exc:
         raise InvalidRequest(f"max_length {exc} ({model_dir.name!r}).", param=max_length_param) from exc
     except ModelInfoError as exc:
         raise InvalidRequest(f"Model {model_dir.name!r} cannot be read: {exc}", param="model") from exc
-    tokenizer = tokenizer_for(model_dir)
+    except ChatTemplateError as exc:
+        raise InvalidRequest(f"{exc}.", param=f"{prefix}.chat_template", code="invalid_chat_template") from exc
+    notes = [choice.describe(model_dir.name).capitalize()] if choice.source != "model" else []
+    tokenizer = tokenizer_for(model_dir, choice.template)
     if tokenizer is None:
-        return []
+        return notes
     said = f"max_length {max_length}" + (" (auto for this model)" if requested == "auto" else "")
-    notes: list[str] = []
     for param, path in data_files.items():
         measured = measure_file(path, tokenizer)
         if measured is None:

@@ -80,3 +80,27 @@ def test_text_rows_with_markup_are_said_to_be_used_verbatim(tmp_path: Path) -> N
     r = ipo("data", "validate", data, "--model", "char-model", models=tmp_path / "models")
     assert r.returncode == 0, r.stderr
     assert "used verbatim" in r.stdout and "Zephyr" in r.stdout
+
+
+def test_a_base_model_is_measured_with_the_default_template(tmp_path: Path) -> None:
+    from tests.unit.test_chat_templates import base_model
+
+    base_model(tmp_path / "models" / "base")
+    data = tmp_path / "train.jsonl"
+    data.write_bytes(line("ab"))
+    r = ipo("data", "validate", data, "--model", "base", models=tmp_path / "models")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "chat template: model 'base' has no chat template (a base model)" in r.stdout and "zephyr" in r.stdout
+    named = ipo(
+        "data", "validate", data, "--model", "base", "--chat-template", "chatml", "--json", models=tmp_path / "models"
+    )
+    assert json.loads(named.stdout)["tokens"]["chat_template"] == "chatml"
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    custom = ipo(
+        "data", "validate", data, "--model", "base", "--chat-template", template, "--json", models=tmp_path / "models"
+    )
+    tokens = json.loads(custom.stdout)["tokens"]
+    assert tokens["chat_template"] == "custom" and tokens["prompt_tokens"]["max"] == 2  # "ab", nothing else
+    bad = ipo("data", "validate", data, "--model", "base", "--chat-template", "vicuna", models=tmp_path / "models")
+    assert bad.returncode == 2 and "neither a named template" in bad.stderr and "Traceback" not in bad.stderr

@@ -137,6 +137,10 @@ class TrainingConfig(BaseModel):
     use_liger_kernel: bool = False
     """Liger's fused RMSNorm/SwiGLU/RoPE kernels on CUDA when ``liger-kernel`` is installed."""
     device: Device = "cuda"
+    chat_template: str = "model"
+    """The chat template conversations are formatted with (``contracts/chat_templates.py``): ``model`` (the
+    model's own), a named one (``zephyr`` is the default for a base model without one), or ``custom``.
+    Saved with the adapter's tokenizer. Set once the tokenizer is loaded."""
     text_rows: Literal["chat_template", "verbatim"] | None = None
     """What was done with the training file's text rows (``contracts/text_rows.py``): formatted with the
     chat template, or used verbatim (TRL's text format) because they already carry chat markup; None

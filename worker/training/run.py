@@ -90,8 +90,7 @@ def _train(request: TrainRequest, reporter: Reporter, flag: Any) -> int:
 
     # 2. tokenizer and data
     tokenizer = load_tokenizer(request.model_path)
-    if tokenizer.chat_template is None:
-        raise TrainingFailed("invalid_model", f"{request.model_path} has no chat template", EXIT_BAD_INPUT)
+    template = _chat_template(request, tokenizer, reporter)
     train_data = load_preference_data(request.train_file, tokenizer, max_length=cfg.max_length, special_tokens=specials)
     eval_data = None
     if request.validation_file:
@@ -102,7 +101,7 @@ def _train(request: TrainRequest, reporter: Reporter, flag: Any) -> int:
             name="validation file",
             special_tokens=specials,
         )
-    cfg = cfg.model_copy(update={"text_rows": train_data.text_mode})
+    cfg = cfg.model_copy(update={"text_rows": train_data.text_mode, "chat_template": template})
     reporter.resolved(cfg.resolved_dict())
     for prepared, name in ((train_data, "training file"), (eval_data, "validation file")):
         if prepared is not None and prepared.text_rows:
@@ -147,6 +146,23 @@ def _train(request: TrainRequest, reporter: Reporter, flag: Any) -> int:
     reporter.event(f"training finished in {time.monotonic() - started:.1f}s")
     reporter.done(reporting.trained_tokens)
     return EXIT_OK
+
+
+def _chat_template(request: TrainRequest, tokenizer: Any, reporter: Reporter) -> str:
+    """Set the job's chat template on the tokenizer (so TRL formats with it and it is saved with the
+    adapter); returns its name for the resolved hyperparameters. A base model without a template gets
+    the recipe's default, said in an event."""
+    from contracts.chat_templates import ChatTemplateError, resolve_chat_template
+    from worker.training.recipe import ConfigError
+
+    try:
+        choice = resolve_chat_template(request.method.params().chat_template, Path(request.model_path))
+    except ChatTemplateError as exc:
+        raise ConfigError("chat_template", str(exc)) from exc
+    tokenizer.chat_template = choice.template
+    if choice.source != "model":
+        reporter.event(choice.describe(Path(request.model_path).name))
+    return choice.name
 
 
 def _resolve(request: TrainRequest, device: str, specials: tuple[str, ...]) -> TrainingConfig:
