@@ -125,3 +125,83 @@ def test_the_worker_refuses_what_the_template_raises_on_like_the_api(tiny_model_
     examples, _ = parse_preference_file(data)
     api = PromptTokenizer(model).pairs(examples)
     assert isinstance(api[1], str) and "Conversation roles must alternate" in api[1]
+
+
+# --- base models without a chat template (issue 12, section 2) ------------------------------------------------
+
+
+def test_a_base_model_without_a_template_trains_with_zephyr_and_ships_it(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from contracts.chat_templates import NAMED_TEMPLATES
+
+    model = copy_with_template(tiny_model_dir, tmp_path / "base", None)
+    assert AutoTokenizer.from_pretrained(model).chat_template is None  # a base model, like Mistral-7B-v0.1
+    data = write_rows(tmp_path / "train.jsonl", CONVERSATIONAL, repeat=4)
+    reporter = ListReporter()
+    assert train(request_for(model, data, tmp_path / "run", max_steps=1, batch_size=2), reporter) == EXIT_OK
+    assert (reporter.of_kind("resolved")[0].data or {})["chat_template"] == "zephyr"
+    said = [r.message or "" for r in reporter.of_kind("event")]
+    assert any("has no chat template (a base model)" in m and "zephyr" in m for m in said), said
+    adapter = AutoTokenizer.from_pretrained(tmp_path / "run" / "adapter")
+    assert adapter.chat_template == NAMED_TEMPLATES["zephyr"]  # whoever loads the adapter formats alike
+
+
+def test_a_named_template_replaces_the_models_own(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from contracts.chat_templates import NAMED_TEMPLATES
+
+    data = write_rows(tmp_path / "train.jsonl", CONVERSATIONAL, repeat=4)
+    request = request_for(tiny_model_dir, data, tmp_path / "run", max_steps=1, batch_size=2)
+    request.method = Method.model_validate(
+        {"type": "ipo", "ipo": {"hyperparameters": {"max_steps": 1, "batch_size": 2}, "chat_template": "chatml"}}
+    )
+    reporter = ListReporter()
+    assert train(request, reporter) == EXIT_OK
+    assert (reporter.of_kind("resolved")[0].data or {})["chat_template"] == "chatml"
+    assert AutoTokenizer.from_pretrained(tmp_path / "run" / "adapter").chat_template == NAMED_TEMPLATES["chatml"]
+
+
+@pytest.mark.parametrize("name", ["zephyr", "chatml", "llama-3", "mistral-instruct"])
+def test_named_templates_count_alike_in_the_api_and_the_worker(tiny_model_dir: Path, tmp_path: Path, name: str) -> None:
+    from contracts.chat_templates import NAMED_TEMPLATES
+
+    rows = CONVERSATIONAL[:1] if name == "mistral-instruct" else CONVERSATIONAL  # it refuses system turns
+    examples, _ = parse_preference_file(write_rows(tmp_path / "d.jsonl", rows))
+    worker = AutoTokenizer.from_pretrained(tiny_model_dir)
+    worker.chat_template = NAMED_TEMPLATES[name]
+    api = PromptTokenizer(tiny_model_dir, NAMED_TEMPLATES[name])
+    assert api.pairs(examples) == [pair_tokens(worker, ex) for ex in examples]
+
+
+# --- pairs identical after truncation (issue 12, section 3.2): the field case's rows ---------------------------
+
+STEPS = (
+    "Here is a careful, step by step answer. First, we read the question. Second, we list what we know. "
+    "Third, we check each fact. Finally, the answer is: "
+)
+IDENTICAL_AFTER_TRUNCATION = [
+    {"prompt": "What is the capital of France?", "chosen": STEPS + "Paris.", "rejected": STEPS + "Lyon."},
+    {"prompt": "What is 3 times 4?", "chosen": STEPS + "12.", "rejected": STEPS + "7."},
+    {"prompt": "Is ice cold?", "chosen": "Yes.", "rejected": "No."},
+]
+
+
+def test_pairs_identical_after_truncation_are_left_out_and_named(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from worker.training.data import describe_skipped
+
+    data = write_rows(tmp_path / "d.jsonl", IDENTICAL_AFTER_TRUNCATION)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prepared = load_preference_data(data, tokenizer, max_length=64)
+    assert prepared.identical_lines == [1, 2] and prepared.n_examples == 1
+    assert prepared.dataset[0]["chosen"] == [{"role": "assistant", "content": "Yes."}]
+    said = describe_skipped(prepared, 64) or ""
+    assert "2 pairs left out: chosen and rejected are the same tokens once cut at max_length=64" in said
+    assert "(lines 1, 2)" in said
+    assert load_preference_data(data, tokenizer, max_length=256).identical_lines == []  # room for the answers
+
+    api = PromptTokenizer(tiny_model_dir)  # the API names the same lines at job creation
+    from app.services.prompt_lengths import identical_after_truncation, measure_file
+
+    measured = measure_file(data, api)
+    assert measured is not None and identical_after_truncation(measured, 64) == [1, 2]
+
+    with pytest.raises(DataError, match="no pair is left to train on"):
+        load_preference_data(write_rows(tmp_path / "e.jsonl", IDENTICAL_AFTER_TRUNCATION[:2]), tokenizer, max_length=64)
