@@ -4,20 +4,26 @@ Runs in the API at job creation (so bad data is one clear 400 and nothing is que
 worker before training, so it is pure stdlib + pydantic. It never raises on bad data: every problem
 becomes a ``LineError`` in the report; only OS errors on the path (missing file, permissions) raise.
 
-Accepted shapes (one JSON object per line, blank lines ignored, extra keys tolerated), all normalised to
-``prompt`` = messages ending with a user turn and ``chosen``/``rejected`` = the assistant reply messages:
+Accepted shapes (one JSON object per line, blank lines ignored, bookkeeping keys tolerated), all normalised
+to ``prompt`` = messages ending with a user turn and ``chosen``/``rejected`` = the assistant reply messages:
 
 - ``text``: ``{"prompt": str, "chosen": str, "rejected": str}``. The prompt becomes one user message and
-  each reply one assistant message; the base model's chat template is applied later, on the worker.
+  each reply one assistant message, templated on the worker; or, when the file's text rows carry chat
+  markup, the strings are used verbatim (``contracts/text_rows.py``; ``PreferenceExample.verbatim``).
+- ``text_implicit_prompt``: ``{"chosen": str, "rejected": str}`` (raw Anthropic HH); the prompt is their
+  common prefix, split like TRL's ``extract_prompt``; always verbatim.
 - ``conversational``: ``{"prompt": [messages], "chosen": [messages], "rejected": [messages]}``.
 - ``implicit_prompt`` (UltraFeedback-binarized): ``{"chosen": [messages], "rejected": [messages]}``; the
   prompt is their longest common prefix of whole messages and must end with a user turn. A plain-text
   ``"prompt"`` next to message-list replies (as UltraFeedback-binarized has) is ignored, as TRL does.
 - ``openai_preference``: ``{"input": {"messages": [...]}, "preferred_output": [...],
-  "non_preferred_output": [...]}``; other keys of ``input`` (``tools``, ``parallel_tool_calls``) are ignored.
+  "non_preferred_output": [...]}``; ``parallel_tool_calls`` is ignored, non-empty ``tools`` refuse the line.
+- ``sharegpt``: LLaMA-Factory's ``{"conversations": [{"from", "value"}...], "chosen": {...}, "rejected": {...}}``.
 
-A message is ``{"role": "system"|"user"|"assistant", "content": str}``; other message keys are dropped.
-File-level problems (empty file, too few examples) are reported with ``line == FILE_LEVEL`` (0).
+A message is ``{"role": "system"|"user"|"assistant", "content": str | [text parts]}``; what else it may
+carry, and what refuses a line instead of being dropped, is in ``contracts/data_records.py``.
+File-level problems (empty file, too few examples, a JSON array, UTF-16/UTF-32) are reported with
+``line == FILE_LEVEL`` (0); a file that is not JSON Lines as a whole gets that one reason only.
 """
 
 from __future__ import annotations

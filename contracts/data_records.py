@@ -4,7 +4,7 @@ The rules (``contracts/data_formats.py`` documents the accepted shapes):
 
 - **Nothing is dropped silently.** A message is ``role`` + ``content``; any other key that carries a
   value (``tool_calls``, ``name``, ``weight``, ``reasoning_content``...) refuses the line with the key's
-  name, unless it is bookkeeping (``IGNORED_MESSAGE_KEYS``). A ``tool`` or ``function`` turn, a
+  name, unless it is bookkeeping (``data_messages.IGNORED_MESSAGE_KEYS``). A ``tool`` or ``function`` turn, a
   ``tool_calls`` entry or a non-empty ``tools`` list refuses the line: "tool calls are not supported"
   (the chat templates this service applies have no tool syntax, so the call would vanish from training).
   A record's top-level ``system`` string (axolotl's and Intel orca_dpo_pairs' shape) becomes the
@@ -24,13 +24,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-Message = dict[str, str]
-ROLES = ("system", "user", "assistant")
-TOOL_ROLES = ("tool", "function", "ipython")
-TOOL_KEYS = ("tool_calls", "function_call", "tool_call_id")
-IGNORED_MESSAGE_KEYS = frozenset({"id", "timestamp", "created_at", "metadata", "annotations", "refusal"})
-"""Message keys that carry bookkeeping, not text the model is trained on (``refusal``/``annotations`` are
-OpenAI response fields, null or empty in exported conversations: a non-empty ``refusal`` is refused)."""
+from contracts.data_messages import BadLine, Message, clip, has_value, json_type, messages
+
+__all__ = ["SHAPES", "BadLine", "Message", "Normalised", "clip", "json_type", "normalise", "shape_of"]
+
 TOP_LEVEL_CONTENT_KEYS = {
     "tools": "tool definitions are not supported (tool calls are not supported: the prompt would be trained "
     "without them)",
@@ -94,10 +91,6 @@ _FOREIGN: tuple[tuple[frozenset[str], str], ...] = (
         "plain text (language-modelling shape), not a preference pair",
     ),
 )
-
-
-class BadLine(Exception):
-    """One line's problem; the scanner turns it into a ``LineError``."""
 
 
 @dataclass
@@ -173,14 +166,14 @@ def normalise(record: dict[str, object], shape: str) -> Normalised:
         prompt = messages(given["messages"], "input.messages")
         chosen = messages(record["preferred_output"], "preferred_output")
         rejected = messages(record["non_preferred_output"], "non_preferred_output")
-        if _has_value(given.get("tools")):
+        if has_value(given.get("tools")):
             raise BadLine("input.tools: " + TOP_LEVEL_CONTENT_KEYS["tools"])
     elif shape == "sharegpt":
         prompt, chosen, rejected = _sharegpt(record)
     else:
         prompt, chosen, rejected = _split_implicit(record)
     for key, why in TOP_LEVEL_CONTENT_KEYS.items():
-        if _has_value(record.get(key)):
+        if has_value(record.get(key)):
             raise BadLine(f'"{key}": {why}')
     names = ("preferred_output", "non_preferred_output") if shape == "openai_preference" else ("chosen", "rejected")
     prompt_name = {"openai_preference": "input.messages", "sharegpt": "conversations"}.get(shape, "prompt")
@@ -281,67 +274,6 @@ def _sharegpt(record: dict[str, object]) -> tuple[list[Message], list[Message], 
     return out[0], out[1], out[2]
 
 
-def messages(value: object, field: str) -> list[Message]:
-    """A list of ``{"role", "content"}`` messages; content parts joined; raises ``BadLine`` otherwise."""
-    if not isinstance(value, list):
-        raise BadLine(f"{field} must be a list of messages (got {json_type(value)})")
-    if not value:
-        raise BadLine(f"{field} is empty")
-    out: list[Message] = []
-    for i, msg in enumerate(value, 1):
-        where = f"{field} message {i}"
-        if not isinstance(msg, dict):
-            raise BadLine(f"{where} must be an object (got {json_type(msg)})")
-        if "role" not in msg and {"from", "value"} <= msg.keys():
-            raise BadLine(f'{where} has "from"/"value" keys (ShareGPT turns) where "role"/"content" are expected')
-        if "role" not in msg:
-            raise BadLine(f'{where} has no "role"')
-        role = msg["role"]
-        if role in TOOL_ROLES:
-            raise BadLine(f'{where}: tool calls are not supported (a "{role}" turn carries a tool result)')
-        for key in TOOL_KEYS:
-            if _has_value(msg.get(key)):
-                raise BadLine(f"{where}: tool calls are not supported (it carries {key})")
-        if role not in ROLES:
-            shown = json.dumps(clip(role, 40)) if isinstance(role, str) else json_type(role)
-            raise BadLine(f"{where}: role {shown} is not one of system, user, assistant")
-        if "content" not in msg:
-            raise BadLine(f'{where} has no "content"')
-        for key, extra in msg.items():
-            if key not in ("role", "content") and key not in IGNORED_MESSAGE_KEYS and _has_value(extra):
-                raise BadLine(
-                    f'{where}: key "{clip(key, 40)}" is not used in training (only "role" and "content" are); '
-                    "remove it, or fold its text into content"
-                )
-        if _has_value(msg.get("refusal")):
-            raise BadLine(f'{where}: key "refusal" is not used in training; fold its text into content')
-        content = _content(msg["content"], where)
-        try:
-            content.encode("utf-8")
-        except UnicodeEncodeError:
-            raise BadLine(f"{where}: content is not valid Unicode (lone surrogate escape)") from None
-        out.append({"role": str(role), "content": content})
-    return out
-
-
-def _content(content: object, where: str) -> str:
-    """A string, or OpenAI's list of text parts joined with no separator."""
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise BadLine(f"{where}: content must be a string or a list of text parts (got {json_type(content)})")
-    texts: list[str] = []
-    for j, part in enumerate(content, 1):
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind != "text" or not isinstance(part, dict) or not isinstance(part.get("text"), str):
-            shown = json.dumps(clip(kind, 40)) if isinstance(kind, str) else json_type(part)
-            raise BadLine(
-                f'{where}: content part {j} is {shown}: only text parts ({{"type": "text", "text": ...}}) are supported'
-            )
-        texts.append(part["text"])
-    return "".join(texts)
-
-
 def _check_prompt(prompt: list[Message], field: str) -> None:
     last = prompt[-1]
     if last["role"] != "user":
@@ -356,25 +288,3 @@ def _check_reply(reply: list[Message], field: str) -> None:
             raise BadLine(f'{field} message {i}: role must be "assistant" (got "{msg["role"]}")')
         if not msg["content"].strip():
             raise BadLine(f"{field} is empty" if len(reply) == 1 else f"{field} message {i} is empty")
-
-
-def _has_value(value: object) -> bool:
-    return value is not None and value != "" and value != [] and value != {}
-
-
-def json_type(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    return "object" if isinstance(value, dict) else type(value).__name__
-
-
-def clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
