@@ -284,21 +284,25 @@ def _whole_file_problem(raw: bytes | str | _TooLong, rest: Iterator[tuple[int, b
 
 
 def _first_array_record(text: str, rest: Iterator[tuple[int, bytes | str | _TooLong]]) -> object:
-    """The first element of the JSON array that starts ``text`` (reading on from ``rest``), or None."""
+    """The first element of the JSON array that starts ``text`` (reading on from ``rest``), or None.
+
+    Decoding is retried each time the buffer doubles (and once at the end), so reading up to
+    ``_ARRAY_PEEK_BYTES`` costs a few passes over it, not one per line."""
     decoder = json.JSONDecoder()
-    buffer = text
+    buffer, next_try, done = text, 0, False
     while True:
-        start = len(buffer) - len(buffer[1:].lstrip()) if buffer.startswith("[") else 0
-        try:
-            value, _ = decoder.raw_decode(buffer, start)
-            return value
-        except (ValueError, RecursionError):
-            pass
-        if len(buffer) > _ARRAY_PEEK_BYTES:
+        if len(buffer) >= next_try or done:
+            start = len(buffer) - len(buffer[1:].lstrip())
+            try:
+                return decoder.raw_decode(buffer, start)[0]
+            except (ValueError, RecursionError):
+                next_try = max(4096, 2 * len(buffer))
+        if done or len(buffer) > _ARRAY_PEEK_BYTES:
             return None
         nxt = next(rest, None)
         if nxt is None or isinstance(nxt[1], _TooLong):
-            return None
+            done = True
+            continue
         piece = nxt[1]
         buffer += piece.decode("utf-8", errors="replace") if isinstance(piece, bytes) else piece + "\n"
 

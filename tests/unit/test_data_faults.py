@@ -400,3 +400,11 @@ def test_a_system_field_cannot_be_placed_into_verbatim_text() -> None:
     assert not report.ok and [e.line for e in report.errors] == [2]
     assert "system field cannot be combined with text rows used verbatim" in report.errors[0].reason
     assert [ex.line for ex in examples] == [1] and report.n_examples == 1
+
+
+def test_a_huge_pretty_printed_array_is_read_only_so_far(tmp_path: Path) -> None:
+    record = {"conversations": [{"from": "human", "value": "q " * 20}] * 20000, "chosen": {}, "rejected": {}}
+    path = tmp_path / "big.json"
+    path.write_text(json.dumps([record, record], indent=2), encoding="utf-8")  # ~14 MB, first record ~7 MB
+    reason = file_error(parse_preference_file(path)[1])
+    assert "one JSON array" in reason and "Its records" not in reason  # the first record is past the peek
