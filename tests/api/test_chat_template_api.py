@@ -13,11 +13,11 @@ from tests.unit.test_chat_templates import base_model
 
 
 @pytest.fixture
-def base(settings):  # type: ignore[no-untyped-def]
+def base(settings):
     return base_model(settings.resolved_models_dir / "base-model")
 
 
-def _create(client, auth, file_id: str, chat_template: object = None, kind: str = "ipo", **hp: object):  # type: ignore[no-untyped-def]
+def _create(client, auth, file_id: str, chat_template: object = None, kind: str = "ipo", **hp: object):
     params: dict[str, object] = {"hyperparameters": hp}
     if chat_template is not None:
         params["chat_template"] = chat_template
@@ -25,11 +25,11 @@ def _create(client, auth, file_id: str, chat_template: object = None, kind: str 
     return client.post("/v1/fine_tuning/jobs", headers=auth, json=body)
 
 
-def _events(client, auth, job_id: str) -> list[str]:  # type: ignore[no-untyped-def]
+def _events(client, auth, job_id: str) -> list[str]:
     return [e["message"] for e in client.get(f"/v1/fine_tuning/jobs/{job_id}/events", headers=auth).json()["data"]]
 
 
-def test_a_base_model_gets_the_zephyr_template_and_says_so(client, upload, auth, base) -> None:  # type: ignore[no-untyped-def]
+def test_a_base_model_gets_the_zephyr_template_and_says_so(client, upload, auth, base) -> None:
     r = _create(client, auth, upload(content=jsonl(PLAIN_ROW, SYSTEM_ROW)).json()["id"])
     assert r.status_code == 200, r.text
     said = [m for m in _events(client, auth, r.json()["id"]) if "chat template" in m]
@@ -40,14 +40,14 @@ def test_a_base_model_gets_the_zephyr_template_and_says_so(client, upload, auth,
     assert r.json()["method"]["ipo"]["chat_template"] == "auto"
 
 
-def test_checks_run_with_the_default_template_on_a_base_model(client, upload, auth, base) -> None:  # type: ignore[no-untyped-def]
+def test_checks_run_with_the_default_template_on_a_base_model(client, upload, auth, base) -> None:
     long_row = {**PLAIN_ROW, "prompt": [{"role": "user", "content": "a" * 130}]}
     r = _create(client, auth, upload(content=jsonl(PLAIN_ROW, long_row)).json()["id"])
     assert r.status_code == 400 and r.json()["error"]["code"] == "max_length_too_short", r.text  # auto: 128 positions
 
 
 @pytest.mark.parametrize("name", ["zephyr", "chatml", "llama-3", "mistral-instruct"])
-def test_named_templates_are_accepted_and_said(client, upload, auth, base, name: str) -> None:  # type: ignore[no-untyped-def]
+def test_named_templates_are_accepted_and_said(client, upload, auth, base, name: str) -> None:
     r = _create(client, auth, upload(content=jsonl(PLAIN_ROW)).json()["id"], chat_template=name, kind="dpo")
     assert r.status_code == 200, r.text
     assert r.json()["method"]["dpo"]["chat_template"] == name
@@ -56,7 +56,7 @@ def test_named_templates_are_accepted_and_said(client, upload, auth, base, name:
     )
 
 
-def test_a_jinja_template_is_accepted(client, upload, auth, base) -> None:  # type: ignore[no-untyped-def]
+def test_a_jinja_template_is_accepted(client, upload, auth, base) -> None:
     jinja = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}"
     r = _create(client, auth, upload(content=jsonl(PLAIN_ROW)).json()["id"], chat_template=jinja)
     assert r.status_code == 200, r.text
@@ -72,14 +72,14 @@ def test_a_jinja_template_is_accepted(client, upload, auth, base) -> None:  # ty
         (7, 400, "chat_template"),
     ],
 )
-def test_an_unusable_chat_template_is_a_400_naming_the_field(client, upload, auth, base, value, status, needle) -> None:  # type: ignore[no-untyped-def]
+def test_an_unusable_chat_template_is_a_400_naming_the_field(client, upload, auth, base, value, status, needle) -> None:
     r = _create(client, auth, upload(content=jsonl(PLAIN_ROW)).json()["id"], chat_template=value)
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["param"] == "method.ipo.chat_template" and needle in err["message"], err
 
 
-def test_a_named_template_that_refuses_rows_is_a_400(client, upload, auth, base) -> None:  # type: ignore[no-untyped-def]
+def test_a_named_template_that_refuses_rows_is_a_400(client, upload, auth, base) -> None:
     r = _create(
         client, auth, upload(content=jsonl(PLAIN_ROW, SYSTEM_ROW)).json()["id"], chat_template="mistral-instruct"
     )
@@ -90,7 +90,7 @@ def test_a_named_template_that_refuses_rows_is_a_400(client, upload, auth, base)
     )
 
 
-def test_the_model_keeps_its_own_template_without_an_event(client, upload, auth, settings) -> None:  # type: ignore[no-untyped-def]
+def test_the_model_keeps_its_own_template_without_an_event(client, upload, auth, settings) -> None:
     from tests.api.test_model_fit import write_model
 
     write_model(settings.resolved_models_dir / "base-model")

@@ -5,6 +5,7 @@ whole-file mistakes are one reason, and what is done with text rows is said in t
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -51,14 +52,14 @@ def set_template(model_dir: Path, template: str) -> None:
 
 
 @pytest.fixture
-def refusing_model(settings) -> Path:  # type: ignore[no-untyped-def]
+def refusing_model(settings) -> Path:
     path = settings.resolved_models_dir / "char-model"
     write_model(path)
     set_template(path, REFUSING_TEMPLATE)
     return path
 
 
-def _create(client, auth, file_id: str, hp: dict[str, object] | None = None, validation: str | None = None):  # type: ignore[no-untyped-def]
+def _create(client, auth, file_id: str, hp: Mapping[str, object] | None = None, validation: str | None = None):
     body: dict[str, object] = {
         "model": "char-model",
         "training_file": file_id,
@@ -70,7 +71,7 @@ def _create(client, auth, file_id: str, hp: dict[str, object] | None = None, val
 
 
 @pytest.mark.parametrize("hp", [{}, {"max_length": 100}])
-def test_a_template_refusal_is_a_400_naming_lines_and_message(client, upload, auth, refusing_model, hp) -> None:  # type: ignore[no-untyped-def]
+def test_a_template_refusal_is_a_400_naming_lines_and_message(client, upload, auth, refusing_model, hp) -> None:
     file_id = upload(content=jsonl(PLAIN_ROW, SYSTEM_ROW, DOUBLE_USER_ROW, SYSTEM_ROW)).json()["id"]
     r = _create(client, auth, file_id, hp)
     assert r.status_code == 400, r.text
@@ -82,7 +83,7 @@ def test_a_template_refusal_is_a_400_naming_lines_and_message(client, upload, au
     assert client.get("/v1/fine_tuning/jobs", headers=auth).json()["data"] == []  # nothing queued
 
 
-def test_a_template_refusal_in_the_validation_file_names_it(client, upload, auth, refusing_model) -> None:  # type: ignore[no-untyped-def]
+def test_a_template_refusal_in_the_validation_file_names_it(client, upload, auth, refusing_model) -> None:
     train = upload(content=jsonl(PLAIN_ROW)).json()["id"]
     valid = upload(content=jsonl(SYSTEM_ROW), name="valid.jsonl").json()["id"]
     r = _create(client, auth, train, validation=valid)
@@ -90,12 +91,12 @@ def test_a_template_refusal_in_the_validation_file_names_it(client, upload, auth
     assert "of validation_file" in r.json()["error"]["message"]
 
 
-def test_rows_the_template_accepts_make_a_job(client, upload, auth, refusing_model) -> None:  # type: ignore[no-untyped-def]
+def test_rows_the_template_accepts_make_a_job(client, upload, auth, refusing_model) -> None:
     file_id = upload(content=jsonl(PLAIN_ROW)).json()["id"]
     assert _create(client, auth, file_id).status_code == 200
 
 
-def test_a_broken_template_is_left_to_the_worker_not_a_500(client, upload, auth, settings) -> None:  # type: ignore[no-untyped-def]
+def test_a_broken_template_is_left_to_the_worker_not_a_500(client, upload, auth, settings) -> None:
     path = settings.resolved_models_dir / "char-model"
     write_model(path)
     set_template(path, "{% for m in messages %}{{ m['content'] | nosuchfilter }}{% endfor %}")
@@ -104,7 +105,7 @@ def test_a_broken_template_is_left_to_the_worker_not_a_500(client, upload, auth,
     assert r.status_code < 500, r.text
 
 
-def test_what_is_done_with_text_rows_is_a_job_event(client, upload, auth, settings) -> None:  # type: ignore[no-untyped-def]
+def test_what_is_done_with_text_rows_is_a_job_event(client, upload, auth, settings) -> None:
     write_model(settings.resolved_models_dir / "char-model")
     hh = {"prompt": "\n\nHuman: who wrote it\n\nAssistant:", "chosen": " jane", "rejected": " nobody"}
     verbatim_id = upload(content=jsonl(hh)).json()["id"]
@@ -125,7 +126,7 @@ def test_what_is_done_with_text_rows_is_a_job_event(client, upload, auth, settin
     assert any("formatted with the chat template" in e["message"] for e in events)
 
 
-def test_upload_of_a_utf16_file_is_one_reason(client, upload, auth, settings) -> None:  # type: ignore[no-untyped-def]
+def test_upload_of_a_utf16_file_is_one_reason(client, upload, auth, settings) -> None:
     rows = '{"prompt": "Is ice cold?", "chosen": "Yes.", "rejected": "No."}\r\n'
     r = upload(content=b"\xff\xfe" + (rows * 2).encode("utf-16-le"))
     assert r.status_code == 200
@@ -140,7 +141,7 @@ STEPS = "here is a careful step by step answer first we read the question then w
 LONG_CONTEXT = "context the quarterly report lists revenue costs staff numbers and a long appendix " * 2
 
 
-def test_pairs_identical_after_truncation_are_named_at_creation(client, upload, auth, settings) -> None:  # type: ignore[no-untyped-def]
+def test_pairs_identical_after_truncation_are_named_at_creation(client, upload, auth, settings) -> None:
     write_model(settings.resolved_models_dir / "char-model")
     rows = [
         {"prompt": "capital of france", "chosen": STEPS + "paris", "rejected": STEPS + "lyon"},
@@ -159,12 +160,12 @@ def test_pairs_identical_after_truncation_are_named_at_creation(client, upload, 
     assert not any("left out" in e["message"] for e in _events_of(client, auth, _create(client, auth, file_id)))
 
 
-def _events_of(client, auth, response) -> list[dict[str, str]]:  # type: ignore[no-untyped-def]
+def _events_of(client, auth, response) -> list[dict[str, str]]:
     assert response.status_code == 200, response.text
     return client.get(f"/v1/fine_tuning/jobs/{response.json()['id']}/events", headers=auth).json()["data"]
 
 
-def test_no_pair_left_after_truncation_is_a_400(client, upload, auth, settings) -> None:  # type: ignore[no-untyped-def]
+def test_no_pair_left_after_truncation_is_a_400(client, upload, auth, settings) -> None:
     write_model(settings.resolved_models_dir / "char-model")
     file_id = upload(content=jsonl({"prompt": "q", "chosen": STEPS + "a", "rejected": STEPS + "b"})).json()["id"]
     r = _create(client, auth, file_id, {"max_length": 40})
@@ -172,7 +173,7 @@ def test_no_pair_left_after_truncation_is_a_400(client, upload, auth, settings) 
     assert "No pair of training_file is left to train on at max_length 40" in r.json()["error"]["message"]
 
 
-def test_auto_max_length_is_resolved_and_checked_at_creation(client, upload, auth, settings) -> None:  # type: ignore[no-untyped-def]
+def test_auto_max_length_is_resolved_and_checked_at_creation(client, upload, auth, settings) -> None:
     write_model(settings.resolved_models_dir / "char-model")  # not demo-sized: auto = 1024, capped at 128 positions
     rows = [
         {"prompt": LONG_CONTEXT + "what is listed first", "chosen": "revenue", "rejected": "names"},

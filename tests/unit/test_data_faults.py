@@ -6,6 +6,7 @@ cases: LLaMA-Factory, Anthropic HH, OpenAI tool calls, axolotl, PowerShell), plu
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -114,7 +115,7 @@ POWERSHELL_ROWS = (
 PLAIN = {"prompt": "What is 2+2?", "chosen": "4.", "rejected": "5."}
 
 
-def write_jsonl(tmp_path: Path, rows: list[object], name: str = "train.jsonl") -> Path:
+def write_jsonl(tmp_path: Path, rows: Sequence[object], name: str = "train.jsonl") -> Path:
     path = tmp_path / name
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
@@ -273,7 +274,14 @@ def test_message_content_is_never_dropped(message: dict[str, object], reason: st
 
 
 def test_bookkeeping_and_empty_keys_are_not_content() -> None:
-    user = {"role": "user", "content": "q", "id": "m1", "name": None, "tool_calls": [], "refusal": None}
+    user: dict[str, object] = {
+        "role": "user",
+        "content": "q",
+        "id": "m1",
+        "name": None,
+        "tool_calls": [],
+        "refusal": None,
+    }
     record = {"prompt": [user], "chosen": [{"role": "assistant", "content": "a", "annotations": []}]}
     record["rejected"] = [{"role": "assistant", "content": "b", "metadata": {"source": "x"}}]
     examples, report = parse_preference_lines([json.dumps(record)])

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -48,7 +49,7 @@ def write(tmp_path: Path, lines: Sequence[object], name: str = "train.jsonl") ->
     return path
 
 
-def parse(tmp_path: Path, lines: Sequence[object], **kwargs: int) -> tuple[list[PreferenceExample], ValidationReport]:
+def parse(tmp_path: Path, lines: Sequence[object], **kwargs: Any) -> tuple[list[PreferenceExample], ValidationReport]:
     return parse_preference_file(write(tmp_path, lines), **kwargs)
 
 
