@@ -145,7 +145,7 @@ def check_fits_model(model_dir: Path, method: Method, data_files: dict[str, Path
         raise InvalidRequest(f"Model {model_dir.name!r} cannot be read: {exc}", param="model") from exc
     except ChatTemplateError as exc:
         raise InvalidRequest(f"{exc}.", param=f"{prefix}.chat_template", code="invalid_chat_template") from exc
-    notes = [choice.describe(model_dir.name).capitalize()] if choice.source != "model" else []
+    notes = [_sentence(choice.describe(model_dir.name))] if choice.source != "model" else []
     tokenizer = tokenizer_for(model_dir, choice.template)
     if tokenizer is None:
         return notes
@@ -154,6 +154,12 @@ def check_fits_model(model_dir: Path, method: Method, data_files: dict[str, Path
         measured = measure_file(path, tokenizer)
         if measured is None:
             continue
+        if measured.invalid is not None:
+            raise InvalidRequest(
+                f"{param} cannot be used with model {model_dir.name!r}: {measured.invalid}",
+                param=param,
+                code="invalid_training_file",
+            )
         if measured.refusals:
             raise InvalidRequest(
                 describe_template_refusals(measured.refusals, param) + ".", param=param, code="invalid_training_file"
@@ -182,6 +188,10 @@ def check_fits_model(model_dir: Path, method: Method, data_files: dict[str, Path
         if identical:
             notes.append(f"{param}: " + describe_left_out([], identical, max_length))
     return notes
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
 def check_active_jobs(session: Session, project_id: str, max_active: int) -> None:

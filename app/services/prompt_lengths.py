@@ -155,6 +155,9 @@ class FileTokens:
     """(line, the template's message) of conversations the chat template raises on."""
     text_rows: str | None = None
     """What is done with the file's text rows (``TextRowsPlan.describe``), with this model's special tokens."""
+    invalid: str | None = None
+    """The validator's summary when the file is invalid only with this model's special tokens (a system
+    field on text rows that its tokens make verbatim); nothing is measured then."""
 
     def pair(self, i: int) -> PairTokens:
         return PairTokens(self.prompt[i], self.chosen[i], self.rejected[i], self.common[i])
@@ -190,7 +193,10 @@ _flights_lock = threading.Lock()
 @lru_cache(maxsize=32)
 def _measure(path: Path, _size: int, _mtime_ns: int, tokenizer: PromptTokenizer, _stamp: int) -> FileTokens | None:
     examples, report = parse_preference_file(path, special_tokens=tokenizer.special_tokens)
-    if not report.ok or not examples:
+    if not report.ok:
+        _, plain = parse_preference_file(path, max_errors=1)  # invalid anyway: upload validation said so
+        return FileTokens(invalid=report.summary()) if plain.ok else None
+    if not examples:
         return None
     out = FileTokens(text_rows=report.text_rows)
     for start in range(0, len(examples), ENCODE_BATCH):

@@ -188,3 +188,26 @@ def test_auto_max_length_is_resolved_and_checked_at_creation(client, upload, aut
         assert err["message"].startswith("max_length 128 (auto for this model) leaves no room for a reply in 1 ")
         assert "(lines 1)" in err["message"]
     assert _create(client, auth, upload(content=jsonl(rows[1])).json()["id"]).status_code == 200
+
+
+def test_rows_only_the_models_special_tokens_make_verbatim_are_checked_at_creation(client, upload, auth, settings):
+    write_model(settings.resolved_models_dir / "char-model")
+    marked = {"prompt": "<|user|>\nwho wrote it", "chosen": "jane", "rejected": "nobody"}  # no template markers
+    with_system = {"system": "be brief", "prompt": "who", "chosen": "jane", "rejected": "nobody"}
+    r = upload(content=jsonl({**marked, "prompt": "<s>who"}, with_system))
+    assert r.json()["status"] == "processed"  # "<s>" is markup only for a model whose special token it is
+    created = _create(client, auth, r.json()["id"])
+    assert created.status_code == 400 and created.json()["error"]["code"] == "invalid_training_file", created.text
+    message = created.json()["error"]["message"]
+    assert "cannot be used with model 'char-model'" in message and "line 2: a top-level system field" in message
+
+
+def test_the_default_template_event_keeps_the_models_name(client, upload, auth, settings):
+    from tests.unit.test_chat_templates import base_model
+
+    base_model(settings.resolved_models_dir / "Base-7B")
+    body = {"model": "Base-7B", "training_file": upload(content=jsonl(PLAIN_ROW)).json()["id"]}
+    r = client.post("/v1/fine_tuning/jobs", headers=auth, json=body)
+    assert r.status_code == 200, r.text
+    events = client.get(f"/v1/fine_tuning/jobs/{r.json()['id']}/events", headers=auth).json()["data"]
+    assert any(e["message"].startswith("Model 'Base-7B' has no chat template") for e in events)
