@@ -97,3 +97,13 @@ def test_the_model_keeps_its_own_template_without_an_event(client, upload, auth,
     r = _create(client, auth, upload(content=jsonl(PLAIN_ROW)).json()["id"])
     assert r.status_code == 200 and not any("chat template" in m for m in _events(client, auth, r.json()["id"]))
     assert json.dumps(r.json()["method"]).count("auto") >= 1
+
+
+def test_the_chat_template_round_trips_through_the_job_spec(client, upload, auth, base):
+    r = _create(client, auth, upload(content=jsonl(PLAIN_ROW)).json()["id"], chat_template="llama-3")
+    assert r.status_code == 200, r.text
+    spec = client.get(f"/v1/fine_tuning/jobs/{r.json()['id']}/spec", headers=auth)
+    assert spec.status_code == 200, spec.text
+    assert spec.json()["method"]["ipo"]["chat_template"] == "llama-3"
+    schema = client.get("/schemas/job-spec.v1.json").json()
+    assert "chat_template" in json.dumps(schema)
