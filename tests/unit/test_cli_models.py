@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,9 @@ from ipo_cli.main import main
 from tests.api.test_model_fit import write_model
 
 
-def ipo(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, models: Path, *args: str | Path):  # type: ignore[no-untyped-def]
+def ipo(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, models: Path, *args: str | Path
+) -> tuple[int, str, str]:
     """Run ``ipo ARGS`` in this process; returns (exit status, stdout, stderr)."""
     monkeypatch.setenv("IPO_MODELS_DIR", str(models))
     monkeypatch.setattr(sys, "argv", ["ipo", *map(str, args)])
@@ -153,7 +156,7 @@ REFUSALS = [
 
 @pytest.mark.parametrize(("breaker", "reason"), REFUSALS, ids=[b.__name__.removeprefix("_break_") for b, _ in REFUSALS])
 def test_a_bad_checkpoint_is_refused_with_its_reason(
-    breaker,  # type: ignore[no-untyped-def]
+    breaker: Callable[[Path], None],
     reason: str,
     source: Path,
     tmp_path: Path,
