@@ -124,3 +124,93 @@ _DECODERS = frozenset({"mistral", "llama", "qwen2", "qwen3", "mixtral", "gemma",
 def max_positions(model_dir: Path) -> int | None:
     value = read_config(model_dir).get("max_position_embeddings")
     return int(value) if isinstance(value, int) and value > 0 else None
+
+
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+"""Where ``save_pretrained`` (transformers >= 4.43) keeps a tokenizer's chat template besides
+``tokenizer_config.json``'s ``chat_template`` key."""
+
+
+def parameter_count(model_dir: Path) -> int | None:
+    """Number of stored weights (elements of every tensor in the safetensors files), or None without them.
+
+    Read from the headers only. Tied weights are stored once, so this is what ``model.num_parameters()``
+    reports for a model with ``tie_word_embeddings`` (134,515,008 for SmolLM2-135M).
+    Raises ModelInfoError on a corrupt header.
+    """
+    files = _weight_files(model_dir)
+    if not files:
+        return None
+    total = 0
+    for path in files:
+        for name, meta in _safetensors_header(path).items():
+            if name == "__metadata__" or not isinstance(meta, dict):
+                continue
+            count = 1
+            for dim in meta.get("shape") or ():
+                count *= int(dim)
+            total += count
+    return total
+
+
+def has_chat_template(model_dir: Path) -> bool:
+    """True when the tokenizer saved in ``model_dir`` carries a chat template (file or config key)."""
+    if any((model_dir / name).is_file() for name in CHAT_TEMPLATE_FILES):
+        return True
+    try:
+        config = json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and bool(config.get("chat_template"))
+
+
+def architecture(config: dict[str, Any]) -> str | None:
+    """The model class ``config.json`` names (``LlamaForCausalLM``), or its ``model_type`` without one."""
+    names = config.get("architectures")
+    if isinstance(names, list) and names and isinstance(names[0], str):
+        return names[0]
+    model_type = config.get("model_type")
+    return model_type if isinstance(model_type, str) else None
+
+
+def context_length(config: dict[str, Any]) -> int | None:
+    """Longest sequence the model was built for, in tokens (``max_position_embeddings``, or GPT-2's ``n_positions``)."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def describe_model(model_dir: Path) -> dict[str, Any]:
+    """What ``ipo models list`` and ``GET /v1/models`` say about a base model, read without torch.
+
+    Returns ``{"architecture": str | None, "parameters": int | None, "context_length": int | None,
+    "chat_template": bool}``; ``parameters`` is None when the weights are not safetensors. Cached per
+    directory and modification time of its config and weights. Raises ModelInfoError when the config or a
+    weights header cannot be read.
+    """
+    try:
+        stamp = max(p.stat().st_mtime for p in [model_dir / "config.json", *_weight_files(model_dir)])
+        template_stamp = max(
+            (
+                p.stat().st_mtime
+                for p in [model_dir / "tokenizer_config.json", *(model_dir / n for n in CHAT_TEMPLATE_FILES)]
+                if p.exists()
+            ),
+            default=0.0,
+        )
+    except OSError as exc:
+        raise ModelInfoError(f"{model_dir.name}: {exc}") from exc
+    return dict(_cached_description(model_dir, stamp, template_stamp))
+
+
+@lru_cache(maxsize=64)
+def _cached_description(model_dir: Path, _stamp: float, _template_stamp: float) -> tuple[tuple[str, Any], ...]:
+    config = read_config(model_dir)
+    return (
+        ("architecture", architecture(config)),
+        ("parameters", parameter_count(model_dir)),
+        ("context_length", context_length(config)),
+        ("chat_template", has_chat_template(model_dir)),
+    )

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from ipo_cli.database import database_errors
 from ipo_cli.errors import CliError
 
 if TYPE_CHECKING:
@@ -16,10 +17,13 @@ keys = typer.Typer(help="Manage API keys (run on the server host).", no_args_is_
 
 
 def _sessions() -> sessionmaker[Session]:
+    """A session factory on a database at the head migration (else a one-line CliError, exit 4 or 5;
+    the embedded default migrates itself: ipo_cli/database.py)."""
     from app.db import make_engine, make_sessionmaker
     from app.settings import Settings
+    from ipo_cli.database import ready_database_url
 
-    return make_sessionmaker(make_engine(Settings().resolved_database_url))
+    return make_sessionmaker(make_engine(ready_database_url(Settings())))
 
 
 @keys.command("create")
@@ -31,7 +35,7 @@ def create(
     """Create a key. It is shown once: the server keeps only its hash."""
     from app.auth import create_key
 
-    with _sessions()() as session, session.begin():
+    with database_errors(), _sessions()() as session, session.begin():
         row, raw = create_key(session, project, name)
         out = {"id": row.id, "project": project, "key": raw}
     typer.echo(json.dumps(out) if as_json else f"{raw}\n(key id {out['id']}, project {project}; shown once)")
@@ -44,7 +48,7 @@ def list_keys(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 
     from app.models import ApiKey, Project
 
-    with _sessions()() as session:
+    with database_errors(), _sessions()() as session:
         rows = session.execute(select(ApiKey, Project.name).join(Project).order_by(ApiKey.created_at)).all()
         data = [
             {"id": k.id, "project": p, "prefix": k.prefix, "name": k.name, "revoked": k.revoked_at is not None}
@@ -63,7 +67,7 @@ def revoke(key_id: str) -> None:
     from app.models import ApiKey
     from app.models.base import utcnow
 
-    with _sessions()() as session, session.begin():
+    with database_errors(), _sessions()() as session, session.begin():
         row = session.get(ApiKey, key_id)
         if row is None:
             raise CliError(f"no such key: {key_id}")

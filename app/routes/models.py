@@ -26,7 +26,7 @@ router = APIRouter(
 
 
 def _view(entry: ModelEntry) -> ModelObject:
-    return ModelObject(id=entry.id, created=entry.created, owned_by=entry.owned_by)
+    return ModelObject(id=entry.id, created=entry.created, owned_by=entry.owned_by, **entry.description)
 
 
 @router.get("", response_model=ModelList)

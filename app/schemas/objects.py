@@ -47,6 +47,17 @@ class ModelObject(BaseModel):
     created: int
     owned_by: str
     """``system`` for allow-listed base models, the project id for its fine-tuned models."""
+    # Extensions (not in OpenAI's object; its SDK keeps them as extra attributes). For a fine-tuned model
+    # they describe its base model. Read from config.json, the safetensors headers and the tokenizer
+    # files (contracts/model_info.py: describe_model); null when the files do not say.
+    architecture: str | None = None
+    """The model class ``config.json`` names, e.g. ``LlamaForCausalLM``."""
+    parameters: int | None = None
+    """Stored weights (tied weights once), from the safetensors headers."""
+    context_length: int | None = None
+    """``max_position_embeddings``: the longest sequence in tokens."""
+    chat_template: bool | None = None
+    """Whether the tokenizer carries a chat template (jobs on a model without one need ``chat_template``)."""
 
 
 class ModelList(BaseModel):

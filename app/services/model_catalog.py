@@ -7,8 +7,9 @@ files are kept. Base models belong to the installation and cannot be deleted thr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -17,6 +18,7 @@ from app.errors import Forbidden, NotFound
 from app.models import Job, JobStatus
 from app.models.base import unix, utcnow
 from app.services.models_registry import base_model_created, is_allowed, list_base_models
+from contracts.model_info import ModelInfoError, describe_model
 
 SYSTEM_OWNER = "system"
 
@@ -26,6 +28,18 @@ class ModelEntry:
     id: str
     created: int
     owned_by: str
+    description: dict[str, Any] = field(default_factory=dict)
+    """``describe_model`` of the (base) model directory: architecture, parameters, context_length,
+    chat_template; empty when the directory cannot be read."""
+
+
+def _describe(models_dir: Path, base_model: str) -> dict[str, Any]:
+    if not is_allowed(models_dir, base_model):
+        return {}
+    try:
+        return describe_model(models_dir / base_model)
+    except ModelInfoError:
+        return {}
 
 
 def _fine_tuned(session: Session, project_id: str, model_id: str | None = None) -> list[Job]:
@@ -40,17 +54,22 @@ def _fine_tuned(session: Session, project_id: str, model_id: str | None = None) 
     return list(session.scalars(stmt.order_by(Job.finished_at, Job.id)))
 
 
-def _entry(job: Job) -> ModelEntry:
+def _entry(job: Job, models_dir: Path) -> ModelEntry:
     return ModelEntry(
-        id=job.fine_tuned_model or "", created=unix(job.finished_at or job.created_at) or 0, owned_by=job.project_id
+        id=job.fine_tuned_model or "",
+        created=unix(job.finished_at or job.created_at) or 0,
+        owned_by=job.project_id,
+        description=_describe(models_dir, job.model),
     )
 
 
+def _base_entry(models_dir: Path, name: str) -> ModelEntry:
+    return ModelEntry(name, base_model_created(models_dir, name), SYSTEM_OWNER, _describe(models_dir, name))
+
+
 def list_models(session: Session, project_id: str, models_dir: Path) -> list[ModelEntry]:
-    base = [
-        ModelEntry(name, base_model_created(models_dir, name), SYSTEM_OWNER) for name in list_base_models(models_dir)
-    ]
-    return base + [_entry(job) for job in _fine_tuned(session, project_id)]
+    base = [_base_entry(models_dir, name) for name in list_base_models(models_dir)]
+    return base + [_entry(job, models_dir) for job in _fine_tuned(session, project_id)]
 
 
 def _not_found(model_id: str) -> NotFound:
@@ -59,11 +78,11 @@ def _not_found(model_id: str) -> NotFound:
 
 def get_model(session: Session, project_id: str, models_dir: Path, model_id: str) -> ModelEntry:
     if is_allowed(models_dir, model_id):
-        return ModelEntry(model_id, base_model_created(models_dir, model_id), SYSTEM_OWNER)
+        return _base_entry(models_dir, model_id)
     jobs = _fine_tuned(session, project_id, model_id)
     if not jobs:
         raise _not_found(model_id)
-    return _entry(jobs[0])
+    return _entry(jobs[0], models_dir)
 
 
 def delete_model(session: Session, project_id: str, models_dir: Path, model_id: str) -> str:

@@ -107,6 +107,40 @@ def test_models_list_retrieve_delete(client, upload, auth, other_auth) -> None:
     assert r.status_code == 404 and r.json()["error"]["param"] == "model"
 
 
+def test_models_describe_architecture_size_context_and_template(client, upload, auth, settings) -> None:
+    """Extension fields on the model object, read from the files (the API never loads torch): a fine-tuned
+    model shows its base's; a base model whose files say nothing has nulls, and a corrupt one still lists."""
+    from tests.api.test_model_fit import write_model
+
+    write_model(settings.resolved_models_dir / "char-model", positions=96)
+    broken = settings.resolved_models_dir / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{")
+    char = {"architecture": "mistral", "parameters": 8 * 4 * 2 + 7 * 16 + 4, "context_length": 96}
+    listing = {m["id"]: m for m in client.get("/v1/models", headers=auth).json()["data"]}
+    assert listing["char-model"] == {
+        "id": "char-model",
+        "object": "model",
+        "created": listing["char-model"]["created"],
+        "owned_by": "system",
+        **char,
+        "chat_template": True,
+    }
+    none = {"architecture": None, "parameters": None, "context_length": None, "chat_template": None}
+    assert {k: listing["broken"][k] for k in none} == none
+    # config.json {"model_type": "mistral"} only: no weights, no tokenizer
+    assert {k: listing["tiny-mistral"][k] for k in none} == {**none, "architecture": "mistral", "chat_template": False}
+
+    job = _job(client, auth, upload().json()["id"], model="char-model", suffix="d").json()
+    succeed(client, WORKER, job["id"])
+    model_id = client.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=auth).json()["fine_tuned_model"]
+    got = client.get(f"/v1/models/{model_id}", headers=auth).json()
+    assert got["owned_by"] != "system" and {k: got[k] for k in [*char, "chat_template"]} == {
+        **char,
+        "chat_template": True,
+    }
+
+
 def test_jobs_metadata_filter_pages_are_full_and_chain(client, upload, auth) -> None:
     file_id = upload().json()["id"]
     jobs = []
