@@ -178,7 +178,9 @@ def validate(
             if lengths.get("text_rows") == report.text_rows:
                 lengths = {**lengths, "text_rows": None}  # said once, above
             _print_lengths(lengths, model or "", max_length)
-    if not report.ok or (lengths is not None and (lengths["unusable"] or lengths["template_refusals"])):
+    if not report.ok or (
+        lengths is not None and (lengths["unusable"] or lengths["template_refusals"] or lengths["invalid"])
+    ):
         raise typer.Exit(2)
 
 
@@ -210,6 +212,8 @@ def _print_lengths(lengths: dict[str, object], model: str, max_length: int | Non
     def row(stats: object) -> str:
         return "  ".join(f"{k} {v}" for k, v in stats.items()) if isinstance(stats, dict) else "-"
 
+    if lengths.get("invalid"):
+        typer.echo(f"with the special tokens of {model}: {lengths['invalid']}")
     if lengths.get("chat_template_note"):
         typer.echo(f"chat template: {lengths['chat_template_note']}")
     if lengths.get("text_rows"):

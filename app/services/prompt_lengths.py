@@ -253,9 +253,12 @@ class LengthReport:
     refusals: list[tuple[int, str]] = field(default_factory=list)
     """(line, message) of conversations the chat template refuses (the job is refused)."""
     text_rows: str | None = None
+    invalid: str | None = None
+    """The validator's summary when the file is invalid only with this model's special tokens."""
 
     def summary(self) -> dict[str, object]:
         return {
+            "invalid": self.invalid,
             "examples": len(self.prompt) + len(self.refusals),
             "prompt_tokens": percentiles(self.prompt),
             "prompt_plus_reply_tokens": percentiles(self.longest_pair),
@@ -288,6 +291,7 @@ def length_report(path: Path, tokenizer: PromptTokenizer, max_length: int | None
     out = LengthReport()
     if measured is None:
         return out
+    out.invalid = measured.invalid
     out.refusals = list(measured.refusals)
     out.text_rows = measured.text_rows
     for i in range(len(measured)):

@@ -104,3 +104,16 @@ def test_a_base_model_is_measured_with_the_default_template(tmp_path: Path) -> N
     assert tokens["chat_template"] == "custom" and tokens["prompt_tokens"]["max"] == 2  # "ab", nothing else
     bad = ipo("data", "validate", data, "--model", "base", "--chat-template", "vicuna", models=tmp_path / "models")
     assert bad.returncode == 2 and "neither a named template" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_file_invalid_only_with_the_models_special_tokens_fails(tmp_path: Path) -> None:
+    write_model(tmp_path / "models" / "char-model")
+    data = tmp_path / "train.jsonl"
+    rows = [
+        {"prompt": "<s>ab", "chosen": "a", "rejected": "b"},  # "<s>" is this model's special token: verbatim
+        {"system": "be brief", "prompt": "ab", "chosen": "a", "rejected": "b"},
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = ipo("data", "validate", data, "--model", "char-model", models=tmp_path / "models")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "with the special tokens of char-model" in r.stdout and "line 2: a top-level system field" in r.stdout
