@@ -154,14 +154,15 @@ def parameter_count(model_dir: Path) -> int | None:
 
 
 def has_chat_template(model_dir: Path) -> bool:
-    """True when the tokenizer saved in ``model_dir`` carries a chat template (file or config key)."""
-    if any((model_dir / name).is_file() for name in CHAT_TEMPLATE_FILES):
-        return True
+    """True when the tokenizer saved in ``model_dir`` carries a chat template: the same reading jobs use
+    (``contracts.chat_templates.model_chat_template``), so a model listed without one is exactly a model
+    whose jobs get the default template."""
+    from contracts.chat_templates import model_chat_template
+
     try:
-        config = json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+        return model_chat_template(model_dir) is not None
     except (OSError, ValueError):
         return False
-    return isinstance(config, dict) and bool(config.get("chat_template"))
 
 
 def architecture(config: dict[str, Any]) -> str | None:

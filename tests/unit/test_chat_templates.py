@@ -122,3 +122,16 @@ def test_unusable_templates_are_refused(template: str, reason: str) -> None:
 def test_special_tokens_are_read_from_the_tokenizer_files(tmp_path: Path) -> None:
     write_model(tmp_path / "m")
     assert special_tokens(tmp_path / "m") == ("</s>", "<s>", "<|assistant|>", "<|system|>", "<|user|>")
+
+
+def test_the_model_list_and_jobs_agree_on_whether_a_model_has_a_template(tmp_path: Path) -> None:
+    from contracts.model_info import has_chat_template
+
+    write_model(tmp_path / "chat")
+    base = base_model(tmp_path / "base")
+    assert has_chat_template(tmp_path / "chat") and resolve_chat_template("auto", tmp_path / "chat").source == "model"
+    assert not has_chat_template(base) and resolve_chat_template("auto", base).source == "default"
+    (base / "chat_template.json").write_text('{"chat_template": "{{ 1 }}"}')  # a processor's file, not read
+    assert not has_chat_template(base) and resolve_chat_template("auto", base).source == "default"
+    (base / "tokenizer_config.json").write_text("{not json")
+    assert not has_chat_template(base)
