@@ -108,9 +108,11 @@ class ChatTemplateChoice:
         return f"conversations are formatted with the {self.name} chat template (method.<type>.chat_template)"
 
 
-def resolve_chat_template(requested: str, model_dir: Path) -> ChatTemplateChoice:
+def resolve_chat_template(requested: str, model_dir: Path, *, probe: bool = True) -> ChatTemplateChoice:
     """The template for a job's ``chat_template`` (``"auto"``, a name or Jinja) and this model directory.
-    Raises ``ChatTemplateError`` for a string that is neither a known name nor Jinja."""
+    Raises ``ChatTemplateError`` for a string that is neither a known name nor Jinja, and (``probe``) for
+    a Jinja string that cannot render a conversation (``check_template_text``). The API passes
+    ``probe=False`` and runs that check in a child process instead: a user's Jinja may loop for ever."""
     if requested == "auto":
         own = model_chat_template(model_dir)
         if own is not None:
@@ -118,7 +120,13 @@ def resolve_chat_template(requested: str, model_dir: Path) -> ChatTemplateChoice
         return ChatTemplateChoice(DEFAULT_FOR_BASE_MODELS, NAMED_TEMPLATES[DEFAULT_FOR_BASE_MODELS], "default")
     if requested in NAMED_TEMPLATES:
         return ChatTemplateChoice(requested, NAMED_TEMPLATES[requested], "named")
-    check_template_text(requested)
+    if probe:
+        check_template_text(requested)
+    elif "{{" not in requested and "{%" not in requested:
+        raise ChatTemplateError(
+            f"chat_template {requested[:40]!r} is neither a named template "
+            f"({', '.join(NAMED_TEMPLATES)}, or auto) nor a Jinja template"
+        )
     return ChatTemplateChoice("custom", requested, "custom")
 
 

@@ -23,7 +23,13 @@ from app.schemas.requests import JobCreate
 from app.services import files as files_service
 from app.services import metrics, webhooks
 from app.services.models_registry import is_allowed, list_base_models
-from app.services.prompt_lengths import identical_after_truncation, longest_prompt, measure_file, tokenizer_for
+from app.services.prompt_lengths import (
+    identical_after_truncation,
+    longest_prompt,
+    measure_file,
+    measure_untrusted,
+    tokenizer_for,
+)
 from app.storage import Storage
 from contracts.chat_templates import ChatTemplateError, describe_template_refusals, resolve_chat_template
 from contracts.max_length import MaxLengthError, resolve_max_length
@@ -138,7 +144,7 @@ def check_fits_model(model_dir: Path, method: Method, data_files: dict[str, Path
                     code="invalid_lora_target_modules",
                 )
         max_length = resolve_max_length(requested, read_config(model_dir))
-        choice = resolve_chat_template(params.chat_template, model_dir)
+        choice = resolve_chat_template(params.chat_template, model_dir, probe=False)
     except MaxLengthError as exc:
         raise InvalidRequest(f"max_length {exc} ({model_dir.name!r}).", param=max_length_param) from exc
     except ModelInfoError as exc:
@@ -146,12 +152,18 @@ def check_fits_model(model_dir: Path, method: Method, data_files: dict[str, Path
     except ChatTemplateError as exc:
         raise InvalidRequest(f"{exc}.", param=f"{prefix}.chat_template", code="invalid_chat_template") from exc
     notes = [_sentence(choice.describe(model_dir.name))] if choice.source != "model" else []
-    tokenizer = tokenizer_for(model_dir, choice.template)
-    if tokenizer is None:
-        return notes
+    if choice.source == "custom":  # the job's own Jinja: probed and rendered in a child process, never here
+        try:
+            measurements = measure_untrusted(model_dir, choice.template, data_files)
+        except ChatTemplateError as exc:
+            raise InvalidRequest(f"{exc}.", param=f"{prefix}.chat_template", code="invalid_chat_template") from exc
+    else:
+        tokenizer = tokenizer_for(model_dir, choice.template)
+        if tokenizer is None:
+            return notes
+        measurements = {param: measure_file(path, tokenizer) for param, path in data_files.items()}
     said = f"max_length {max_length}" + (" (auto for this model)" if requested == "auto" else "")
-    for param, path in data_files.items():
-        measured = measure_file(path, tokenizer)
+    for param, measured in measurements.items():
         if measured is None:
             continue
         if measured.invalid is not None:

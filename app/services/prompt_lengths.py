@@ -24,6 +24,8 @@ from pathlib import Path
 
 from contracts.chat_templates import (
     SPECIAL_TOKEN_KEYS,
+    ChatTemplateError,
+    check_template_text,
     model_chat_template,
     read_json,
     special_tokens,
@@ -211,6 +213,62 @@ def _measure(path: Path, _size: int, _mtime_ns: int, tokenizer: PromptTokenizer,
             out.rejected.append(measured.rejected)
             out.common.append(measured.common)
     return out
+
+
+UNTRUSTED_TIMEOUT_SECONDS = 60.0
+"""How long a job's own Jinja template may take to render every conversation of its files at creation."""
+UNTRUSTED_MEMORY_BYTES = 4 << 30
+"""Address-space limit of the child process that renders a job's own Jinja template (RLIMIT_AS)."""
+
+
+def measure_untrusted(model_dir: Path, template: str, paths: dict[str, Path]) -> dict[str, FileTokens | None]:
+    """``measure_file`` for each of ``paths`` with a job's own Jinja ``template``, in a child process.
+
+    Jinja's sandbox stops attribute escapes, not work: a template can loop for ever or build a huge
+    string. So a user's template is first probed (``check_template_text``) and then renders the files in a
+    spawned process with a memory limit, killed after ``UNTRUSTED_TIMEOUT_SECONDS``; the API's own threads
+    never run it. Raises ``ChatTemplateError`` for a template that fails the probe, runs out of time or
+    memory, or kills its process.
+    """
+    import multiprocessing
+
+    pool = multiprocessing.get_context("spawn").Pool(1, initializer=_limit_memory, initargs=(UNTRUSTED_MEMORY_BYTES,))
+    try:
+        pending = pool.apply_async(_measure_in_child, (model_dir, template, paths))
+        try:
+            result: dict[str, FileTokens | None] | str = pending.get(UNTRUSTED_TIMEOUT_SECONDS)
+        except multiprocessing.TimeoutError:
+            raise ChatTemplateError(
+                f"chat_template took more than {UNTRUSTED_TIMEOUT_SECONDS:.0f}s to render the data files' "
+                "conversations; it was stopped"
+            ) from None
+        except MemoryError:
+            raise ChatTemplateError("chat_template ran out of memory rendering the conversations") from None
+    finally:
+        pool.terminate()
+        pool.join()
+    if isinstance(result, str):
+        raise ChatTemplateError(result)
+    return result
+
+
+def _limit_memory(limit: int) -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def _measure_in_child(model_dir: Path, template: str, paths: dict[str, Path]) -> dict[str, FileTokens | None] | str:
+    try:
+        check_template_text(template)
+    except ChatTemplateError as exc:
+        return str(exc)
+    try:
+        tokenizer = PromptTokenizer(model_dir, template)
+    except Exception as exc:  # an unreadable tokenizer: the worker still checks every example
+        log.warning("cannot measure prompt lengths for %s at job creation: %s", model_dir.name, exc)
+        return {name: None for name in paths}
+    return {name: _measure.__wrapped__(path, 0, 0, tokenizer, 0) for name, path in paths.items()}
 
 
 @dataclass(frozen=True)

@@ -107,3 +107,41 @@ def test_the_chat_template_round_trips_through_the_job_spec(client, upload, auth
     assert spec.json()["method"]["ipo"]["chat_template"] == "llama-3"
     schema = client.get("/schemas/job-spec.v1.json").json()
     assert "chat_template" in json.dumps(schema)
+
+
+LOOPS_FOR_EVER = (
+    "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+)
+GROWS_FOR_EVER = (
+    "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}"
+    "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+)
+
+
+def test_a_jinja_template_that_never_ends_is_stopped_not_run_in_the_api(client, upload, auth, base, monkeypatch):
+    from app.services import prompt_lengths
+
+    monkeypatch.setattr(prompt_lengths, "UNTRUSTED_TIMEOUT_SECONDS", 3.0)
+    file_id = upload(content=jsonl(PLAIN_ROW)).json()["id"]
+    r = _create(client, auth, file_id, chat_template=LOOPS_FOR_EVER)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "method.ipo.chat_template" and err["code"] == "invalid_chat_template"
+    assert "took more than 3s" in err["message"]
+
+
+def test_a_jinja_template_that_eats_memory_is_refused(client, upload, auth, base):
+    r = _create(client, auth, upload(content=jsonl(PLAIN_ROW)).json()["id"], chat_template=GROWS_FOR_EVER)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_chat_template", r.text
+    assert "MemoryError" in r.json()["error"]["message"] or "memory" in r.json()["error"]["message"]
+
+
+def test_a_jinja_template_that_refuses_rows_in_the_child_is_named_by_line(client, upload, auth, base):
+    refusing = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system here') }}{% endif %}"
+        "{{ m['content'] + eos_token }}{% endfor %}"
+    )
+    r = _create(client, auth, upload(content=jsonl(PLAIN_ROW, SYSTEM_ROW)).json()["id"], chat_template=refusing)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_training_file", r.text
+    assert '"no system here" (line 2)' in r.json()["error"]["message"]
