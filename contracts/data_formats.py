@@ -116,10 +116,12 @@ _Bad = BadLine
 
 
 class _TooLong:
-    """Stands in for a line over ``MAX_LINE_BYTES``, carrying only its size."""
+    """Stands in for a line over ``MAX_LINE_BYTES``, carrying only its size and first bytes (a binary
+    file's signature)."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, head: bytes = b"") -> None:
         self.size = size
+        self.head = head
 
 
 def parse_preference_lines(
@@ -161,7 +163,7 @@ def _bounded_lines(f: BinaryIO) -> Iterator[tuple[int, bytes | _TooLong]]:
         while (rest := f.readline(_SKIP_CHUNK)) and not rest.endswith(b"\n"):
             size += len(rest)
         size += len(rest.rstrip(b"\r\n"))
-        yield lineno, _TooLong(size)
+        yield lineno, _TooLong(size, chunk[:16])
 
 
 def _scan(
@@ -249,8 +251,14 @@ _UTF16_FIX = (
 def _whole_file_problem(raw: bytes | str | _TooLong, rest: Iterator[tuple[int, bytes | str | _TooLong]]) -> str | None:
     """The reason a file is not JSON Lines as a whole, judged on its first non-blank line, or None.
 
-    UTF-16 and UTF-32 (by byte-order mark, or NUL bytes in the first line) and a JSON array (the first
-    line starts with ``[``; up to ``_ARRAY_PEEK_BYTES`` more are read to name its records' shape)."""
+    Binary files by signature (``_BINARY``: compressed, archives, Parquet, Arrow), UTF-16 and UTF-32 (by
+    byte-order mark, or NUL bytes in the first line), a CSV/TSV header naming ``chosen`` and ``rejected``,
+    and a JSON array (the first line starts with ``[``; up to ``_ARRAY_PEEK_BYTES`` more are read to name
+    its records' shape)."""
+    head = raw.head if isinstance(raw, _TooLong) else raw[:16] if isinstance(raw, bytes) else b""
+    for magic, what in _BINARY:
+        if head.startswith(magic):
+            return f"the file is {what}, not JSON Lines"
     if isinstance(raw, _TooLong):
         return None
     if isinstance(raw, bytes):
@@ -268,7 +276,7 @@ def _whole_file_problem(raw: bytes | str | _TooLong, rest: Iterator[tuple[int, b
         text = raw
     text = text.removeprefix("\ufeff").lstrip()
     if not text.startswith("["):
-        return None
+        return _csv_header(text)
     record = _first_array_record(text, rest)
     said = (
         'the file is one JSON array (it starts with "["), not JSON Lines (one JSON object per line): '
@@ -281,6 +289,37 @@ def _whole_file_problem(raw: bytes | str | _TooLong, rest: Iterator[tuple[int, b
     except BadLine as bad:
         return f"{said}. Its first record: {bad}"
     return f"{said}. Its records have the {_SHAPE_NAMES.get(shape, shape)} shape, which is accepted one per line"
+
+
+_TO_JSONL = "pandas.read_{}(PATH).to_json(OUT, orient='records', lines=True, force_ascii=False)"
+_BINARY: tuple[tuple[bytes, str], ...] = (
+    (b"\x1f\x8b", "gzip-compressed: decompress it first (`gunzip FILE.jsonl.gz`)"),
+    (b"PK\x03\x04", "a ZIP archive (or an Excel workbook): extract the JSON Lines file from it first"),
+    (b"PAR1", "a Parquet file (as Hugging Face datasets ship): convert it, e.g. " + _TO_JSONL.format("parquet")),
+    (b"BZh", "bzip2-compressed: decompress it first (`bunzip2 FILE.jsonl.bz2`)"),
+    (b"\xfd7zXZ\x00", "xz-compressed: decompress it first (`unxz FILE.jsonl.xz`)"),
+    (b"\x28\xb5\x2f\xfd", "zstd-compressed: decompress it first (`unzstd FILE.jsonl.zst`)"),
+    (b"ARROW1", "an Arrow file: convert it to JSON Lines first"),
+)
+"""Signatures of binary files people upload instead of JSON Lines, and what to do."""
+
+
+def _csv_header(text: str) -> str | None:
+    """A CSV/TSV header naming the pair's columns (``prompt,chosen,rejected``): one reason for the file."""
+    if text.startswith("{"):
+        return None
+    first = text.split("\n", 1)[0].strip()
+    for sep, name, reader in ((",", "CSV", "csv"), ("\t", "TSV", "csv")):
+        fields = [f.strip().strip('"').strip().lower() for f in first.split(sep)]
+        if len(fields) >= 2 and {"chosen", "rejected"} <= set(fields):
+            shown = ", ".join(fields[:6]) + (", ..." if len(fields) > 6 else "")
+            how = (
+                _TO_JSONL.format(reader)
+                if sep == ","
+                else _TO_JSONL.format(reader).replace("(PATH)", "(PATH, sep='\\t')")
+            )
+            return f"the file is {name} with a header ({shown}), not JSON Lines: convert it, e.g. {how}"
+    return None
 
 
 def _first_array_record(text: str, rest: Iterator[tuple[int, bytes | str | _TooLong]]) -> object:

@@ -416,3 +416,26 @@ def test_a_huge_pretty_printed_array_is_read_only_so_far(tmp_path: Path) -> None
     path.write_text(json.dumps([record, record], indent=2), encoding="utf-8")  # ~14 MB, first record ~7 MB
     reason = file_error(parse_preference_file(path)[1])
     assert "one JSON array" in reason and "Its records" not in reason  # the first record is past the peek
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (__import__("gzip").compress(POWERSHELL_ROWS.encode()), "gzip-compressed: decompress it first"),
+        (b"PAR1" + bytes(range(256)) * 8000, "a Parquet file (as Hugging Face datasets ship)"),  # > 1 MiB, no newline
+        (b"PK\x03\x04" + b"\x00" * 64, "a ZIP archive"),
+        (__import__("bz2").compress(POWERSHELL_ROWS.encode()), "bzip2-compressed"),
+        (b'"prompt","chosen","rejected"\n"a","b","c"\n', "the file is CSV with a header (prompt, chosen, rejected)"),
+        (b"id\tprompt\tchosen\trejected\n1\ta\tb\tc\n", "the file is TSV with a header (id, prompt, chosen, rejected)"),
+    ],
+)
+def test_binary_and_csv_files_are_one_reason_saying_what_to_do(tmp_path: Path, data: bytes, expected: str) -> None:
+    path = tmp_path / "upload.jsonl"
+    path.write_bytes(data)
+    reason = file_error(parse_preference_file(path)[1])
+    assert expected in reason and "not JSON Lines" in reason
+
+
+def test_a_text_line_that_merely_mentions_chosen_is_not_a_csv_header() -> None:
+    _, report = parse_preference_lines(["chosen or rejected, who knows", json.dumps(PLAIN)])
+    assert [e.line for e in report.errors] == [1] and report.errors[0].reason.startswith("malformed JSON")
