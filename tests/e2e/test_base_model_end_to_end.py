@@ -21,7 +21,7 @@ from tests.conftest import fresh_database
 from tests.e2e.conftest import Stack, _stack
 from worker.training.demo_data import write_demo_data
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # a second live stack of its own: about a minute
 
 
 @pytest.fixture(scope="module")
