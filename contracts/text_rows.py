@@ -7,9 +7,11 @@ text shape): templated, or used verbatim. One rule, applied by the validator, th
   the markers of common chat templates (``MARKERS``: ChatML, Llama 2/3, Mistral, Zephyr, Gemma, Phi-3,
   Alpaca/Vicuna headers), Anthropic HH's ``\\n\\nHuman:`` / ``\\n\\nAssistant:`` turns, the base model's
   own special tokens (given by the caller that has the tokenizer), or an implicit prompt in text (the
-  replies are whole transcripts, which TRL never templates). Then every text row of the file is used
-  verbatim, as TRL's standard text format does (``"verbatim"``: prompt + reply tokenized as written, TRL
-  appends EOS to the reply).
+  replies are whole transcripts, which TRL never templates). When every text row of the file carries
+  one, they are used verbatim, as TRL's standard text format does (``"verbatim"``: prompt + reply
+  tokenized as written, TRL appends EOS to the reply). When only some do, those lines are refused with
+  the reason (templating them would format them twice; using the plain ones verbatim would train them
+  without a template).
   One mode per file, because a data set is either written for a template or already formatted; the
   mode and the lines that decided it are recorded (``TextRowsPlan.describe``), on the file's validation
   report and in the job's events and resolved hyperparameters.
@@ -92,9 +94,11 @@ class TextRowsPlan:
         if self.mode is None:
             return None
         if self.mode == "chat_template":
+            plain = self.n_rows - self.n_marked
             return (
-                f"{self.n_rows} text rows: each prompt becomes a user turn and each reply an assistant turn, "
+                f"{plain} text rows: each prompt becomes a user turn and each reply an assistant turn, "
                 "formatted with the chat template (no chat markup found in them)"
+                + (f"; {self.n_marked} rows that carry chat markup are refused" if self.n_marked else "")
             )
         lines = ", ".join(map(str, self.marked_lines)) + (" ..." if self.n_marked > len(self.marked_lines) else "")
         return (
@@ -115,18 +119,33 @@ def plan_text_rows(rows: Sequence[_TextRow], special_tokens: Sequence[str] = ())
     if not text_rows:
         return plan
     plan.n_rows = len(text_rows)
+    found: dict[int, str] = {}
     for row in text_rows:
         assert row.text is not None
-        found = find_markup(row.text, special_tokens)
-        if found is None and row.text_implicit:
-            found = "an implicit prompt in text (chosen and rejected are whole transcripts, TRL's text format)"
-        if found is not None:
-            plan.n_marked += 1
-            if len(plan.marked_lines) < 10:
-                plan.marked_lines.append(row.line)
-            if plan.reason is None:
-                plan.reason = found
-    plan.mode = "verbatim" if plan.n_marked else "chat_template"
+        markup = find_markup(row.text, special_tokens)
+        if markup is None and row.text_implicit:
+            markup = "an implicit prompt in text (chosen and rejected are whole transcripts, TRL's text format)"
+        if markup is not None:
+            found[row.line] = markup
+    plan.n_marked = len(found)
+    plan.marked_lines = sorted(found)[:10]
+    plan.reason = found[plan.marked_lines[0]] if found else None
+    if 0 < len(found) < len(text_rows):
+        # Some rows carry markup, others are plain: templating the marked ones would format them twice, and
+        # using the plain ones verbatim would train them without any template. Refuse the marked ones.
+        first_plain = next(row.line for row in text_rows if row.line not in found)
+        plan.mode = "chat_template"
+        plan.refused = [
+            (
+                line,
+                f"this text row carries {markup} but the file's other text rows are plain (line {first_plain}); "
+                "a file's text rows are either all plain (formatted with the chat template) or all already "
+                "formatted (used verbatim): write this one like the others",
+            )
+            for line, markup in sorted(found.items())
+        ]
+        return plan
+    plan.mode = "verbatim" if found else "chat_template"
     for row in text_rows:
         row.verbatim = plan.mode == "verbatim"
         if row.verbatim and row.system is not None:

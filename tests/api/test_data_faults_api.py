@@ -199,7 +199,8 @@ def test_rows_only_the_models_special_tokens_make_verbatim_are_checked_at_creati
     created = _create(client, auth, r.json()["id"])
     assert created.status_code == 400 and created.json()["error"]["code"] == "invalid_training_file", created.text
     message = created.json()["error"]["message"]
-    assert "cannot be used with model 'char-model'" in message and "line 2: a top-level system field" in message
+    assert "cannot be used with model 'char-model'" in message and "line 1: this text row carries" in message
+    assert "special token '<s>'" in message
 
 
 def test_the_default_template_event_keeps_the_models_name(client, upload, auth, settings):

@@ -116,4 +116,4 @@ def test_a_file_invalid_only_with_the_models_special_tokens_fails(tmp_path: Path
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     r = ipo("data", "validate", data, "--model", "char-model", models=tmp_path / "models")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    assert "with the special tokens of char-model" in r.stdout and "line 2: a top-level system field" in r.stdout
+    assert "with the special tokens of char-model" in r.stdout and "line 1: this text row carries" in r.stdout

@@ -383,11 +383,24 @@ def test_raw_hh_rows_with_an_implicit_text_prompt_are_split_like_trl() -> None:
     ],
 )
 def test_common_template_markers_make_text_rows_verbatim(text: str) -> None:
-    rows = [PLAIN, {"prompt": text, "chosen": "a", "rejected": "b"}]
+    rows = [
+        {"prompt": text, "chosen": "a", "rejected": "b"},
+        {"prompt": text + " again", "chosen": "c", "rejected": "d"},
+    ]
     examples, report = parse_preference_lines([json.dumps(r) for r in rows])
     assert report.ok and report.text_mode == "verbatim"
     assert [ex.verbatim for ex in examples] == [True, True]  # one mode per file
-    assert report.text_rows is not None and "(line 2:" in report.text_rows
+    assert report.text_rows is not None and "(line 1:" in report.text_rows
+
+
+def test_a_marked_row_among_plain_ones_is_refused_not_templated_twice() -> None:
+    marked = {"prompt": "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", "chosen": "a", "rejected": "b"}
+    examples, report = parse_preference_lines([json.dumps(r) for r in (PLAIN, marked, PLAIN)])
+    assert not report.ok and [e.line for e in report.errors] == [2]
+    reason = report.errors[0].reason
+    assert "carries the ChatML marker '<|im_start|>'" in reason and "other text rows are plain (line 1)" in reason
+    assert [ex.line for ex in examples] == [1, 3] and not any(ex.verbatim for ex in examples)
+    assert report.text_mode == "chat_template"
 
 
 def test_the_models_special_tokens_make_text_rows_verbatim() -> None:
