@@ -147,6 +147,7 @@ def test_loss_is_on_assistant_tokens_only(tiny_model_dir: Path, tmp_path: Path) 
     """Changing the context (system/user text) changes the training loss only through the predictions of the
     reply: a run whose prompts are garbage has the same number of loss tokens, and TRL's labels are -100
     exactly outside the mask."""
+    from datasets import Dataset
     from trl import SFTTrainer
 
     from worker.training.sft import load_supervised_data, sft_args
@@ -169,6 +170,7 @@ def test_loss_is_on_assistant_tokens_only(tiny_model_dir: Path, tmp_path: Path) 
         train_dataset=prepared.dataset,
         processing_class=tok,
     )
+    assert isinstance(trainer.train_dataset, Dataset)
     row = trainer.train_dataset[0]
     labels = [t for t in row["labels"] if t != -100]
     assert tok.decode(labels).startswith("Yes.") and len(labels) == sum(prepared.dataset[0]["assistant_masks"])

@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from contracts.sft_formats import parse_supervised_lines, training_file_kind, validate_training_file
+from contracts.data_formats import ValidationReport
+from contracts.sft_formats import SupervisedExample, parse_supervised_lines, training_file_kind, validate_training_file
 
 U = {"role": "user", "content": "What is 1 plus 2?"}
 A = {"role": "assistant", "content": "The sum is 3."}
 
 
-def _one(record: object) -> tuple[list, object]:  # type: ignore[type-arg]
+def _one(record: object) -> tuple[list[SupervisedExample], ValidationReport]:
     return parse_supervised_lines([json.dumps(record)])
 
 
@@ -45,7 +46,7 @@ def test_language_modeling_text() -> None:
 @pytest.mark.parametrize(
     ("record", "reason"),
     [
-        ({"messages": [U, A], "tools": []}, '"tools" is not supported'),
+        ({"messages": [U, A], "tools": [{"type": "function"}]}, '"tools" is not supported'),
         ({"messages": [U, {**A, "tool_calls": [{"id": "c1"}]}]}, "tool calls are not supported"),
         ({"messages": [U, {"role": "tool", "content": "6"}]}, "tool calls are not supported"),
         ({"messages": [U, {**A, "name": "bot"}]}, 'key "name" is not used in training'),

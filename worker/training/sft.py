@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from contracts.sft_formats import SupervisedExample, parse_supervised_file
-from worker.training.data import DataError, _lines
+from worker.training.data import DataError
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -221,3 +221,8 @@ def build_sft_trainer(
         peft_config=peft_config,
         callbacks=callbacks,
     )
+
+
+def _lines(lines: list[int], limit: int = 10) -> str:
+    shown = ", ".join(str(n) for n in lines[:limit])
+    return shown + (f" and {len(lines) - limit} more" if len(lines) > limit else "")
