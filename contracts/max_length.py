@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 RECIPE_MAX_LENGTH = 1024
 """handbook: max_length 1024."""
+SFT_MAX_LENGTH = 2048
+"""Supervised jobs: alignment-handbook ``recipes/zephyr-7b-beta/sft/config_qlora.yaml``: ``max_length: 2048``."""
 TINY_MAX_LENGTH = 64
 """The tiny demo model's preset (its demo pairs are under 64 tokens; see worker/training/recipe.py)."""
 
@@ -40,10 +42,14 @@ def fit_max_length(max_length: int, *, explicit: bool, model_config_dict: dict[s
     return min(max_length, max_positions)
 
 
-def resolve_max_length(requested: int | Literal["auto"], model_config_dict: dict[str, Any]) -> int:
+def resolve_max_length(
+    requested: int | Literal["auto"], model_config_dict: dict[str, Any], method_type: str = "ipo"
+) -> int:
     """The tokens of prompt + reply a job trains with: ``requested``, or for ``"auto"`` the model's default
-    (``TINY_MAX_LENGTH`` or ``RECIPE_MAX_LENGTH``), capped at its positions. Raises ``MaxLengthError``."""
+    (``TINY_MAX_LENGTH``, else ``RECIPE_MAX_LENGTH``, or ``SFT_MAX_LENGTH`` for a supervised job), capped at
+    its positions. Raises ``MaxLengthError``."""
     if requested == "auto":
-        default = TINY_MAX_LENGTH if is_tiny_model(model_config_dict) else RECIPE_MAX_LENGTH
+        recipe = SFT_MAX_LENGTH if method_type == "supervised" else RECIPE_MAX_LENGTH
+        default = TINY_MAX_LENGTH if is_tiny_model(model_config_dict) else recipe
         return fit_max_length(default, explicit=False, model_config_dict=model_config_dict)
     return fit_max_length(int(requested), explicit=True, model_config_dict=model_config_dict)

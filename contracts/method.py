@@ -1,4 +1,5 @@
-"""The ``method`` block of a fine-tuning job, as users send it (OpenAI's shape, types ``ipo`` and ``dpo``).
+"""The ``method`` block of a fine-tuning job, as users send it (OpenAI's shape, types ``ipo``, ``dpo`` and
+``supervised``).
 
 Validated at job creation by the API; resolved into a concrete ``TrainingConfig`` by the worker
 (``worker/training/recipe.py``), where every ``"auto"`` becomes a number and every default is documented.
@@ -64,12 +65,26 @@ class MethodParams(_Strict):
     ``mistral-instruct``); or a Jinja template string, checked at job creation."""
 
 
+PREFERENCE_TYPES = ("ipo", "dpo")
+"""Methods trained on preference pairs (``contracts.data_formats``); ``supervised`` trains on
+conversations (``contracts.sft_formats``)."""
+PREFERENCE_ONLY = ("beta", "sft_weight")
+"""Hyperparameters that mean nothing to a supervised job (refused there, with the field named)."""
+
+
 class Method(_Strict):
-    type: Literal["ipo", "dpo"] = "ipo"
+    type: Literal["ipo", "dpo", "supervised"] = "ipo"
     ipo: MethodParams | None = None
     dpo: MethodParams | None = None
+    supervised: MethodParams | None = None
+    """OpenAI's supervised fine-tuning (TRL ``SFTTrainer``); ``beta`` and ``sft_weight`` do not apply."""
 
     def params(self) -> MethodParams:
         """The parameters block matching ``type`` (an empty one when omitted)."""
-        block = self.ipo if self.type == "ipo" else self.dpo
+        block = {"ipo": self.ipo, "dpo": self.dpo, "supervised": self.supervised}[self.type]
         return block or MethodParams()
+
+    @property
+    def is_preference(self) -> bool:
+        """True for ``ipo`` and ``dpo`` (trained on preference pairs), False for ``supervised``."""
+        return self.type in PREFERENCE_TYPES

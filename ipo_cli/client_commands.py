@@ -64,7 +64,7 @@ def jobs_create(
     ] = None,
     model: Annotated[str, typer.Option()] = "tiny-mistral",
     validation_file: Annotated[str | None, typer.Option()] = None,
-    method: Annotated[str, typer.Option(help="ipo or dpo")] = "ipo",
+    method: Annotated[str, typer.Option(help="ipo, dpo or supervised")] = "ipo",
     beta: Annotated[float | None, typer.Option(help="IPO tau / DPO beta")] = None,
     n_epochs: Annotated[int | None, typer.Option()] = None,
     learning_rate: Annotated[float | None, typer.Option()] = None,

@@ -1,5 +1,6 @@
 """``ipo jobs watch``: a live progress line from the job's event stream (step of total, loss,
-per-token IPO margin vs its target 1/(2*beta), preference accuracy, tokens/s, ETA)."""
+per-token IPO margin vs its target 1/(2*beta), preference accuracy, or a supervised job's token accuracy,
+tokens/s, ETA)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ def _fmt(data: dict[str, Any]) -> str:
         ("ipo_margin", "margin", "{:.3f}"),
         ("margin_target", "target", "{:.3f}"),
         ("preference_accuracy", "acc", "{:.2f}"),
+        ("token_accuracy", "token acc", "{:.2f}"),  # supervised jobs
         ("tokens_per_second", "tok/s", "{:.0f}"),
         ("eta_seconds", "eta", "{:.0f}s"),
     ):

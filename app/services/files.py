@@ -15,7 +15,7 @@ from app.models import Checkpoint, FileStatus, Job, JobStatus, StoredFile
 from app.models.base import new_id, utcnow
 from app.storage import Storage
 from app.storage.base import TooLarge
-from contracts.data_formats import parse_preference_file
+from contracts.sft_formats import validate_training_file
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,8 @@ def store_file(
     max_bytes: int | None,
     validate: bool,
 ) -> StoredFile:
-    """Store the stream under a fresh id; for training data, run the preference-data validator on it.
+    """Store the stream under a fresh id; for training data, run the preference- or supervised-data validator
+    on it (``contracts.sft_formats.validate_training_file``).
 
     The blob belongs to the session's transaction: if that transaction does not commit (the request is
     refused after the upload, e.g. a 422 for a reused Idempotency-Key, or fails), the blob is deleted,
@@ -67,7 +68,7 @@ def store_file(
             created_at=utcnow(),
         )
         if validate:
-            _, report = parse_preference_file(storage.local_path(key))
+            _, report = validate_training_file(storage.local_path(key))  # preference or supervised
             row.n_examples = report.n_examples
             row.data_format = report.format
             row.validation = report.model_dump(mode="json")

@@ -30,12 +30,19 @@ from app.services.prompt_lengths import (
     measure_untrusted,
     tokenizer_for,
 )
+from app.services.sft_lengths import check_supervised_file, measure_supervised_file
 from app.storage import Storage
-from contracts.chat_templates import ChatTemplateError, describe_template_refusals, resolve_chat_template
+from contracts.chat_templates import (
+    ChatTemplateChoice,
+    ChatTemplateError,
+    describe_template_refusals,
+    resolve_chat_template,
+)
 from contracts.max_length import MaxLengthError, resolve_max_length
-from contracts.method import Method
+from contracts.method import PREFERENCE_ONLY, Method
 from contracts.model_info import ModelInfoError, read_config, unknown_target_modules
 from contracts.pair_tokens import describe_left_out
+from contracts.sft_formats import SUPERVISED_FORMATS
 
 ACTIVE = (JobStatus.VALIDATING_FILES, JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.PAUSED)
 ACTIVE_JOBS_RETRY_AFTER = 30
@@ -113,12 +120,39 @@ def _usable_file(session: Session, project_id: str, file_id: str, param: str) ->
     if row.purpose != "fine-tune":
         raise InvalidRequest(f"{file_id} has purpose {row.purpose!r}, expected 'fine-tune'.", param=param)
     if row.status == FileStatus.ERROR:
+        kind = "supervised" if row.data_format in SUPERVISED_FORMATS else "preference"
         raise InvalidRequest(
-            f"{param} {file_id} is not valid preference data: {row.status_details}",
+            f"{param} {file_id} is not valid {kind} data: {row.status_details}",
             param=param,
             code="invalid_training_file",
         )
     return row
+
+
+def check_method_fits_data(method: Method, data_files: dict[str, StoredFile]) -> None:
+    """Refuse a supervised job on preference pairs and a preference job on conversations (the file's
+    format was recognised at upload), and preference-only hyperparameters on a supervised job."""
+    prefix = f"method.{method.type}.hyperparameters"
+    hp = method.params().hyperparameters
+    for name in () if method.is_preference else PREFERENCE_ONLY:
+        if getattr(hp, name) != "auto":
+            raise InvalidRequest(
+                f"{name} applies to preference methods (ipo, dpo), not to supervised fine-tuning.",
+                param=f"{prefix}.{name}",
+            )
+    for param, row in data_files.items():
+        if row.data_format is None:
+            continue
+        supervised_file = row.data_format in SUPERVISED_FORMATS
+        if supervised_file == method.is_preference:
+            kind, wanted = ("supervised", "preference pairs") if supervised_file else ("preference", "conversations")
+            raise InvalidRequest(
+                f"{param} {row.id} holds {kind} data (format {row.data_format!r}), but method.type "
+                f"{method.type!r} trains on {wanted}: use method.type "
+                f"{'supervised' if supervised_file else 'ipo or dpo'} for this file, or another file.",
+                param=param,
+                code="invalid_training_file",
+            )
 
 
 def check_fits_model(model_dir: Path, method: Method, data_files: dict[str, Path]) -> list[str]:
@@ -143,7 +177,7 @@ def check_fits_model(model_dir: Path, method: Method, data_files: dict[str, Path
                     param=f"{prefix}.lora.target_modules",
                     code="invalid_lora_target_modules",
                 )
-        max_length = resolve_max_length(requested, read_config(model_dir))
+        max_length = resolve_max_length(requested, read_config(model_dir), method.type)
         choice = resolve_chat_template(params.chat_template, model_dir, probe=False)
     except MaxLengthError as exc:
         raise InvalidRequest(f"max_length {exc} ({model_dir.name!r}).", param=max_length_param) from exc
@@ -152,6 +186,10 @@ def check_fits_model(model_dir: Path, method: Method, data_files: dict[str, Path
     except ChatTemplateError as exc:
         raise InvalidRequest(f"{exc}.", param=f"{prefix}.chat_template", code="invalid_chat_template") from exc
     notes = [_sentence(choice.describe(model_dir.name))] if choice.source != "model" else []
+    said = f"max_length {max_length}" + (" (auto for this model)" if requested == "auto" else "")
+    if not method.is_preference:
+        _check_supervised_files(model_dir, choice, data_files, max_length, said, max_length_param, notes)
+        return notes
     if choice.source == "custom":  # the job's own Jinja: probed and rendered in a child process, never here
         try:
             measurements = measure_untrusted(model_dir, choice.template, data_files)
@@ -162,7 +200,6 @@ def check_fits_model(model_dir: Path, method: Method, data_files: dict[str, Path
         if tokenizer is None:
             return notes
         measurements = {param: measure_file(path, tokenizer) for param, path in data_files.items()}
-    said = f"max_length {max_length}" + (" (auto for this model)" if requested == "auto" else "")
     for param, measured in measurements.items():
         if measured is None:
             continue
@@ -200,6 +237,33 @@ def check_fits_model(model_dir: Path, method: Method, data_files: dict[str, Path
         if identical:
             notes.append(f"{param}: " + describe_left_out([], identical, max_length))
     return notes
+
+
+def _check_supervised_files(
+    model_dir: Path,
+    choice: ChatTemplateChoice,
+    data_files: dict[str, Path],
+    max_length: int,
+    said: str,
+    max_length_param: str,
+    notes: list[str],
+) -> None:
+    """The creation-time length checks of a supervised job's files (``app.services.sft_lengths``).
+
+    A job's own Jinja template is never rendered on an API thread, so with one the lengths of
+    supervised files are checked on the worker instead, and the job's events say so."""
+    if choice.source == "custom":
+        notes.append("Supervised files are measured against the job's own chat_template on the worker.")
+        return
+    tokenizer = tokenizer_for(model_dir, choice.template)
+    if tokenizer is None:
+        return
+    for param, path in data_files.items():
+        contexts = measure_supervised_file(path, tokenizer)
+        if contexts is not None:
+            check_supervised_file(
+                contexts, param=param, max_length=max_length, said=said, max_length_param=max_length_param
+            )
 
 
 def _sentence(text: str) -> str:
@@ -246,6 +310,7 @@ def create_job(
     data_files = {"training_file": _usable_file(session, project_id, body.training_file, "training_file")}
     if body.validation_file:
         data_files["validation_file"] = _usable_file(session, project_id, body.validation_file, "validation_file")
+    check_method_fits_data(method, data_files)
     notes = check_fits_model(
         models_dir / body.model, method, {p: storage.local_path(f.storage_key) for p, f in data_files.items()}
     )

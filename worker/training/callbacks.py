@@ -1,4 +1,5 @@
-"""Metrics, checkpoint and stop plumbing around TRL's ``DPOTrainer`` (``trainer.IpoDPOTrainer``).
+"""Metrics, checkpoint and stop plumbing around TRL's ``DPOTrainer`` (``trainer.IpoDPOTrainer``) and
+``SFTTrainer`` (``sft.py``).
 
 - ``ReportingCallback`` turns each logging step into a ``metrics`` report (with the peak GPU memory on
   CUDA and the process's peak RSS), and each completed save into a ``checkpoint`` report (after renaming
@@ -56,6 +57,8 @@ class ReportingCallback(TrainerCallback):
         self.reporter = reporter
         self.total_steps = total_steps
         self.target_margin = 1.0 / (2.0 * beta) if loss_type == "ipo" else None
+        self.supervised = loss_type == "sft"
+        """SFT runs report TRL's ``mean_token_accuracy`` instead of the preference metrics."""
         self.rows: list[dict[str, Any]] = []
         """Every metrics report (train and valid), for the metrics CSV."""
         self.last_train: dict[str, Any] = {}
@@ -103,11 +106,17 @@ class ReportingCallback(TrainerCallback):
             "grad_norm": logs.get("grad_norm"),
             "tokens_per_second": round((tokens - last_tokens) / max(now - last_time, 1e-6), 1),
             "eta_seconds": round((now - start_time) / done_steps * max(0, self.total_steps - state.global_step), 1),
-            "ipo_margin": logs.get("ipo/margin"),
-            "ipo_margin_target": self.target_margin,
-            "preference_accuracy": logs.get("ipo/accuracy"),
-            "likelihood_accuracy": logs.get("ipo/likelihood_accuracy"),
-            "chosen_logp_per_token": logs.get("ipo/chosen_logp_per_token"),
+            **(
+                {"token_accuracy": logs.get("mean_token_accuracy")}
+                if self.supervised
+                else {
+                    "ipo_margin": logs.get("ipo/margin"),
+                    "ipo_margin_target": self.target_margin,
+                    "preference_accuracy": logs.get("ipo/accuracy"),
+                    "likelihood_accuracy": logs.get("ipo/likelihood_accuracy"),
+                    "chosen_logp_per_token": logs.get("ipo/chosen_logp_per_token"),
+                }
+            ),
             "trained_tokens": tokens,
             **self._memory(),
         }
@@ -125,9 +134,15 @@ class ReportingCallback(TrainerCallback):
             "step": state.global_step,
             "total_steps": self.total_steps,
             "valid_loss": logs.get("eval_loss"),
-            "valid_ipo_margin": logs.get("eval_ipo/margin"),
-            "valid_preference_accuracy": logs.get("eval_ipo/accuracy"),
-            "valid_likelihood_accuracy": logs.get("eval_ipo/likelihood_accuracy"),
+            **(
+                {"valid_token_accuracy": logs.get("eval_mean_token_accuracy")}
+                if self.supervised
+                else {
+                    "valid_ipo_margin": logs.get("eval_ipo/margin"),
+                    "valid_preference_accuracy": logs.get("eval_ipo/accuracy"),
+                    "valid_likelihood_accuracy": logs.get("eval_ipo/likelihood_accuracy"),
+                }
+            ),
         }
         self.rows.append({"split": "valid", **data})
         self.reporter.metrics(data)

@@ -16,9 +16,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from contracts.max_length import RECIPE_MAX_LENGTH, TINY_MAX_LENGTH, MaxLengthError, is_tiny_model, resolve_max_length
+from contracts.max_length import (
+    RECIPE_MAX_LENGTH,
+    SFT_MAX_LENGTH,
+    TINY_MAX_LENGTH,
+    MaxLengthError,
+    is_tiny_model,
+    resolve_max_length,
+)
 from contracts.max_length import fit_max_length as _fit_max_length
-from contracts.method import Method
+from contracts.method import PREFERENCE_ONLY, Method
 from contracts.model_info import DECODER_LINEAR_NAMES, unknown_target_modules
 
 
@@ -69,6 +76,39 @@ TINY_IPO: dict[str, Any] = {
     "sft_weight": 1.0,  # NLL on chosen: keeps the chosen reply likely while IPO widens the margin
 }
 
+# The supervised stage of the same recipe. Source: alignment-handbook recipes/zephyr-7b-beta/sft/config_qlora.yaml
+# (commit 0213b5be27f9f60c2f64438244ff8e2fefcba9d0: QLoRA SFT of Mistral-7B-v0.1 on UltraChat 200k, the model that
+# the DPO/IPO stage above starts from), "handbook" below.
+ZEPHYR_SFT: dict[str, Any] = {
+    "learning_rate": 2.0e-4,  # handbook: learning_rate 2.0e-04
+    "n_epochs": 1,  # handbook: num_train_epochs 1
+    "batch_size": 4,  # handbook: per_device_train_batch_size 4
+    "gradient_accumulation_steps": 2,  # handbook: gradient_accumulation_steps 2
+    "max_length": SFT_MAX_LENGTH,  # handbook: max_length 2048 (resolved by contracts.max_length)
+    "warmup_ratio": 0.1,  # handbook: warmup_ratio 0.1
+    "lr_scheduler": "cosine",  # handbook: lr_scheduler_type cosine
+    "lora_r": 16,  # handbook: lora_r 16
+    "lora_alpha": 16,  # handbook: lora_alpha 16
+    "lora_dropout": 0.05,  # handbook: lora_dropout 0.05
+    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],  # handbook
+    "quantization": "nf4",  # handbook: load_in_4bit true
+    "double_quant": True,  # QLoRA paper: double quantisation (as the preference stage)
+    "gradient_checkpointing": True,  # handbook: gradient_checkpointing true
+    "optim": "paged_adamw_8bit",  # seed, as the preference stage (the handbook's SFT config leaves adamw_torch)
+}
+
+# Supervised on the tiny demo model: the tiny preference preset's step size and length (the same CPU budget),
+# with the LoRA shape of the SFT stage (tests/training/test_sft.py trains with it).
+TINY_SFT: dict[str, Any] = {
+    "learning_rate": 1.0e-3,
+    "n_epochs": 3,
+    "batch_size": 8,
+    "gradient_accumulation_steps": 1,
+    "max_length": TINY_MAX_LENGTH,
+    "warmup_ratio": 0.1,
+    "lr_scheduler": "cosine",
+}
+
 Device = Literal["cpu", "cuda"]
 
 
@@ -77,8 +117,9 @@ class TrainingConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    loss_type: Literal["ipo", "sigmoid"] = "ipo"
-    """TRL DPOConfig.loss_type: "ipo" for method ipo, "sigmoid" (DPO) for method dpo."""
+    loss_type: Literal["ipo", "sigmoid", "sft"] = "ipo"
+    """TRL DPOConfig.loss_type: "ipo" for method ipo, "sigmoid" (DPO) for method dpo; "sft" for method
+    supervised (TRL ``SFTTrainer``: cross-entropy on the assistant tokens, see ``sft.py``)."""
     beta: float = ZEPHYR_IPO["beta"]
     """IPO's tau (TRL DPOConfig.beta); the per-token margin target is 1/(2*beta)."""
     sft_weight: float = 0.0
@@ -163,10 +204,13 @@ def _installed(module: str) -> bool:
 # -- 1. preset: which defaults "auto" stands for --------------------------------------------------------------
 
 
-def preset_for(model_config_dict: dict[str, Any]) -> dict[str, Any]:
-    """The defaults that ``"auto"`` resolves to for this model: ``TINY_IPO`` for the demo-sized models
-    (hidden size <= 512 and <= 8 layers), else the seed recipe ``ZEPHYR_IPO``. Keys missing from a preset
-    fall back to ``ZEPHYR_IPO``."""
+def preset_for(model_config_dict: dict[str, Any], method_type: str = "ipo") -> dict[str, Any]:
+    """The defaults that ``"auto"`` resolves to for this model and method: ``TINY_IPO`` for the demo-sized
+    models (hidden size <= 512 and <= 8 layers), else the seed recipe ``ZEPHYR_IPO``; keys missing from a
+    preset fall back to ``ZEPHYR_IPO``. For ``supervised``: ``TINY_SFT`` / ``ZEPHYR_SFT`` the same way,
+    falling back to ``ZEPHYR_SFT``."""
+    if method_type == "supervised":
+        return {**ZEPHYR_SFT, **(TINY_SFT if _is_tiny(model_config_dict) else {})}
     preset = TINY_IPO if _is_tiny(model_config_dict) else ZEPHYR_IPO
     return {**ZEPHYR_IPO, **preset}
 
@@ -284,9 +328,13 @@ def resolve_config(
         raise ConfigError("device", f"must be 'cpu' or 'cuda', got {device!r}")
     params = method.params()
     hp, lora = params.hyperparameters, params.lora
-    preset = preset_for(model_config_dict)
+    preset = preset_for(model_config_dict, method.type)
+    supervised = method.type == "supervised"
+    for name in PREFERENCE_ONLY if supervised else ():
+        if getattr(hp, name) != "auto":
+            raise ConfigError(f"hyperparameters.{name}", "applies to preference methods (ipo, dpo), not supervised")
 
-    beta = _pick(hp.beta, preset, "beta")
+    beta = 0.0 if supervised else _pick(hp.beta, preset, "beta")
     if method.type == "dpo" and hp.beta == "auto":
         beta = 0.1  # TRL/DPO paper default temperature; IPO's tau=0.01 would be far too sharp for sigmoid
     learning_rate = _pick(hp.learning_rate, preset, "learning_rate")
@@ -311,15 +359,15 @@ def resolve_config(
     target_modules = list(_pick(lora.target_modules, preset, "target_modules"))
     check_target_modules(model_dir, model_config_dict, target_modules)
     try:  # the same function the API resolved it with at job creation
-        max_length = resolve_max_length(hp.max_length, model_config_dict)
+        max_length = resolve_max_length(hp.max_length, model_config_dict, method.type)
     except MaxLengthError as exc:
         raise ConfigError("hyperparameters.max_length", str(exc)) from exc
 
     on_cuda = device == "cuda"
     return TrainingConfig(
-        loss_type="ipo" if method.type == "ipo" else "sigmoid",
+        loss_type="sft" if supervised else ("ipo" if method.type == "ipo" else "sigmoid"),
         beta=float(beta),
-        sft_weight=float(_pick(hp.sft_weight, preset, "sft_weight")),
+        sft_weight=0.0 if supervised else float(_pick(hp.sft_weight, preset, "sft_weight")),
         learning_rate=float(learning_rate),
         n_epochs=n_epochs,
         batch_size=batch_size,
@@ -333,7 +381,7 @@ def resolve_config(
         logging_steps=plan.logging_steps,
         eval_every=plan.eval_every,
         seed=seed,
-        precompute_ref_log_probs=plan.precompute_ref_log_probs,
+        precompute_ref_log_probs=plan.precompute_ref_log_probs and not supervised,  # SFT has no reference
         lora_r=int(_pick(lora.r, preset, "lora_r")),
         lora_alpha=float(_pick(lora.alpha, preset, "lora_alpha")),
         lora_dropout=float(_pick(lora.dropout, preset, "lora_dropout")),

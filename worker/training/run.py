@@ -1,4 +1,5 @@
-"""The trainer child process: one IPO/DPO LoRA run with TRL's ``DPOTrainer``.
+"""The trainer child process: one IPO/DPO LoRA run with TRL's ``DPOTrainer``, or a supervised one with
+TRL's ``SFTTrainer`` (``sft.py``); both share the configuration, callbacks, checkpoints and outputs.
 
 ``python -m worker.training.run REQUEST_JSON --report-fd N`` (see ``worker/training/request.py`` for
 the contract: report lines, signals, exit codes). ``train()`` is the in-process entry point.
@@ -72,10 +73,7 @@ def _train(request: TrainRequest, reporter: Reporter, flag: Any) -> int:
     import torch
 
     from contracts.chat_templates import special_tokens
-    from worker.training.callbacks import ReportingCallback
-    from worker.training.data import describe_skipped, load_preference_data
-    from worker.training.loading import load_model, load_tokenizer, resolve_device
-    from worker.training.ref_cache import PreparedInputs
+    from worker.training.loading import load_tokenizer, resolve_device
 
     started = time.monotonic()
     out = Path(request.output_dir)
@@ -88,9 +86,51 @@ def _train(request: TrainRequest, reporter: Reporter, flag: Any) -> int:
     specials = special_tokens(Path(request.model_path))
     cfg = _resolve(request, device, specials)
 
-    # 2. tokenizer and data
+    # 2-4. tokenizer, data, model and trainer: TRL's DPOTrainer (ipo, dpo) or SFTTrainer (supervised)
     tokenizer = load_tokenizer(request.model_path)
     template = _chat_template(request, tokenizer, reporter)
+    if cfg.loss_type == "sft":
+        trainer, reporting, n_examples = _supervised_trainer(request, reporter, flag, cfg, template, tokenizer, out)
+    else:
+        trainer, reporting, n_examples = _preference_trainer(
+            request, reporter, flag, cfg, template, tokenizer, out, device, specials
+        )
+    unit = "examples" if cfg.loss_type == "sft" else "pairs"
+    reporter.event(f"training {cfg.loss_type} LoRA on {n_examples} {unit} for {cfg.total_steps} steps on {device}")
+
+    # 5. train (or finish a run that was paused right after its last step)
+    _train_or_finish(trainer, request.resume_from, cfg.total_steps, reporter)
+    _raise_if_diverged(reporting)
+    if flag.reason is not None:
+        reporter.event(f"stopped on request ({flag.reason}) at step {trainer.state.global_step}")
+        return EXIT_STOPPED
+
+    # 6. final evaluation and outputs
+    if trainer.eval_dataset is not None:
+        trainer.evaluate()
+    _save_outputs(trainer, tokenizer, out, reporting, reporter)
+    reporter.event(f"training finished in {time.monotonic() - started:.1f}s")
+    reporter.done(reporting.trained_tokens)
+    return EXIT_OK
+
+
+def _preference_trainer(
+    request: TrainRequest,
+    reporter: Reporter,
+    flag: Any,
+    cfg: TrainingConfig,
+    template: str,
+    tokenizer: Any,
+    out: Path,
+    device: str,
+    specials: tuple[str, ...],
+) -> tuple[Any, Any, int]:
+    """Steps 2-4 for IPO/DPO: the preference data, the model, cached reference log-probs, ``IpoDPOTrainer``."""
+    from worker.training.callbacks import ReportingCallback
+    from worker.training.data import describe_skipped, load_preference_data
+    from worker.training.loading import load_model
+    from worker.training.ref_cache import PreparedInputs
+
     train_data = load_preference_data(request.train_file, tokenizer, max_length=cfg.max_length, special_tokens=specials)
     eval_data = None
     if request.validation_file:
@@ -128,24 +168,42 @@ def _train(request: TrainRequest, reporter: Reporter, flag: Any) -> int:
         flag=flag,
     )
     cached.report_and_store(trainer, reporter)
-    reporter.event(
-        f"training {cfg.loss_type} LoRA on {train_data.n_examples} pairs for {cfg.total_steps} steps on {device}"
+    return trainer, reporting, train_data.n_examples
+
+
+def _supervised_trainer(
+    request: TrainRequest, reporter: Reporter, flag: Any, cfg: TrainingConfig, template: str, tokenizer: Any, out: Path
+) -> tuple[Any, Any, int]:
+    """Steps 2-4 for supervised: conversations tokenized with assistant masks (``sft.py``), the model, TRL's
+    ``SFTTrainer`` with the same LoRA set-up and callbacks as the preference stage."""
+    from worker.training.callbacks import NonFiniteGuard, ReportingCallback, StopCallback, TokenCountInLogHistory
+    from worker.training.loading import load_model, lora_config
+    from worker.training.sft import build_sft_trainer, describe_skipped, load_supervised_data, sft_args
+
+    train_data = load_supervised_data(request.train_file, tokenizer, max_length=cfg.max_length)
+    eval_data = None
+    if request.validation_file:
+        eval_data = load_supervised_data(
+            request.validation_file, tokenizer, max_length=cfg.max_length, name="validation file"
+        )
+    cfg = cfg.model_copy(update={"chat_template": template})
+    reporter.resolved(cfg.resolved_dict())
+    for prepared, name in ((train_data, "training file"), (eval_data, "validation file")):
+        warning = describe_skipped(prepared, cfg.max_length, name) if prepared else None
+        if warning:
+            reporter.event(warning, level="warn")
+    model = load_model(request.model_path, cfg)
+    reporting = ReportingCallback(reporter, total_steps=cfg.total_steps, beta=cfg.beta, loss_type=cfg.loss_type)
+    trainer = build_sft_trainer(
+        model,
+        tokenizer,
+        sft_args(cfg, out, evaluate=eval_data is not None),
+        peft_config=lora_config(cfg),
+        train_dataset=train_data.dataset,
+        eval_dataset=eval_data.dataset if eval_data else None,
+        callbacks=[reporting, TokenCountInLogHistory(reporting), StopCallback(flag), NonFiniteGuard(reporting)],
     )
-
-    # 5. train (or finish a run that was paused right after its last step)
-    _train_or_finish(trainer, request.resume_from, cfg.total_steps, reporter)
-    _raise_if_diverged(reporting)
-    if flag.reason is not None:
-        reporter.event(f"stopped on request ({flag.reason}) at step {trainer.state.global_step}")
-        return EXIT_STOPPED
-
-    # 6. final evaluation and outputs
-    if eval_data:
-        trainer.evaluate()
-    _save_outputs(trainer, tokenizer, out, reporting, reporter)
-    reporter.event(f"training finished in {time.monotonic() - started:.1f}s")
-    reporter.done(reporting.trained_tokens)
-    return EXIT_OK
+    return trainer, reporting, train_data.n_examples
 
 
 def _chat_template(request: TrainRequest, tokenizer: Any, reporter: Reporter) -> str:
@@ -170,10 +228,15 @@ def _resolve(request: TrainRequest, device: str, specials: tuple[str, ...]) -> T
     from transformers import AutoConfig
 
     from contracts.data_formats import parse_preference_file
+    from contracts.sft_formats import parse_supervised_file
     from worker.training.data import DataError
     from worker.training.recipe import resolve_config
 
-    examples, report = parse_preference_file(request.train_file, special_tokens=specials)
+    if request.method.is_preference:
+        examples: list[Any]
+        examples, report = parse_preference_file(request.train_file, special_tokens=specials)
+    else:
+        examples, report = parse_supervised_file(request.train_file)
     if not report.ok:
         raise DataError(report.summary("training file"))
     return resolve_config(
@@ -194,7 +257,7 @@ def dpo_args(cfg: TrainingConfig, out: Path, *, precompute: bool, evaluate: bool
     from trl import DPOConfig
 
     on_cuda = cfg.device == "cuda"
-    loss_type = [cfg.loss_type] + (["sft"] if cfg.sft_weight > 0 else [])
+    loss_type: list[str] = [str(cfg.loss_type)] + (["sft"] if cfg.sft_weight > 0 else [])
     loss_weights = [1.0] + ([cfg.sft_weight] if cfg.sft_weight > 0 else [])
     return DPOConfig(
         output_dir=str(out / "checkpoints"),

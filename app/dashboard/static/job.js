@@ -16,7 +16,9 @@
     { id: "chart-margin", series: [["ipo_margin", "training margin", BLUE], ["valid_ipo_margin", "validation margin", RED],
                                    ["ipo_margin_target", "target 1/(2β)", GREY, true]] },
     { id: "chart-accuracy", range: [0, 1],
-      series: [["preference_accuracy", "training", BLUE], ["valid_preference_accuracy", "validation", RED]] },
+      series: [["preference_accuracy", "training", BLUE], ["valid_preference_accuracy", "validation", RED],
+               // supervised jobs: TRL's mean token accuracy on the assistant tokens
+               ["token_accuracy", "training (token)", BLUE, true], ["valid_token_accuracy", "validation (token)", RED, true]] },
     { id: "chart-lr", series: [["learning_rate", "learning rate", GREEN]] },
   ];
 
