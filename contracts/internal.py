@@ -81,6 +81,20 @@ class HeartbeatResponse(_Body):
     lease_seconds: int
 
 
+class ControlResponse(_Body):
+    """``GET /internal/v1/jobs/{id}/control``: what the user asked of the job, the moment it changes."""
+
+    action: Action
+    """``cancel`` / ``pause`` while the job is cancelled / paused, else ``continue`` (as in a heartbeat)."""
+    status: str
+    """The job's status now; the worker passes it back as ``status`` to wait for the next change."""
+
+
+CONTROL_WAIT_SECONDS_MAX = 25.0
+"""The longest a control request is held open: below the worker client's 60 s read timeout and the
+idle timeouts of common proxies (nginx: 60 s)."""
+
+
 class ReportedEvent(_Body):
     seq: Annotated[int, Field(ge=0)]
     """Per attempt, assigned by the worker; the API drops a (attempt, seq) it already has."""

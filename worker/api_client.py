@@ -26,6 +26,7 @@ from pydantic import BaseModel
 from contracts.internal import (
     ClaimRequest,
     ClaimResponse,
+    ControlResponse,
     EventsRequest,
     EventsResponse,
     FailRequest,
@@ -220,6 +221,23 @@ class ApiClient:
         self, job_id: str, body: HeartbeatRequest, *, retry_seconds: float | None = None
     ) -> HeartbeatResponse:
         return self._post_json(self._job(job_id, "heartbeat"), body, HeartbeatResponse, retry_seconds=retry_seconds)
+
+    def control(
+        self, job_id: str, status: str | None, *, wait_seconds: float, retry_seconds: float | None = None
+    ) -> ControlResponse:
+        """Long-poll the job's requested action: answers once its status is not ``status`` (at once when
+        None) or after ``wait_seconds`` (at most ``contracts.internal.CONTROL_WAIT_SECONDS_MAX``)."""
+        params: dict[str, Any] = {"wait_seconds": wait_seconds}
+        if status is not None:
+            params["status"] = status
+        timeout = httpx.Timeout(wait_seconds + 30.0, connect=10.0)  # the server holds it up to wait_seconds
+        data = self.request(
+            "GET",
+            self._job(job_id, "control"),
+            build=lambda: {"params": params, "timeout": timeout},
+            retry_seconds=retry_seconds,
+        )
+        return ControlResponse.model_validate(data)
 
     def post_events(self, job_id: str, body: EventsRequest, *, retry_seconds: float | None = None) -> EventsResponse:
         return self._post_json(self._job(job_id, "events"), body, EventsResponse, retry_seconds=retry_seconds)

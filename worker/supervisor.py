@@ -1,10 +1,12 @@
 """Runs one attempt's trainer child and relays what it reports to the API.
 
-Three threads: the caller's (reads reports off a queue, uploads checkpoints and artifacts, then reports
-the outcome), a pipe reader (report lines -> queue, so the child never blocks on a slow upload) and a
-control thread (heartbeats, event flushing). Stop requests (cancel/pause from a heartbeat, worker
-shutdown, lost lease) signal the child once and arm a timer that SIGKILLs its whole process group
-after ``stop_grace_seconds``; the group is killed in any case before :meth:`Supervisor.run` returns.
+Four threads: the caller's (reads reports off a queue, uploads checkpoints and artifacts, then reports
+the outcome), a pipe reader (report lines -> queue, so the child never blocks on a slow upload), a
+control thread (heartbeats, event flushing) and a request watcher (holds ``GET .../control`` open, so a
+cancel or pause reaches the trainer within about a second rather than at the next heartbeat). Stop
+requests (cancel/pause from the watcher or a heartbeat, worker shutdown, lost lease) signal the child
+once and arm a timer that SIGKILLs its whole process group after ``stop_grace_seconds``; the group is
+killed in any case before :meth:`Supervisor.run` returns.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from worker.api_client import (
     ApiUnavailable,
     EventBuffer,
     LeaseLost,
+    NotFound,
 )
 from worker.archive import zip_dir
 from worker.training.request import EXIT_OK, EXIT_STOPPED
@@ -59,6 +62,10 @@ _STOP_SIGNALS: dict[StopReason, signal.Signals] = {
     "shutdown": signal.SIGUSR1,
 }
 _STOP_PRIORITY: dict[StopReason, int] = {"shutdown": 0, "paused": 1, "cancelled": 2}
+_ACTION_REASONS: dict[str, StopReason] = {"cancel": "cancelled", "pause": "paused"}
+CONTROL_WAIT_SECONDS = 20.0
+"""How long one ``GET .../control`` is held open by the API (the watcher then asks again)."""
+_LEASED_STATUSES = frozenset({"running", "paused", "cancelled"})
 
 
 @dataclass(frozen=True)
@@ -124,6 +131,8 @@ class Supervisor:
         self._done: TrainerReport | None = None
         self._error: TrainerReport | None = None
         self._upload_failed = False
+        self._refused_as_stopped = False
+        """An upload was refused because the job is no longer running (cancelled or paused meanwhile)."""
         self.file_ids: dict[str, str] = {}
         self.checkpoint_ids: dict[int, str] = {}
 
@@ -142,7 +151,7 @@ class Supervisor:
 
     # ---- stopping the child ----
 
-    def _request_stop(self, reason: StopReason) -> None:
+    def _request_stop(self, reason: StopReason, source: str) -> None:
         with self._lock:
             current = self._stop_reason
             if current is not None and _STOP_PRIORITY[current] >= _STOP_PRIORITY[reason]:
@@ -151,7 +160,7 @@ class Supervisor:
             sig = _STOP_SIGNALS[reason]
             if current is not None and _STOP_SIGNALS[current] == sig:
                 return  # pause after shutdown: already asked to checkpoint and exit
-            log.info("job %s: asking trainer to stop (%s, %s)", self.job_id, reason, sig.name)
+            log.info("job %s: asking trainer to stop (%s, %s; from %s)", self.job_id, reason, sig.name, source)
             self._signal_child(sig)
             self._arm_kill_timer()
 
@@ -215,7 +224,7 @@ class Supervisor:
             if self._lease_lost.is_set():
                 return
             if self._shutdown_requested.is_set():
-                self._request_stop("shutdown")
+                self._request_stop("shutdown", "the worker's shutdown")
             now = time.monotonic()
             try:
                 if now >= self._heartbeat_due:
@@ -245,10 +254,38 @@ class Supervisor:
         except ApiUnavailable as exc:
             log.warning("job %s: heartbeat not delivered: %s", self.job_id, exc)
             return
-        if response.action == "cancel":
-            self._request_stop("cancelled")
-        elif response.action == "pause":
-            self._request_stop("paused")
+        self._apply_action(response.action, "a heartbeat")
+
+    def _apply_action(self, action: str, source: str) -> None:
+        if (reason := _ACTION_REASONS.get(action)) is not None:
+            if source != "a heartbeat":  # heartbeats repeat it every interval; the others say it once
+                log.info("job %s: %s asks to %s", self.job_id, source, action)
+            self._request_stop(reason, source)
+
+    def _watch_requests(self) -> None:
+        """Long-polls ``GET .../control`` until the attempt ends, acting on each change of the job's status.
+
+        Stops watching (heartbeats still carry the action) when the API has no such endpoint or the job
+        left the leased states; an unreachable API is asked again after a backoff of 1 to 30 s.
+        """
+        known: str | None = "running"
+        failures = 0
+        while not self._done_running.is_set() and not self._lease_lost.is_set():
+            try:
+                answer = self.api.control(self.job_id, known, wait_seconds=CONTROL_WAIT_SECONDS, retry_seconds=0)
+            except NotFound:
+                log.info("job %s: the API has no control endpoint; stop requests come with heartbeats", self.job_id)
+                return
+            except Exception as exc:  # unreachable, or the client was closed as the attempt ended
+                failures += 1
+                log.debug("job %s: control request failed: %s", self.job_id, exc)
+                self._done_running.wait(min(30.0, 2.0 ** (failures - 1)))
+                continue
+            failures = 0
+            self._apply_action(answer.action, "the control request")  # a no-op once the trainer exited
+            if answer.status not in _LEASED_STATUSES:
+                return  # requeued or ended: the heartbeat reports the lost lease
+            known = answer.status
 
     # ---- reports ----
 
@@ -273,14 +310,24 @@ class Supervisor:
                 try:
                     self._upload(report)
                 except LeaseLost as exc:
-                    if exc.code == "invalid_state":  # cancelled meanwhile: still our lease, just refused
+                    if exc.code == "invalid_state":  # cancelled/paused meanwhile: still our lease, just refused
                         log.info("job %s: %s not recorded: %s", self.job_id, report.kind, exc.message)
+                        self._refused_as_stopped = True
+                        self._learn_stop_reason()
                     else:
                         self._on_lease_lost(exc)
         elif report.kind == "done":
             self._done = report
         elif report.kind == "error":
             self._error = report
+
+    def _learn_stop_reason(self) -> None:
+        """Ask the API at once why it refused an upload (the watcher may not have answered yet)."""
+        try:
+            answer = self.api.control(self.job_id, None, wait_seconds=0, retry_seconds=5)
+            self._apply_action(answer.action, "an upload's refusal")
+        except (ApiError, ApiUnavailable) as exc:
+            log.info("job %s: could not read the job's requested action: %s", self.job_id, exc)
 
     def _upload(self, report: TrainerReport) -> None:
         if not report.path:
@@ -369,8 +416,14 @@ class Supervisor:
         control = threading.Thread(
             target=contextvars.copy_context().run, args=(self._control,), name="heartbeat", daemon=True
         )
+        # Not joined: its request may be held open by the API for CONTROL_WAIT_SECONDS; it acts on
+        # nothing once the attempt is over and ends when that request returns or the client is closed.
+        watcher = threading.Thread(
+            target=contextvars.copy_context().run, args=(self._watch_requests,), name="control-watch", daemon=True
+        )
         reader.start()
         control.start()
+        watcher.start()
         try:
             self._relay_until_exit(proc)
         finally:
@@ -391,6 +444,10 @@ class Supervisor:
         if rc == EXIT_OK and done is not None:
             if "adapter" in self.file_ids:
                 return Outcome("succeeded", rc)
+            if reason is not None or self._refused_as_stopped:
+                # Trained to the end before the stop arrived; the API refused the adapter because the job
+                # is cancelled or paused. Stopped on purpose: no "could not be uploaded" warning.
+                return Outcome("stopped", rc, reason or "cancelled")
             if self._upload_failed:
                 return Outcome("failed", rc, "upload_failed", "The trained adapter could not be uploaded.")
             return Outcome("failed", rc, "trainer_protocol_error", "The trainer reported no adapter.")

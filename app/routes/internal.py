@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Form, UploadFile
+from fastapi import APIRouter, Depends, Form, Query, UploadFile
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
 
 from app.deps import Ctx, DbSession, require_worker
 from app.errors import InvalidRequest, NotFound
@@ -17,8 +20,10 @@ from app.schemas.objects import ErrorResponse
 from app.services import worker_protocol as wp
 from app.services.files import file_content
 from contracts.internal import (
+    CONTROL_WAIT_SECONDS_MAX,
     ClaimRequest,
     ClaimResponse,
+    ControlResponse,
     EventsRequest,
     EventsResponse,
     FailRequest,
@@ -58,6 +63,37 @@ def claim(ctx: Ctx, session: DbSession, job_id: str, body: ClaimRequest) -> Clai
 @router.post("/jobs/{job_id}/heartbeat", response_model=HeartbeatResponse)
 def heartbeat(ctx: Ctx, session: DbSession, job_id: str, body: HeartbeatRequest) -> HeartbeatResponse:
     return wp.heartbeat(session, ctx.settings, job_id, body)
+
+
+CONTROL_POLL_SECONDS = 0.5
+"""How often a held ``control`` request re-reads the job: a cancel or pause reaches the worker within about
+this long (plus the trainer's current step), instead of at its next heartbeat (30 s by default)."""
+
+
+@router.get("/jobs/{job_id}/control", response_model=ControlResponse)
+async def control(
+    ctx: Ctx,
+    job_id: str,
+    status: Annotated[
+        str | None, Query(max_length=40, description="Answer once the job's status differs from this one.")
+    ] = None,
+    wait_seconds: Annotated[float, Query(ge=0, le=CONTROL_WAIT_SECONDS_MAX)] = 20.0,
+) -> ControlResponse:
+    """Long-poll: the job's requested action as soon as its status is not ``status`` (at once when ``status``
+    is absent), else after ``wait_seconds``. Async, and each read in its own short session, so a held
+    request costs the API no thread and no connection. Works on every database: it only reads the job."""
+
+    def read() -> ControlResponse:
+        with ctx.sessions() as session:
+            return wp.control(session, job_id)
+
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        answer = await run_in_threadpool(read)
+        left = deadline - time.monotonic()
+        if status is None or answer.status != status or left <= 0:
+            return answer
+        await asyncio.sleep(min(CONTROL_POLL_SECONDS, left))
 
 
 @router.post("/jobs/{job_id}/events", response_model=EventsResponse)

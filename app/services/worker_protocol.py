@@ -24,7 +24,9 @@ from app.services.jobs import add_event, enqueue_dispatch
 from app.settings import Settings
 from app.storage import Storage
 from contracts.internal import (
+    Action,
     ClaimResponse,
+    ControlResponse,
     EventsRequest,
     EventsResponse,
     FailRequest,
@@ -125,8 +127,23 @@ def heartbeat(session: Session, settings: Settings, job_id: str, body: Heartbeat
                 setattr(job, field, value)
     if body.resolved_hyperparameters is not None:
         job.resolved_hyperparameters = body.resolved_hyperparameters
-    action = {JobStatus.CANCELLED: "cancel", JobStatus.PAUSED: "pause"}.get(JobStatus(job.status), "continue")
-    return HeartbeatResponse(action=action, status=job.status, lease_seconds=settings.lease_seconds)
+    return HeartbeatResponse(action=requested_action(job), status=job.status, lease_seconds=settings.lease_seconds)
+
+
+def requested_action(job: Job) -> Action:
+    """What the worker running ``job`` must do: ``cancel``/``pause`` once the user asked, else ``continue``."""
+    status = JobStatus(job.status)
+    if status == JobStatus.CANCELLED:
+        return "cancel"
+    if status == JobStatus.PAUSED:
+        return "pause"
+    return "continue"
+
+
+def control(session: Session, job_id: str) -> ControlResponse:
+    """The job's requested action and status now (one read; ``GET .../control`` repeats it to long-poll)."""
+    job = _job(session, job_id)
+    return ControlResponse(action=requested_action(job), status=job.status)
 
 
 def report_events(session: Session, job_id: str, body: EventsRequest) -> EventsResponse:

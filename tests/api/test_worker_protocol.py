@@ -145,6 +145,24 @@ def test_cancel_and_pause_reach_the_worker_through_heartbeats(client: TestClient
     assert late.status_code == 409  # no events after a cancel
 
 
+def test_control_long_poll_answers_when_the_status_changes(client: TestClient, upload, auth) -> None:
+    """``GET .../control``: at once without ``status``; held while the status is unchanged (here only for
+    ``wait_seconds`` 0.3: TestClient runs one request at a time); at once when it already differs."""
+    job_id = _queued_job(client, upload, auth)
+    _claim(client, job_id)
+    control = f"/internal/v1/jobs/{job_id}/control"
+    assert client.get(control, headers=WORKER).json() == {"action": "continue", "status": "running"}
+    held = client.get(control, headers=WORKER, params={"status": "running", "wait_seconds": 0.3})
+    assert held.json() == {"action": "continue", "status": "running"}
+    client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel", headers=auth)
+    changed = client.get(control, headers=WORKER, params={"status": "running", "wait_seconds": 20})
+    assert changed.json() == {"action": "cancel", "status": "cancelled"}
+    too_long = client.get(control, headers=WORKER, params={"wait_seconds": 600})
+    assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "wait_seconds", too_long.text
+    assert client.get(control).status_code == 401
+    assert client.get("/internal/v1/jobs/ftjob-nope/control", headers=WORKER).status_code == 404
+
+
 def test_retryable_failure_requeues_then_fails_after_max_attempts(client: TestClient, upload, auth) -> None:
     job_id = _queued_job(client, upload, auth)
     for attempt in (1, 2):  # settings.max_attempts == 2

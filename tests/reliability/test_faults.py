@@ -9,14 +9,18 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 from celery import Celery
 
 from contracts.internal import TASK_NAME
-from tests.reliability.conftest import Stack, group_alive, wait_for
+from tests.reliability.conftest import Stack, group_alive, make_stack, wait_for
+from tests.reliability.services import ThrowawayPostgres, ThrowawayRedis
 
 pytestmark = [pytest.mark.slow]
 
@@ -274,6 +278,51 @@ def test_cancel_during_run(stack: Stack) -> None:
         lease_released_s=round(released, 1),
         events_after_cancel=[e.message for e in after_cancel],
     )
+
+
+@pytest.fixture
+def default_heartbeat_stack(
+    pg: ThrowawayPostgres, redis_server: ThrowawayRedis, tiny_models_dir: Path, tmp_path: Path
+) -> Iterator[Stack]:
+    """The API with the default 30 s heartbeat (and a lease long enough for it)."""
+    s = make_stack(pg, redis_server, tmp_path, tiny_models_dir, IPO_HEARTBEAT_SECONDS="30", IPO_LEASE_SECONDS="120")
+    try:
+        s.start_api()
+        yield s
+    finally:
+        s.close()
+
+
+def test_cancel_and_pause_reach_the_trainer_before_the_next_heartbeat(default_heartbeat_stack: Stack) -> None:
+    """Issue 13, fault 9: with heartbeats 30 s apart, a cancel or pause still stops the trainer within
+    seconds (the worker holds ``GET .../control`` open), and the job ends as asked with no upload warning.
+    Whole-dataset batches keep each step slow, so 200 steps would take minutes."""
+    stack = default_heartbeat_stack
+    worker = stack.start_worker()
+    _stop_reaches_the_trainer(stack, worker, "cancel", "cancelled")
+    _stop_reaches_the_trainer(stack, worker, "pause", "paused")
+
+
+def _stop_reaches_the_trainer(stack: Stack, worker: subprocess.Popen[bytes], verb: str, status: str) -> None:
+    job_id = stack.submit(max_steps=200, checkpoint_every=1000, batch_size=64)
+    stack.wait_step(job_id, 3)
+    trainer = stack.trainer_pid(worker)
+    assert trainer
+    asked = time.monotonic()
+    r = stack.http.post(f"/v1/fine_tuning/jobs/{job_id}/{verb}")
+    assert r.status_code == 200 and r.json()["status"] == status, r.text
+    # A deadline, not the check: which path delivered the stop is read from the worker's log below.
+    wait_for(f"the trainer to stop on {verb}", lambda: not group_alive(trainer), 60, interval=0.1)
+    stopped_s = time.monotonic() - asked
+    wait_for("the lease to be released", lambda: stack.job(job_id).lease_token is None, 30)
+    job = stack.job(job_id)
+    assert job.status == status and job.attempt == 1 and (job.step or 0) < 200, stack.diagnostics(job_id)
+    warnings = [e.message for e in stack.events(job_id) if "could not be uploaded" in e.message]
+    assert not warnings, warnings
+    # The stop came through the held control request (the API answered it on the status change), not a
+    # heartbeat: the worker logs each such answer.
+    assert f"the control request asks to {verb}" in stack.worker_log(worker), stack.worker_log(worker)[-3000:]
+    report(f"{verb} with 30 s heartbeats", trainer_stopped_s=round(stopped_s, 1), at_step=job.step)
 
 
 def test_pause_then_resume_continues_at_the_same_step(stack: Stack) -> None:

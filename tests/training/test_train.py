@@ -211,24 +211,77 @@ def test_gpu_memory_is_reported_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_divergence_fails_the_job_and_keeps_the_last_finite_checkpoint(
-    tiny_model_dir: Path, demo_files: tuple[Path, Path], tmp_path: Path
+    tiny_model_dir: Path, demo_files: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """lr 1.0 with beta 1e-6 (IPO target 500000) blows the weights up within a few steps. TRL then logs
-    a loss of 0 with NaN log-probs, so only the weight check catches it: the job must fail, never
-    "succeed" with a NaN adapter, and every checkpoint it reported must hold finite weights."""
+    """The adapter's weights become NaN during step 5 (written there after the real backward pass, so the
+    step's logged loss and gradient norm stay finite): only the weight check can see it. The job must
+    fail, never "succeed" with a NaN adapter, and every checkpoint it reported must hold finite weights.
+
+    The NaN is put there rather than provoked with a huge learning rate: whether lr 1.0 turns the weights
+    into NaN or leaves them huge but finite depends on the machine's floating point (issue 13, fault 10)."""
+    from worker.training.trainer import IpoDPOTrainer
+
+    real_step = IpoDPOTrainer.training_step
+
+    def step(self: IpoDPOTrainer, *args: Any, **kwargs: Any) -> Any:
+        loss = real_step(self, *args, **kwargs)
+        if self.state.global_step == 4:  # during step 5
+            assert self.model is not None
+            with torch.no_grad():
+                next(p for p in self.model.parameters() if p.requires_grad).fill_(float("nan"))
+        return loss
+
+    monkeypatch.setattr(IpoDPOTrainer, "training_step", step)
     reporter = ListReporter()
-    hp = {"max_steps": 12, "checkpoint_every": 2, "batch_size": 4, "beta": 1e-6, "learning_rate": 1.0}
-    request = _request(tiny_model_dir, demo_files, tmp_path / "run", validation=False, warmup_ratio=0, **hp)
+    hp = {"max_steps": 12, "checkpoint_every": 2, "batch_size": 4, "beta": 0.5}
+    request = _request(tiny_model_dir, demo_files, tmp_path / "run", validation=False, **hp)
     assert train(request, reporter) != EXIT_OK
     error = reporter.reports[-1]
     assert error.kind == "error" and error.code == "nan_loss", error
+    assert "diverged at step 5: the adapter's weights became NaN/inf" in (error.message or "")
     checkpoints = reporter.of_kind("checkpoint")
-    assert checkpoints, "at least one checkpoint predates the divergence"
-    assert f"The last good checkpoint is step {checkpoints[-1].step}" in (error.message or "")
+    assert [c.step for c in checkpoints] == [2, 4]
+    assert "The last good checkpoint is step 4" in (error.message or "")
     assert not reporter.of_kind("artifact") and not reporter.of_kind("done")
     for ckpt in checkpoints:
         weights = load_file(str(Path(ckpt.path or "") / "adapter_model.safetensors"))
         assert all(torch.isfinite(t).all() for t in weights.values()), ckpt.step
+
+
+def test_a_finite_explosion_fails_the_job_as_diverged_before_its_checkpoint(
+    tiny_model_dir: Path, demo_files: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From step 6 on the loss is scaled by 1e6 before its backward pass, so the logged loss and the
+    gradient norm explode while every weight stays finite (gradients are clipped to norm 1): a run the
+    NaN checks alone would call a success. It must fail as ``diverged`` at step 6, and step 6's own
+    checkpoint (due, checkpoint_every=2) must not be written."""
+    from worker.training.trainer import IpoDPOTrainer
+
+    real_compute_loss = IpoDPOTrainer.compute_loss
+
+    def compute_loss(self: IpoDPOTrainer, *args: Any, **kwargs: Any) -> Any:
+        result = real_compute_loss(self, *args, **kwargs)
+        assert self.model is not None
+        if not self.model.training or self.state.global_step < 5:  # from step 6 on
+            return result
+        if isinstance(result, tuple):
+            return (result[0] * 1e6, *result[1:])
+        return result * 1e6
+
+    monkeypatch.setattr(IpoDPOTrainer, "compute_loss", compute_loss)
+    reporter = ListReporter()
+    hp = {"max_steps": 12, "checkpoint_every": 2, "batch_size": 4, "beta": 0.5}
+    request = _request(tiny_model_dir, demo_files, tmp_path / "run", validation=False, **hp)
+    assert train(request, reporter) != EXIT_OK
+    error = reporter.reports[-1]
+    assert error.kind == "error" and error.code == "diverged", error
+    message = error.message or ""
+    assert "diverged at step 6: the loss exploded to" in message and "more than 100 times" in message
+    assert "The last good checkpoint is step 4" in message
+    assert [c.step for c in reporter.of_kind("checkpoint")] == [2, 4]
+    assert not reporter.of_kind("artifact") and not reporter.of_kind("done")
+    logged = [r.data for r in reporter.of_kind("metrics") if r.data and "train_loss" in r.data]
+    assert logged[-1]["step"] == 6 and all(torch.isfinite(torch.tensor(m["train_loss"])) for m in logged)
 
 
 def test_cuda_out_of_memory_fails_with_its_code_after_reporting_checkpoints(

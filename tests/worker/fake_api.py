@@ -13,6 +13,7 @@ from email.parser import BytesParser
 from email.policy import HTTP
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 TOKEN = "test-worker-token"
 
@@ -31,10 +32,19 @@ class State:
     claimed: bool = False
     action: str = "continue"
     lease_lost: bool = False
+    ended_as: str | None = None
+    """The job's status once the attempt reported its end (``succeeded``, ``failed``, ``paused``...)."""
+    refuse_artifacts_as: str | None = None
+    """``cancel``/``pause``: an artifact upload sets that action and is refused as the API does (409
+    ``invalid_state``): the user stopped the job while its trainer was finishing."""
     fail_next: list[int] = field(default_factory=list)
     """Statuses to answer the next requests with (503, 429, ...), oldest first."""
     calls: list[tuple[str, str]] = field(default_factory=list)
+    control_answers: int = 0
+    """Answers to ``GET .../control`` (long-poll of the requested action)."""
     heartbeats: list[dict[str, Any]] = field(default_factory=list)
+    heartbeat_actions: list[str] = field(default_factory=list)
+    """The action each heartbeat was answered with."""
     events: list[dict[str, Any]] = field(default_factory=list)
     duplicates: int = 0
     checkpoints: list[Upload] = field(default_factory=list)
@@ -72,8 +82,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def _error(self, status: int, message: str) -> None:
-        error = {"message": message, "type": "invalid_request_error", "param": None, "code": None}
+    def _error(self, status: int, message: str, code: str | None = None) -> None:
+        error = {"message": message, "type": "invalid_request_error", "param": None, "code": code}
         self._send(status, {"error": error})
 
     def _authorized(self) -> bool:
@@ -88,6 +98,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         with state.lock:
             state.calls.append(("GET", self.path))
+        url = urlsplit(self.path)
+        if url.path.startswith("/internal/v1/jobs/") and url.path.endswith("/control"):
+            return self._control(parse_qs(url.query))
         prefix = "/internal/v1/files/"
         if self.path.startswith(prefix) and self.path.endswith("/content"):
             file_id = self.path[len(prefix) : -len("/content")]
@@ -96,6 +109,24 @@ class _Handler(BaseHTTPRequestHandler):
         elif self.path in state.files:  # checkpoint download paths
             return self._send(200, raw=state.files[self.path])
         self._error(404, "no such file")
+
+    def _status(self) -> str:
+        """The job's status as the API would report it (``app.services.worker_protocol``)."""
+        state = self.server.state
+        if state.ended_as is not None:
+            return state.ended_as
+        return {"cancel": "cancelled", "pause": "paused"}.get(state.action, "running")
+
+    def _control(self, query: dict[str, list[str]]) -> None:
+        """Long-poll like the API: answer once the status differs from ``status`` or ``wait_seconds`` passed."""
+        state = self.server.state
+        known = query.get("status", [None])[0]
+        deadline = time.monotonic() + float(query.get("wait_seconds", ["20"])[0])
+        while known is not None and self._status() == known and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with state.lock:
+            state.control_answers += 1
+        self._send(200, {"action": state.action, "status": self._status()})
 
     def do_POST(self) -> None:
         state = self.server.state
@@ -117,13 +148,18 @@ class _Handler(BaseHTTPRequestHandler):
             state.calls.append(("POST", action))
             if action == "claim":
                 if state.claimed:
-                    return self._error(409, "job is not queued")
+                    return self._error(409, "job is not queued", "not_claimable")
                 state.claimed = True
                 return self._send(200, state.claim)
             if action in ("checkpoints", "artifacts"):
                 fields, filename, content = _parse_multipart(self.headers["Content-Type"], body)
                 if fields.get("lease_token") != state.claim["lease_token"] or state.lease_lost:
-                    return self._error(409, "stale lease")
+                    return self._error(409, "stale lease", "lease_lost")
+                if action == "artifacts" and state.refuse_artifacts_as is not None:
+                    state.action = state.refuse_artifacts_as
+                # As the API: checkpoints while running or paused, artifacts only while running.
+                if self._status() not in (("running",) if action == "artifacts" else ("running", "paused")):
+                    return self._error(409, f"Job is {self._status()}.", "invalid_state")
                 upload = Upload(fields, filename, content)
                 if action == "checkpoints":
                     state.checkpoints.append(upload)
@@ -132,11 +168,14 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(200, {"file_id": f"file-{fields['name']}"})
             payload = json.loads(body)
             if payload.get("lease_token") != state.claim["lease_token"] or state.lease_lost:
-                return self._error(409, "stale lease")
+                return self._error(409, "stale lease", "lease_lost")
             if action == "heartbeat":
                 state.heartbeats.append(payload)
-                return self._send(200, {"action": state.action, "status": "running", "lease_seconds": 300})
+                state.heartbeat_actions.append(state.action)
+                return self._send(200, {"action": state.action, "status": self._status(), "lease_seconds": 300})
             if action == "events":
+                if self._status() not in ("running", "paused"):
+                    return self._error(409, f"Job is {self._status()}.", "invalid_state")
                 seen = {e["seq"] for e in state.events}
                 accepted = 0
                 for event in payload["events"]:
@@ -149,7 +188,10 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(200, {"accepted": accepted, "duplicates": len(payload["events"]) - accepted})
             if action in ("finish", "fail", "stopped"):
                 state.terminal.append((action, payload))
-                return self._send(200, {"status": "ok"})
+                state.ended_as = {"finish": "succeeded", "fail": "failed"}.get(action) or (
+                    self._status() if self._status() != "running" else "queued"  # stopped on shutdown: requeued
+                )
+                return self._send(200, {"id": state.claim["job_id"], "status": state.ended_as})
         self._error(404, "unknown endpoint")
 
 

@@ -195,6 +195,33 @@ def test_cancel_via_heartbeat_stops_cooperative_trainer(
     run.assert_no_processes_left()  # the helper ignores SIGTERM: killed with the group
 
 
+@pytest.mark.parametrize(("action", "reason"), [("cancel", "cancelled"), ("pause", "paused")])
+def test_cancel_and_pause_reach_the_trainer_without_waiting_for_a_heartbeat(
+    settings: WorkerSettings, api: ApiClient, api_state: State, action: str, reason: str
+) -> None:
+    """Heartbeats every 30 s (the default): the request comes through the held ``GET .../control``."""
+    settings = settings.model_copy(update={"heartbeat_seconds": 30.0})
+    run = _make(settings, api, fake_steps="100000", fake_delay="0.05")
+    outcome = run(_when_training(api_state, lambda: setattr(api_state, "action", action)))
+    assert outcome is not None and (outcome.status, outcome.reason) == ("stopped", reason)
+    assert api_state.terminal == [("stopped", {"lease_token": "lease-abc", "reason": reason})]
+    assert "cancel" not in api_state.heartbeat_actions and "pause" not in api_state.heartbeat_actions
+    assert api_state.control_answers >= 1
+    run.assert_no_processes_left()
+
+
+def test_a_run_that_ends_as_it_is_cancelled_is_stopped_without_an_upload_warning(
+    settings: WorkerSettings, api: ApiClient, api_state: State
+) -> None:
+    """The trainer finishes before the cancel reaches it; the API then refuses the adapter (the job is
+    cancelled): the attempt is reported stopped, not failed with "could not be uploaded"."""
+    api_state.refuse_artifacts_as = "cancel"
+    outcome = _make(settings, api, fake_steps="3")()
+    assert outcome is not None and (outcome.status, outcome.reason) == ("stopped", "cancelled")
+    assert api_state.terminal == [("stopped", {"lease_token": "lease-abc", "reason": "cancelled"})]
+    assert not [e for e in api_state.events if "could not be uploaded" in e["message"]]
+
+
 def test_cancel_kills_stubborn_trainer_group_after_grace(
     settings: WorkerSettings, api: ApiClient, api_state: State
 ) -> None:

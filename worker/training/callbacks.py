@@ -6,6 +6,9 @@
   ``checkpoint-N`` to ``step-N``: the rename is atomic, so a ``step-N`` directory is always complete).
 - ``StopCallback`` stops at the next step end when a signal handler set the ``StopFlag``; on pause it
   saves a checkpoint first.
+- Divergence (see :func:`divergence`): ``ReportingCallback`` checks every logged training loss and
+  gradient norm, ``NonFiniteGuard`` the weights after every step; either stops the run before that
+  step's checkpoint is written, so the last checkpoint reported is the last good one.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import signal
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -25,6 +28,57 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from worker.training.reporter import Reporter
 
 StopReason = Literal["pause", "cancel"]
+
+LOSS_EXPLOSION_FACTOR = 100.0
+"""A logged training loss above this many times the run's first logged loss (or 1.0, whichever is larger)
+is a divergence. The first loss is a known scale: the adapter starts as the identity (PEFT initialises
+LoRA's B to zero), so IPO's first loss is ``(1/(2*beta))**2`` and the sigmoid loss's is ``ln 2``. 100 times
+that means IPO's margin is ten targets away from its target, or a sigmoid margin of -100 nats: no healthy
+run gets there, while ordinary batch-to-batch noise stays within a factor of a few."""
+
+GRAD_NORM_EXPLOSION_FACTOR = 1e4
+"""A logged gradient norm (before clipping) above this many times the first logged one (or 1.0, the
+``max_grad_norm`` transformers clips to, whichever is larger) is a divergence. Gradient norms of a healthy
+LoRA run grow while the adapter leaves zero and spike by 10-100x on odd batches; four orders of magnitude
+are an exploding run (the lr 1.0 runs of ``tests/training`` reach 1e5-1e6 times their first norm)."""
+
+EXPLOSION_FLOOR = 1.0
+"""The smallest reference loss / gradient norm the factors apply to, so a run that starts near zero is
+not called diverged for a loss of 0.01."""
+
+
+class Divergence(NamedTuple):
+    reason: str
+    """What diverged, for the job's error message: ``the loss exploded to 2.5e+13, more than ...``."""
+    non_finite: bool
+    """True when a value became NaN/inf (error code ``nan_loss``), False when it exploded (``diverged``)."""
+
+
+def divergence(
+    loss: float | None, grad_norm: float | None, first_loss: float | None, first_grad_norm: float | None
+) -> Divergence | None:
+    """Why a logged training step counts as diverged, or None when it does not.
+
+    ``loss`` and ``grad_norm`` are the step's logged values (the mean loss since the previous log, and the
+    gradient norm before clipping); ``first_*`` are the run's first logged ones (None: not known yet, only
+    the non-finite check applies). Thresholds: :data:`LOSS_EXPLOSION_FACTOR`,
+    :data:`GRAD_NORM_EXPLOSION_FACTOR`, :data:`EXPLOSION_FLOOR`.
+    """
+    for name, value in (("loss", loss), ("gradient norm", grad_norm)):
+        if value is not None and not math.isfinite(value):
+            return Divergence(f"the {name} became {value}", non_finite=True)
+    checks = (
+        ("loss", loss, first_loss, LOSS_EXPLOSION_FACTOR),
+        ("gradient norm", grad_norm, first_grad_norm, GRAD_NORM_EXPLOSION_FACTOR),
+    )
+    for name, value, first, factor in checks:
+        if value is None or first is None or not math.isfinite(first):
+            continue
+        limit = factor * max(abs(first), EXPLOSION_FLOOR)
+        if abs(value) > limit:
+            reason = f"the {name} exploded to {value:.4g}, more than {factor:g} times its first value ({first:.4g})"
+            return Divergence(reason, non_finite=False)
+    return None
 
 
 class StopFlag:
@@ -62,8 +116,12 @@ class ReportingCallback(TrainerCallback):
         self.rows: list[dict[str, Any]] = []
         """Every metrics report (train and valid), for the metrics CSV."""
         self.last_train: dict[str, Any] = {}
-        self.nan_step: int | None = None
-        """First step whose loss or weights were not finite (training stops there)."""
+        self.diverged_step: int | None = None
+        """First step whose loss, gradient norm or weights diverged (training stops there)."""
+        self.diverged_reason: str | None = None
+        """What diverged, for the job's error (``divergence``'s answer, or the weights' check)."""
+        self.diverged_non_finite = False
+        """Whether something became NaN/inf (``nan_loss``), not just exploded (``diverged``)."""
         self.last_checkpoint_step: int | None = None
         self.trained_tokens = 0
         self._start: tuple[float, int] | None = None
@@ -125,9 +183,19 @@ class ReportingCallback(TrainerCallback):
         self.last_train = data
         self.rows.append({"split": "train", **data})
         self.reporter.metrics(data)
-        if not math.isfinite(float(logs["loss"])) and self.nan_step is None:
-            self.nan_step = state.global_step
+        first_loss, first_grad_norm = _first_logged(state)
+        diverged = divergence(_number(logs["loss"]), _number(logs.get("grad_norm")), first_loss, first_grad_norm)
+        if diverged is not None:
+            self.mark_diverged(state.global_step, diverged.reason, non_finite=diverged.non_finite)
+            control.should_save = False  # on_log runs before this step's save: keep the last good checkpoint
             control.should_training_stop = True
+
+    def mark_diverged(self, step: int, reason: str, *, non_finite: bool) -> None:
+        """Record the first divergence (later ones are consequences of it)."""
+        if self.diverged_step is None:
+            self.diverged_step = step
+            self.diverged_reason = reason
+            self.diverged_non_finite = non_finite
 
     def _report_eval(self, state: TrainerState, logs: dict[str, float]) -> None:
         data: dict[str, Any] = {
@@ -179,6 +247,31 @@ class ReportingCallback(TrainerCallback):
         self.reporter.checkpoint(state.global_step, str(final), metrics)
 
 
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _first_logged(state: TrainerState) -> tuple[float | None, float | None]:
+    """The run's first logged training loss and gradient norm (``log_history`` survives a resume)."""
+    for entry in state.log_history:
+        if "loss" in entry:
+            return _number(entry["loss"]), _number(entry.get("grad_norm"))
+    return None, None
+
+
+class LogAtSaveSteps(TrainerCallback):
+    """Logs (hence checks, in ``ReportingCallback.on_log``) every step that saves a checkpoint.
+
+    transformers logs, then saves, in the same step; with ``logging_steps`` not dividing ``save_steps`` a
+    checkpoint could otherwise be written after a diverged step nobody looked at yet. Must come after
+    transformers' ``DefaultFlowCallback`` (which sets ``should_save``) and ``StopCallback``.
+    """
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        if control.should_save:
+            control.should_log = True
+
+
 class TokenCountInLogHistory(TrainerCallback):
     """Keeps ``trained_tokens`` in ``state.log_history`` so a resumed run continues the count."""
 
@@ -218,8 +311,7 @@ class NonFiniteGuard(TrainerCallback):
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         if not self._params or bool(torch.isfinite(torch.stack(torch._foreach_norm(self._params))).all()):
             return
-        if self.reporting.nan_step is None:
-            self.reporting.nan_step = state.global_step
+        self.reporting.mark_diverged(state.global_step, "the adapter's weights became NaN/inf", non_finite=True)
         control.should_save = False
         control.should_training_stop = True
 

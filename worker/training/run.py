@@ -308,7 +308,7 @@ def _build_trainer(
 ) -> Any:
     """``IpoDPOTrainer`` with the LoRA adapter and the reporting, stop and divergence callbacks (the guard
     last: its ``should_save = False`` must override a pause's save)."""
-    from worker.training.callbacks import NonFiniteGuard, StopCallback, TokenCountInLogHistory
+    from worker.training.callbacks import LogAtSaveSteps, NonFiniteGuard, StopCallback, TokenCountInLogHistory
     from worker.training.loading import lora_config
     from worker.training.trainer import IpoDPOTrainer
 
@@ -320,7 +320,13 @@ def _build_trainer(
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=lora_config(cfg),
-        callbacks=[reporting, TokenCountInLogHistory(reporting), StopCallback(flag), NonFiniteGuard(reporting)],
+        callbacks=[
+            reporting,
+            TokenCountInLogHistory(reporting),
+            StopCallback(flag),
+            LogAtSaveSteps(),
+            NonFiniteGuard(reporting),
+        ],
     )
 
 
@@ -337,13 +343,15 @@ def _train_or_finish(trainer: Any, resume_from: str | None, total_steps: int, re
 
 
 def _raise_if_diverged(reporting: Any) -> None:
-    """``TrainingFailed("nan_loss")`` naming the step and the last good checkpoint when the guard fired."""
-    if reporting.nan_step is None:
+    """``TrainingFailed`` naming the step, what diverged and the last good checkpoint when a guard fired:
+    code ``nan_loss`` when the loss, gradient norm or weights became NaN/inf, ``diverged`` when they stayed
+    finite but exploded (``worker.training.callbacks.divergence``)."""
+    if reporting.diverged_step is None:
         return
     kept = reporting.last_checkpoint_step
     raise TrainingFailed(
-        "nan_loss",
-        f"training diverged at step {reporting.nan_step}: the loss or the weights became NaN/inf. "
+        "nan_loss" if reporting.diverged_non_finite else "diverged",
+        f"training diverged at step {reporting.diverged_step}: {reporting.diverged_reason}. "
         + (f"The last good checkpoint is step {kept}. " if kept is not None else "No checkpoint was kept. ")
         + "Lower the learning rate or raise beta.",
     )
