@@ -29,11 +29,25 @@ class ClaimRequest(_Body):
     worker_id: str = Field(max_length=200)
 
 
+class ParentAdapter(_Body):
+    """One adapter of a job's lineage: the final adapter of an earlier job, or one of its checkpoints."""
+
+    job_id: str
+    checkpoint_id: str | None = None
+    download_path: str
+    """Relative to the API base URL: GET it (worker token) to fetch the adapter zip."""
+
+
 class JobSpec(_Body):
     """What a worker needs to run a job (from the claim response)."""
 
     job_id: str
     model: str
+    """The allow-listed base model directory (the root of the lineage)."""
+    parents: list[ParentAdapter] = Field(default_factory=list)
+    """Adapters to merge into the base, root first, before the new adapter is trained: the lineage of a
+    job whose ``model`` was a fine-tuned model or checkpoint. For IPO/DPO the merged model is also the
+    reference. Empty for a job on a base model."""
     training_file: str
     validation_file: str | None = None
     suffix: str | None = None

@@ -134,8 +134,18 @@ def jobs_get(job_id: str, base_url: BaseUrl = None, api_key: ApiKey = None, as_j
         obj,
         as_json,
         f"{obj['id']}  {obj['status']}  step {obj.get('step')}/{obj.get('total_steps')}"
-        + (f"  error: {obj['error']['message']}" if obj.get("error") else ""),
+        + (f"  error: {obj['error']['message']}" if obj.get("error") else "")
+        + _lineage_text(obj.get("lineage") or {}),
     )
+
+
+def _lineage_text(lineage: dict[str, Any]) -> str:
+    """``  from ftjob-... (checkpoint ftckpt-...) on tiny-mistral`` for a job that started from a fine-tuned
+    model or checkpoint; empty for a job on a base model."""
+    if not lineage.get("parent_job_id"):
+        return ""
+    ckpt = f" (checkpoint {lineage['parent_checkpoint_id']})" if lineage.get("parent_checkpoint_id") else ""
+    return f"  from {lineage['parent_job_id']}{ckpt} on {lineage.get('base_model')}"
 
 
 @jobs.command("spec")

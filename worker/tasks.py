@@ -108,6 +108,17 @@ def stage_attempt(api: ApiClient, claim: ClaimResponse, settings: WorkerSettings
             ) from exc
         finally:
             archive.unlink(missing_ok=True)
+    parent_dirs: list[str] = []
+    for i, parent in enumerate(spec.parents):  # root first: merged into the base in this order
+        archive = api.download(parent.download_path, inputs / f"parent-{i}.zip")
+        try:
+            parent_dirs.append(str(unzip_safe(archive, attempt_dir / "parents" / str(i)).resolve()))
+        except UnsafeArchive as exc:
+            raise StartFailure(
+                "invalid_parent_model", f"The adapter of job {parent.job_id} cannot be used: {exc}", retryable=False
+            ) from exc
+        finally:
+            archive.unlink(missing_ok=True)
     request = TrainRequest(
         job_id=claim.job_id,
         attempt=claim.attempt,
@@ -116,6 +127,7 @@ def stage_attempt(api: ApiClient, claim: ClaimResponse, settings: WorkerSettings
         validation_file=str(validation_file.resolve()) if validation_file else None,
         output_dir=str(attempt_dir.resolve()),
         resume_from=str(resume_dir.resolve()) if resume_dir else None,
+        parent_adapters=parent_dirs,
         seed=spec.seed,
         method=spec.method,
         device=settings.device,

@@ -43,6 +43,15 @@ class Job(Base):
     suffix: Mapped[str | None] = mapped_column(String(64))
     seed: Mapped[int] = mapped_column(BigInteger)
     job_metadata: Mapped[dict[str, str] | None] = mapped_column("metadata", JsonDoc)
+    base_model: Mapped[str | None] = mapped_column(String(200))
+    """The allow-listed base model at the root of the job's lineage (``model`` itself for a job on a base
+    model; NULL on rows from before migration 0004, where it is ``model``)."""
+    parent_job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"), index=True)
+    """The job whose fine-tuned model (or checkpoint) this job starts from: its adapter is merged into the
+    base before a new adapter is trained, and it is the reference model of a preference job."""
+    parent_checkpoint_id: Mapped[str | None] = mapped_column(String(40))
+    """Set when the starting point is one of the parent's checkpoints rather than its final adapter (no
+    foreign key: checkpoints already reference jobs, and the row is checked when the job is created)."""
     method: Mapped[dict[str, Any]] = mapped_column(JsonDoc)
     """The validated ``method`` block, as the user sent it (``contracts.method.Method``)."""
     resolved_hyperparameters: Mapped[dict[str, Any] | None] = mapped_column(JsonDoc)

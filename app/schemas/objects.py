@@ -88,6 +88,17 @@ class JobHyperparameters(BaseModel):
     n_epochs: int | Literal["auto"] = "auto"
 
 
+class JobLineage(BaseModel):
+    """ipo-align extension: where a job started. ``model`` is what the caller sent (a base model, or a
+    fine-tuned model or checkpoint); ``base_model`` is the allow-listed model at the root of the chain."""
+
+    base_model: str
+    parent_job_id: str | None = None
+    """The job whose adapter was merged into the base before this job's adapter was trained."""
+    parent_checkpoint_id: str | None = None
+    """Set when the start was one of the parent's checkpoints rather than its final adapter."""
+
+
 class JobObject(BaseModel):
     id: str
     object: Literal["fine_tuning.job"] = "fine_tuning.job"
@@ -112,6 +123,7 @@ class JobObject(BaseModel):
     # ipo-align extensions
     resolved_hyperparameters: dict[str, Any] | None = None
     attempt: int = 0
+    lineage: JobLineage | None = None
     step: int | None = None
     total_steps: int | None = None
 

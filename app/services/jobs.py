@@ -22,7 +22,7 @@ from app.models.base import new_id, utcnow
 from app.schemas.requests import JobCreate
 from app.services import files as files_service
 from app.services import metrics, webhooks
-from app.services.models_registry import is_allowed, list_base_models
+from app.services.lineage import resolve_start
 from app.services.prompt_lengths import (
     identical_after_truncation,
     longest_prompt,
@@ -299,20 +299,14 @@ def create_job(
     storage: Storage,
     max_active: int = 0,
 ) -> Job:
-    if not is_allowed(models_dir, body.model):
-        available = ", ".join(list_base_models(models_dir)) or "none installed"
-        raise InvalidRequest(
-            f"Model {body.model!r} is not available. Available base models: {available}.",
-            param="model",
-            code="model_not_found",
-        )
+    start = resolve_start(session, project_id, body.model, models_dir)
     method = _merge_legacy_hyperparameters(body)
     data_files = {"training_file": _usable_file(session, project_id, body.training_file, "training_file")}
     if body.validation_file:
         data_files["validation_file"] = _usable_file(session, project_id, body.validation_file, "validation_file")
     check_method_fits_data(method, data_files)
     notes = check_fits_model(
-        models_dir / body.model, method, {p: storage.local_path(f.storage_key) for p, f in data_files.items()}
+        models_dir / start.base_model, method, {p: storage.local_path(f.storage_key) for p, f in data_files.items()}
     )
     check_active_jobs(session, project_id, max_active)
     job = Job(
@@ -320,6 +314,9 @@ def create_job(
         project_id=project_id,
         status=JobStatus.QUEUED,
         model=body.model,
+        base_model=start.base_model,
+        parent_job_id=start.parent.id if start.parent is not None else None,
+        parent_checkpoint_id=start.checkpoint.id if start.checkpoint is not None else None,
         training_file=body.training_file,
         validation_file=body.validation_file,
         suffix=body.suffix,
@@ -332,6 +329,15 @@ def create_job(
     session.add(job)
     session.flush()
     add_event(session, job, f"Created fine-tuning job: {job.id}")
+    if start.parent is not None:
+        ckpt = start.checkpoint
+        what = f"checkpoint {ckpt.id} (step {ckpt.step}) of" if ckpt is not None else "the model of"
+        add_event(
+            session,
+            job,
+            f"Starting from {what} job {start.parent.id}: its adapter is merged into {start.base_model} before "
+            "a new adapter is trained" + (", and that merged model is the reference" if method.is_preference else ""),
+        )
     for note in notes:
         add_event(session, job, note)
     add_event(session, job, "Files validated, job queued")

@@ -13,6 +13,7 @@ from app.schemas.objects import (
     FileObject,
     JobError,
     JobHyperparameters,
+    JobLineage,
     JobObject,
     WebhookDeliveryObject,
     WebhookEndpointObject,
@@ -62,6 +63,11 @@ def job_view(row: Job) -> JobObject:
         user_provided_suffix=row.suffix,
         resolved_hyperparameters=row.resolved_hyperparameters,
         attempt=row.attempt,
+        lineage=JobLineage(
+            base_model=row.base_model or row.model,
+            parent_job_id=row.parent_job_id,
+            parent_checkpoint_id=row.parent_checkpoint_id,
+        ),
         step=row.step,
         total_steps=row.total_steps,
     )
@@ -100,7 +106,7 @@ def event_view(row: JobEvent) -> EventObject:
 
 
 def checkpoint_view(row: Checkpoint, job: Job) -> CheckpointObject:
-    base = job.fine_tuned_model or f"ft:{job.model}:{job.suffix or 'ipo'}:{job.id}"
+    base = job.fine_tuned_model or f"ft:{job.base_model or job.model}:{job.suffix or 'ipo'}:{job.id}"
     metrics: dict[str, Any] = dict(row.metrics or {})
     return CheckpointObject(
         id=row.id,

@@ -21,6 +21,7 @@ from app.models.base import new_id, utcnow
 from app.services import files as files_service
 from app.services import metrics, webhooks
 from app.services.jobs import add_event, enqueue_dispatch
+from app.services.lineage import parent_chain
 from app.settings import Settings
 from app.storage import Storage
 from contracts.internal import (
@@ -106,7 +107,12 @@ def claim(session: Session, settings: Settings, job_id: str, worker_id: str) -> 
         heartbeat_seconds=settings.heartbeat_seconds,
         spec=JobSpec(
             job_id=job.id,
-            model=job.model,
+            model=job.base_model or job.model,
+            parents=parent_chain(
+                session,
+                session.get(Job, job.parent_job_id) if job.parent_job_id else None,
+                session.get(Checkpoint, job.parent_checkpoint_id) if job.parent_checkpoint_id else None,
+            ),
             training_file=job.training_file,
             validation_file=job.validation_file,
             suffix=job.suffix,
@@ -266,7 +272,7 @@ def finish(session: Session, job_id: str, body: FinishRequest) -> Job:
     job.status = JobStatus.SUCCEEDED
     job.finished_at = utcnow()
     job.result_files = [body.adapter_file_id, *[f for f in body.result_file_ids if f != body.adapter_file_id]]
-    job.fine_tuned_model = f"ft:{job.model}:{job.suffix or 'ipo'}:{job.id}"
+    job.fine_tuned_model = f"ft:{job.base_model or job.model}:{job.suffix or 'ipo'}:{job.id}"
     job.trained_tokens = body.trained_tokens
     release(job)
     add_event(session, job, f"New fine-tuned model created: {job.fine_tuned_model}")

@@ -68,7 +68,8 @@ def test_every_public_path_answers_404_to_another_project(client: TestClient, up
     r = client.post(
         "/v1/fine_tuning/jobs", headers=other_auth, json={"model": ids["model_id"], "training_file": "file-x"}
     )
-    assert r.status_code == 400 and r.json()["error"]["code"] == "model_not_found"
+    # another project's fine-tuned model as the base of a job: 404, like one that does not exist (issue 15)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     for path in (f"/v1/fine_tuning/jobs?after={ids['job_id']}", f"/v1/files?after={ids['file_id']}"):
         foreign = client.get(path, headers=other_auth)
         missing = client.get(path.replace("-", "-0000", 1), headers=other_auth)

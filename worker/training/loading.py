@@ -58,11 +58,21 @@ def model_kwargs(cfg: TrainingConfig) -> dict[str, Any]:
     return kwargs
 
 
-def load_model(model_path: str, cfg: TrainingConfig) -> Any:
-    """The base causal LM, loaded as ``model_kwargs(cfg)`` says (local files only: never a hub id)."""
+def load_model(model_path: str, cfg: TrainingConfig, parent_adapters: list[str] | None = None) -> Any:
+    """The base causal LM, loaded as ``model_kwargs(cfg)`` says (local files only: never a hub id), with each
+    of ``parent_adapters`` (root first) merged into its weights: the starting model of a job on a fine-tuned
+    model. The new adapter then trains on top, and with it disabled the model is exactly that merged
+    starting model, which TRL uses as the IPO/DPO reference (``ref_model=None`` with PEFT). In fp32/bf16 the
+    merge is exact up to rounding; into 4-bit NF4 weights (QLoRA) PEFT dequantises, adds the LoRA delta and
+    quantises again, so the starting model is the merged model as NF4 represents it."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_path, **model_kwargs(cfg))
+    model = AutoModelForCausalLM.from_pretrained(model_path, **model_kwargs(cfg))
+    for adapter in parent_adapters or []:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=False).merge_and_unload()
+    return model
 
 
 def lora_config(cfg: TrainingConfig) -> Any:

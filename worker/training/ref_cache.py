@@ -246,6 +246,8 @@ class PreparedInputs:
             "double_quant": cfg.double_quant,
             "compute_dtype": cfg.compute_dtype,
             "device": device,
+            # the reference is the base with these adapters merged in: their weights are part of the key
+            "parent_adapters": [file_sha256(Path(d) / "adapter_model.safetensors") for d in request.parent_adapters],
         }
         files = {"train": request.train_file, "eval": request.validation_file}
         for split, path in files.items():

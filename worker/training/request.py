@@ -34,6 +34,10 @@ class TrainRequest(BaseModel):
     the adapter to ``output_dir/adapter``."""
     resume_from: str | None = None
     """A complete checkpoint directory (unzipped) to resume from."""
+    parent_adapters: list[str] = []
+    """Adapter directories (PEFT ``adapter_model.safetensors`` + ``adapter_config.json``), root first, merged
+    into the base model in this order before the new adapter is added: the job starts from a fine-tuned
+    model. The merged model is also the reference of an IPO/DPO job."""
     seed: int = 42
     method: Method
     device: str = "auto"

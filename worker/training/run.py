@@ -151,7 +151,7 @@ def _preference_trainer(
             reporter.event(warning, level="warn")
 
     # 3. model, and the cached tokenized pairs + reference log-probs of an earlier run, if any
-    model = load_model(request.model_path, cfg)
+    model = load_model(request.model_path, cfg, request.parent_adapters)
     cached = PreparedInputs(request, cfg, tokenizer, device)
     precompute = cached.load(cfg.precompute_ref_log_probs)
 
@@ -192,7 +192,7 @@ def _supervised_trainer(
         warning = describe_skipped(prepared, cfg.max_length, name) if prepared else None
         if warning:
             reporter.event(warning, level="warn")
-    model = load_model(request.model_path, cfg)
+    model = load_model(request.model_path, cfg, request.parent_adapters)
     reporting = ReportingCallback(reporter, total_steps=cfg.total_steps, beta=cfg.beta, loss_type=cfg.loss_type)
     trainer = build_sft_trainer(
         model,
