@@ -57,7 +57,7 @@ def test_samples_at_each_evaluation_and_at_the_end(
             assert all(isinstance(s[k], float) and s[k] < 0 for k in LOGP_KEYS)
             assert set(s["scores"]) == {"exact", "exact_reference", "text_similarity", "text_similarity_reference"}
 
-    # the reference (adapter disabled) does not move; the policy does
+    # the reference (adapter disabled, computed once) is the same at every step; the policy moves
     first, last = events[0].data["samples"], events[-1].data["samples"]  # type: ignore[index]
     for a, b in zip(first, last, strict=True):
         assert a["reference_logp_chosen"] == pytest.approx(b["reference_logp_chosen"], abs=1e-3)

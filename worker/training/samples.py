@@ -5,8 +5,9 @@ and once at the end, ``SamplesCallback`` takes the model (a PEFT model) out of t
 ``n_prompts`` prompts of the validation file (else of the training file, which the policy trains on):
 
 - generates the policy's reply and the reference's (the same model under ``disable_adapter()``), greedy
-  and sampled (``temperature``, seeded with the job's seed + step, under ``torch.random.fork_rng`` so the
-  training's random stream is the same with or without samples);
+  and sampled (``temperature``, seeded with the job's seed, under ``torch.random.fork_rng`` so the
+  training's random stream is the same with or without samples). The reference does not change during
+  a run, so its replies and log-probabilities are computed once (at the first round) and reused;
 - computes the summed log-probability (nats) of the pair's chosen and rejected reply under both, so a
   falling chosen log-probability (likelihood displacement) shows while the margin still grows;
 - scores the greedy replies with the configured graders against the chosen reply.
@@ -161,6 +162,7 @@ class SamplesCallback(TrainerCallback):
         self.sampled_steps: list[int] = []
         self.seconds = 0.0
         self.disabled = False
+        self._reference: tuple[list[str], list[str], list[tuple[float, float]]] | None = None
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         # After NonFiniteGuard and StopCallback: no samples from NaN weights, none delaying a pause or cancel.
@@ -203,14 +205,17 @@ class SamplesCallback(TrainerCallback):
     @torch.no_grad()
     def _rows(self, model: Any, step: int) -> list[dict[str, Any]]:
         prompts = [p.prompt_ids for p in self.prompts]
-        seed = self.seed + step
-        policy_greedy = self._generate(model, prompts, sample=False, seed=seed)
-        policy_sampled = self._generate(model, prompts, sample=True, seed=seed)
-        policy_logps = [self._logps(model, p) for p in self.prompts]
-        with model.disable_adapter():
-            reference_greedy = self._generate(model, prompts, sample=False, seed=seed)
-            reference_sampled = self._generate(model, prompts, sample=True, seed=seed)
-            reference_logps = [self._logps(model, p) for p in self.prompts]
+        policy_greedy = self._generate(model, prompts, sample=False)
+        policy_sampled = self._generate(model, prompts, sample=True)
+        policy_logps = self._logps(model)
+        if self._reference is None:  # the adapter disabled, the reference never changes: computed once
+            with model.disable_adapter():
+                self._reference = (
+                    self._generate(model, prompts, sample=False),
+                    self._generate(model, prompts, sample=True),
+                    self._logps(model),
+                )
+        reference_greedy, reference_sampled, reference_logps = self._reference
         rows = []
         for i, p in enumerate(self.prompts):
             prompt, chosen, rejected = p.texts
@@ -238,8 +243,9 @@ class SamplesCallback(TrainerCallback):
             rows.append(row)
         return rows
 
-    def _generate(self, model: Any, prompts: list[list[int]], *, sample: bool, seed: int) -> list[str]:
-        """Replies to ``prompts`` in one left-padded batch (``max_new_tokens``), decoded without specials."""
+    def _generate(self, model: Any, prompts: list[list[int]], *, sample: bool) -> list[str]:
+        """Replies to ``prompts`` in one left-padded batch (``max_new_tokens``), decoded without specials;
+        sampled ones with the job's seed (the same for policy and reference, at every step)."""
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), int(pad or 0), dtype=torch.long)
@@ -255,7 +261,7 @@ class SamplesCallback(TrainerCallback):
         )
         devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
+            torch.manual_seed(self.seed)
             out = model.generate(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
@@ -267,22 +273,27 @@ class SamplesCallback(TrainerCallback):
             )
         return [str(self.tokenizer.decode(o[width:], skip_special_tokens=True)).strip() for o in out]
 
-    def _logps(self, model: Any, p: SamplePrompt) -> tuple[float, float]:
-        """Summed log-probability (nats) of the chosen and the rejected reply tokens after the prompt."""
-        seqs = [p.chosen_ids, p.rejected_ids]
-        width = max(len(s) for s in seqs)
-        ids = torch.zeros((2, width), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
+    def _logps(self, model: Any, batch_rows: int = 16) -> list[tuple[float, float]]:
+        """Summed log-probability (nats) of each pair's chosen and rejected reply tokens after its prompt,
+        ``batch_rows`` right-padded sequences per forward pass."""
+        seqs = [(s, len(p.prompt_ids)) for p in self.prompts for s in (p.chosen_ids, p.rejected_ids)]
         device = next(model.parameters()).device
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
-        completion = mask[:, 1:].clone().to(device)
-        completion[:, : len(p.prompt_ids) - 1] = 0
-        sums = (logps * completion).sum(1).tolist()
-        return round(float(sums[0]), 4), round(float(sums[1]), 4)
+        sums: list[float] = []
+        for start in range(0, len(seqs), batch_rows):
+            chunk = seqs[start : start + batch_rows]
+            width = max(len(s) for s, _ in chunk)
+            ids = torch.zeros((len(chunk), width), dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            completion = torch.zeros_like(ids)
+            for i, (s, n_prompt) in enumerate(chunk):
+                ids[i, : len(s)] = torch.tensor(s)
+                mask[i, : len(s)] = 1
+                completion[i, n_prompt : len(s)] = 1
+            ids, mask, completion = ids.to(device), mask.to(device), completion.to(device)
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+            logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+            sums += (logps * completion[:, 1:]).sum(1).tolist()
+        return [(round(float(sums[2 * i]), 4), round(float(sums[2 * i + 1]), 4)) for i in range(len(self.prompts))]
 
     def _report(self, rows: list[dict[str, Any]], step: int, seconds: float) -> None:
         def cut(text: str) -> str:
