@@ -276,7 +276,7 @@ class SamplesCallback(TrainerCallback):
     def _logps(self, model: Any, batch_rows: int = 16) -> list[tuple[float, float]]:
         """Summed log-probability (nats) of each pair's chosen and rejected reply tokens after its prompt,
         ``batch_rows`` right-padded sequences per forward pass."""
-        seqs = [(s, len(p.prompt_ids)) for p in self.prompts for s in (p.chosen_ids, p.rejected_ids)]
+        seqs = [(s, p.n_prompt) for p in self.prompts for s in (p.chosen_ids, p.rejected_ids)]
         device = next(model.parameters()).device
         sums: list[float] = []
         for start in range(0, len(seqs), batch_rows):
