@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, model_validator
 
 Auto = Literal["auto"]
 PositiveFloat = Annotated[StrictFloat, Field(gt=0)]
@@ -56,6 +56,57 @@ class Lora(_Strict):
     """``nf4`` = QLoRA (CUDA only); ``none`` = plain LoRA; ``auto`` = nf4 on CUDA, none on CPU."""
 
 
+GraderName = Annotated[str, Field(min_length=1, max_length=40, pattern=r"^[A-Za-z0-9_-]+$")]
+
+
+class StringCheckGrader(_Strict):
+    """OpenAI's ``string_check`` grader with its input fixed to the sampled reply and its reference fixed to
+    the pair's chosen reply: ``eq``/``ne`` compare them exactly, ``like`` (case-sensitive) and ``ilike``
+    (case-insensitive) pass when the reply contains the chosen reply. Scores 1 or 0."""
+
+    type: Literal["string_check"]
+    name: GraderName = "string_check"
+    """Metric key: ``samples/<name>`` (policy) and ``samples/<name>_reference`` (reference model)."""
+    operation: Literal["eq", "ne", "like", "ilike"]
+
+
+class TextSimilarityGrader(_Strict):
+    """OpenAI's ``text_similarity`` grader (reply against the chosen reply), scores in [0, 1]. Only
+    ``fuzzy_match`` is implemented (``difflib.SequenceMatcher`` ratio, Python's standard library); OpenAI's
+    other metrics (bleu, rouge_*, meteor, cosine, ...) are refused rather than approximated."""
+
+    type: Literal["text_similarity"]
+    name: GraderName = "text_similarity"
+    evaluation_metric: Literal["fuzzy_match"]
+
+
+Grader = Annotated[StringCheckGrader | TextSimilarityGrader, Field(discriminator="type")]
+
+
+class Samples(_Strict):
+    """Replies generated during training, at each evaluation and at the end (``worker/training/samples.py``):
+    for ``n_prompts`` prompts of the validation file (else the first of the training file), the reply of
+    the policy and of the reference (adapter disabled), greedy and sampled with the job's seed, plus the
+    log-probability of each pair's chosen and rejected reply under both. ``n_prompts=0`` turns it off.
+
+    Defaults are kept small so sampling stays a small share of a run (bench/RESULTS.md)."""
+
+    n_prompts: Annotated[StrictInt, Field(ge=0, le=64)] = 16
+    max_new_tokens: Annotated[StrictInt, Field(ge=1, le=512)] = 64
+    temperature: Annotated[StrictFloat, Field(gt=0, le=2)] = 1.0
+    """Of the sampled replies (the greedy ones have none); top_p/top_k are off."""
+    graders: Annotated[list[Grader], Field(max_length=8)] = Field(default_factory=list)
+    """Scores of the greedy replies against the chosen reply, reported as metrics per evaluation."""
+
+    @model_validator(mode="after")
+    def _unique_grader_names(self) -> Samples:
+        names = [g.name for g in self.graders]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"grader names must be unique (their metric keys would collide): {duplicates}")
+        return self
+
+
 class MethodParams(_Strict):
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     lora: Lora = Field(default_factory=Lora)
@@ -63,6 +114,9 @@ class MethodParams(_Strict):
     """How conversations are formatted (``contracts/chat_templates.py``): ``auto`` = the model's own
     template, or Zephyr's for a base model without one; a name (``zephyr``, ``chatml``, ``llama-3``,
     ``mistral-instruct``); or a Jinja template string, checked at job creation."""
+
+    samples: Samples = Field(default_factory=Samples)
+    """Replies sampled during training (preference methods; ``n_prompts`` 0 for none)."""
 
 
 PREFERENCE_TYPES = ("ipo", "dpo")

@@ -212,6 +212,60 @@ def jobs_events(
     _print(obj, as_json, "\n".join(f"{e['id']}  {e['level']:<5} {e['message']}" for e in reversed(obj["data"])))
 
 
+def sample_events(client: ApiClient, job_id: str) -> list[dict[str, Any]]:
+    """Every ``samples`` event of a job (``data.samples``, see worker/training/samples.py), oldest first,
+    read page by page from ``GET /v1/fine_tuning/jobs/{id}/events``."""
+    found: list[dict[str, Any]] = []
+    after: str | None = None
+    while True:
+        params: dict[str, Any] = {"limit": 100} | ({"after": after} if after else {})
+        page = client.json("GET", f"/v1/fine_tuning/jobs/{job_id}/events", params=params)
+        found += [e for e in page["data"] if isinstance(e.get("data"), dict) and "samples" in e["data"]]
+        if not page.get("has_more") or not page["data"]:
+            return found[::-1]
+        after = page["data"][-1]["id"]
+
+
+@jobs.command("samples")
+def jobs_samples(
+    job_id: str,
+    step: Annotated[int | None, typer.Option(help="The evaluation step (default: the latest one sampled).")] = None,
+    base_url: BaseUrl = None,
+    api_key: ApiKey = None,
+    as_json: AsJson = False,
+) -> None:
+    """Replies of the reference (base) and the policy (base + adapter) to the sampled prompts at one step,
+    with the log-probability of the chosen and the rejected reply under each. Texts are cut to 300
+    characters; the job's samples.jsonl result file has them whole."""
+    events = sample_events(ApiClient(base_url, api_key), job_id)
+    if not events:
+        raise CliError(f"{job_id} has no samples yet (they are taken at each evaluation and at the end)")
+    steps = [e["data"]["step"] for e in events]
+    if step is None:
+        step = steps[-1]
+    chosen = [e for e in events if e["data"]["step"] == step]
+    if not chosen:
+        raise CliError(f"no samples at step {step}; steps sampled: {', '.join(map(str, sorted(set(steps))))}")
+    data = chosen[-1]["data"]  # a resumed attempt may sample a step again: the latest wins
+    if as_json:
+        typer.echo(json.dumps(data))
+        return
+    typer.echo(f"step {data['step']}: {len(data['samples'])} prompts from the {data.get('source', '?')}")
+    for i, s in enumerate(data["samples"], 1):
+        typer.echo(f"\n[{i}] prompt:    {s['prompt']}")
+        typer.echo(f"    chosen:    {s['chosen']}")
+        typer.echo(f"    rejected:  {s['rejected']}")
+        typer.echo(f"    reference: {s['reference_reply']}")
+        typer.echo(f"    policy:    {s['policy_reply']}")
+        typer.echo(
+            f"    log p(chosen) {s['reference_logp_chosen']:.2f} -> {s['policy_logp_chosen']:.2f}, "
+            f"log p(rejected) {s['reference_logp_rejected']:.2f} -> {s['policy_logp_rejected']:.2f} "
+            "(reference -> policy)"
+        )
+        if s.get("scores"):
+            typer.echo("    scores:    " + ", ".join(f"{k}={v:.2f}" for k, v in s["scores"].items()))
+
+
 @jobs.command("watch")
 def jobs_watch(job_id: str, base_url: BaseUrl = None, api_key: ApiKey = None) -> None:
     """Live progress until the job ends; exit 0 when it succeeded, 1 otherwise."""

@@ -300,7 +300,7 @@ class ApiClient:
         self,
         job_id: str,
         lease_token: str,
-        name: Literal["adapter", "metrics"],
+        name: Literal["adapter", "metrics", "samples"],
         path: Path,
         filename: str | None = None,
     ) -> str:

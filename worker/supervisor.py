@@ -292,7 +292,7 @@ class Supervisor:
     def _handle(self, report: TrainerReport) -> None:
         created = report.time
         if report.kind == "event":
-            self.events.add(report.message or "", level=report.level, created_at=created)
+            self.events.add(report.message or "", level=report.level, data=report.data, created_at=created)
         elif report.kind == "metrics":
             data = dict(report.data or {})
             step = report.step if report.step is not None else data.get("step")
@@ -349,11 +349,13 @@ class Supervisor:
             finally:
                 archive.unlink(missing_ok=True)
             return
-        name: Literal["adapter", "metrics"]
+        name: Literal["adapter", "metrics", "samples"]
         if report.name == "adapter":
             name = "adapter"
         elif report.name == "metrics":
             name = "metrics"
+        elif report.name == "samples":
+            name = "samples"
         else:
             log.warning("job %s: ignoring artifact %r", self.job_id, report.name)
             return
@@ -477,7 +479,7 @@ class Supervisor:
                         lease_token=lease,
                         trained_tokens=trained_tokens if isinstance(trained_tokens, int) else None,
                         adapter_file_id=self.file_ids["adapter"],
-                        result_file_ids=[self.file_ids["metrics"]] if "metrics" in self.file_ids else [],
+                        result_file_ids=[self.file_ids[n] for n in ("metrics", "samples") if n in self.file_ids],
                     ),
                 )
             elif outcome.status == "stopped":

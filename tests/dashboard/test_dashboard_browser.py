@@ -9,6 +9,7 @@ Screenshots go to ``$IPO_TEST_ARTIFACTS/dashboard`` (default ``test-artifacts/da
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import time
@@ -39,6 +40,11 @@ REPO = Path(__file__).resolve().parents[2]
 WAIT_S = 240
 MAX_STEPS = 60
 N_POINTS = 20
+XSS = 'What is 1 plus 3? <img src=x onerror="window.__xss=1">'
+XSS_REPLIES = {
+    "chosen": [{"role": "assistant", "content": "The sum is 4. <script>window.__xss=2</script>"}],
+    "rejected": [{"role": "assistant", "content": "The product is 3."}],
+}
 """60 steps log every 3rd step (worker/training/recipe.py): 20 training points on the loss chart."""
 
 
@@ -62,6 +68,8 @@ def browser() -> Iterator[Browser]:
 def _create_jobs(stack: Stack, tmp_path: Path) -> tuple[str, str]:
     """A short IPO job with validation (trains first) and a second one queued behind it."""
     train, valid = write_demo_data(tmp_path / "data", n_train=48, n_valid=8, seed=2)
+    with valid.open("a", encoding="utf-8") as f:  # model text is untrusted: the samples table must show it as text
+        f.write(json.dumps({"prompt": [{"role": "user", "content": XSS}], **XSS_REPLIES}) + "\n")
     http = httpx.Client(base_url=stack.url, headers=stack.headers, timeout=30)
     files = []
     for path in (train, valid):
@@ -173,6 +181,18 @@ def test_dashboard_in_a_browser(stack: Stack, browser: Browser, artifacts: Path,
     with zipfile.ZipFile(io.BytesIO(Path(download.value.path()).read_bytes())) as zf:
         assert "adapter_model.safetensors" in zf.namelist(), zf.namelist()
     assert page.locator("#checkpoints tbody tr").count() >= 1
+    # Samples side by side (validation prompts, every 15 steps and at the end), the step chosen in the list.
+    page.wait_for_function("() => Number(document.querySelector('#samples').dataset.steps) >= 4")
+    assert page.get_attribute("#samples", "data-shown-step") == str(MAX_STEPS)
+    assert page.locator("#samples-table tbody tr").count() == 9  # 8 validation pairs + the XSS one
+    page.select_option("#samples-step", "15")
+    assert page.get_attribute("#samples", "data-shown-step") == "15"
+    assert XSS in page.inner_text("#samples-table") and "<script>window.__xss=2</script>" in page.inner_text(
+        "#samples-table"
+    )
+    assert page.locator("#samples-table img, #samples-table script").count() == 0
+    assert page.evaluate("() => window.__xss === undefined")
+    assert int(page.get_attribute("#chart-sample-logps", "data-points") or 0) >= 4
     page.mouse.move(0, 0)  # no hover underline in the pictures
     page.screenshot(path=str(artifacts / "job-succeeded.png"), full_page=True)
     page.screenshot(path=str(artifacts / "dashboard.png"))  # the first screen: facts, results and charts

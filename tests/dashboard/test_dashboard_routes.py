@@ -4,6 +4,7 @@ tenancy (another project's job is a 404 page), the status filter and the cancel/
 from __future__ import annotations
 
 import hashlib
+import json
 from datetime import timedelta
 from typing import Any
 
@@ -239,3 +240,39 @@ def test_dashboard_is_not_in_the_openapi_schema(client: TestClient) -> None:
     paths = client.get("/openapi.json").json()["paths"]
     assert not [p for p in paths if p == "/" or p.startswith(("/jobs", "/login", "/logout", "/files", "/static"))]
     assert client.get("/static/vendor/uplot/uPlot.iife.min.js").status_code == 200
+
+
+def test_samples_reach_the_job_page_as_data_not_markup(client: TestClient, auth, upload) -> None:
+    """A worker's samples event (worker/training/samples.py) is replayed to the page's stream as JSON;
+    the page renders it with textContent (job.js; the browser test checks that in Chromium)."""
+    job_id = new_job(client, auth, upload)
+    token = claim(client, WORKER, job_id)
+    sample = {
+        "prompt": "<script>alert(1)</script>",
+        "chosen": "a",
+        "rejected": "b",
+        "reference_reply": "<b>ref</b>",
+        "policy_reply": "pol",
+        **dict.fromkeys(
+            ("policy_logp_chosen", "policy_logp_rejected", "reference_logp_chosen", "reference_logp_rejected"), -1.0
+        ),
+    }
+    event = {
+        "seq": 0,
+        "message": "Samples at step 2: 1 prompts from the validation file",
+        "data": {"step": 2, "source": "validation file", "samples": [sample]},
+        "created_at": 1,
+    }
+    r = client.post(
+        f"/internal/v1/jobs/{job_id}/events", headers=WORKER, json={"lease_token": token, "events": [event]}
+    )
+    assert r.status_code == 200, r.text
+    login(client, auth)
+    page = client.get(f"/jobs/{job_id}").text
+    assert 'id="samples"' in page and 'id="samples-table"' in page and "<script>alert(1)" not in page
+    with client.stream("GET", f"/jobs/{job_id}/stream") as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data:") and "Samples at step 2" in line:
+                data = json.loads(line.removeprefix("data:"))["data"]
+                break
+    assert data["samples"][0]["prompt"] == "<script>alert(1)</script>" and data["step"] == 2

@@ -54,6 +54,16 @@ def test_cli_flow(stack: Stack, tmp_path: Path) -> None:
 
     watched = ipo(stack, "jobs", "watch", created["id"])
     assert "succeeded" in watched.stdout
+    # Samples (worker/training/samples.py): every 2 steps of 8 (no validation file: training prompts)
+    shown = ipo(stack, "jobs", "samples", created["id"]).stdout
+    assert shown.startswith("step 8: 16 prompts from the training file") and shown.count("policy:") == 16
+    assert "reference:" in shown and "log p(chosen)" in shown
+    at_4 = json.loads(ipo(stack, "jobs", "samples", created["id"], "--step", "4", "--json").stdout)
+    assert at_4["step"] == 4 and len(at_4["samples"]) == 16 and "policy_logp_rejected" in at_4["samples"][0]
+    missing_step = ipo(stack, "jobs", "samples", created["id"], "--step", "3", check=False)
+    assert missing_step.returncode == 2 and "steps sampled: 2, 4, 6, 8" in missing_step.stderr
+    job = json.loads(ipo(stack, "jobs", "get", created["id"], "--json").stdout)
+    assert len(job["result_files"]) == 3  # adapter, metrics.csv, samples.jsonl
     out_dir = tmp_path / "adapter"
     ipo(stack, "jobs", "download", created["id"], "--out", str(out_dir))
     assert (out_dir / "adapter_model.safetensors").is_file()

@@ -105,9 +105,10 @@ def _train(request: TrainRequest, reporter: Reporter, flag: Any) -> int:
         reporter.event(f"stopped on request ({flag.reason}) at step {trainer.state.global_step}")
         return EXIT_STOPPED
 
-    # 6. final evaluation and outputs
+    # 6. final evaluation, samples and outputs
     if trainer.eval_dataset is not None:
         trainer.evaluate()
+    _final_samples(trainer, reporter, started)
     _save_outputs(trainer, tokenizer, out, reporting, reporter)
     reporter.event(f"training finished in {time.monotonic() - started:.1f}s")
     reporter.done(reporting.trained_tokens)
@@ -157,6 +158,7 @@ def _preference_trainer(
 
     # 4. trainer
     reporting = ReportingCallback(reporter, total_steps=cfg.total_steps, beta=cfg.beta, loss_type=cfg.loss_type)
+    samples = _samples_callback(request, cfg, tokenizer, out, reporter, reporting)
     trainer = _build_trainer(
         model,
         tokenizer,
@@ -166,6 +168,7 @@ def _preference_trainer(
         eval_dataset=cached.eval if cached.eval is not None else (eval_data.dataset if eval_data else None),
         reporting=reporting,
         flag=flag,
+        extra_callbacks=[samples] if samples is not None else [],
     )
     cached.report_and_store(trainer, reporter)
     return trainer, reporting, train_data.n_examples
@@ -250,6 +253,49 @@ def _resolve(request: TrainRequest, device: str, specials: tuple[str, ...]) -> T
     )
 
 
+def _final_samples(trainer: Any, reporter: Reporter, started: float) -> None:
+    """The end-of-training samples round, when the trainer has a ``SamplesCallback``, and its cost."""
+    from worker.training.samples import SamplesCallback
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, SamplesCallback):
+            callback.final(trainer.model, trainer.state.global_step)
+            reporter.event(f"sampling took {callback.seconds:.1f}s of {time.monotonic() - started:.1f}s")
+
+
+def _samples_callback(
+    request: TrainRequest, cfg: TrainingConfig, tokenizer: Any, out: Path, reporter: Reporter, reporting: Any
+) -> Any:
+    """``SamplesCallback`` for the method's ``samples`` block, or None when ``n_prompts`` is 0. Samples at the
+    evaluation cadence (``eval_every``; without a validation file the same rule, a quarter of the run)."""
+    from worker.training.samples import SamplesCallback, choose_prompts
+
+    config = request.method.params().samples
+    if config.n_prompts == 0:
+        return None
+    prompts, source = choose_prompts(
+        tokenizer,
+        validation_file=request.validation_file,
+        train_file=request.train_file,
+        n_prompts=config.n_prompts,
+        max_length=cfg.max_length,
+    )
+    note = "" if request.validation_file else " (no validation file: these prompts are also trained on)"
+    reporter.event(f"samples: {len(prompts)} prompts from the {source}{note}")
+    return SamplesCallback(
+        reporter,
+        tokenizer,
+        prompts,
+        source=source,
+        config=config,
+        every=cfg.eval_every or max(1, cfg.total_steps // 4),
+        seed=cfg.seed,
+        out_path=out / "samples.jsonl",
+        total_steps=cfg.total_steps,
+        metrics_rows=reporting.rows,
+    )
+
+
 def dpo_args(cfg: TrainingConfig, out: Path, *, precompute: bool, evaluate: bool) -> Any:
     """TRL ``DPOConfig`` for the resolved recipe: the IPO (or sigmoid) loss, plus TRL's "sft" NLL term when
     ``sft_weight`` > 0; checkpoints under ``out/checkpoints`` every ``checkpoint_every`` steps; no hub, no
@@ -305,9 +351,11 @@ def _build_trainer(
     eval_dataset: Any,
     reporting: Any,
     flag: Any,
+    extra_callbacks: list[Any] | None = None,
 ) -> Any:
     """``IpoDPOTrainer`` with the LoRA adapter and the reporting, stop and divergence callbacks (the guard
-    last: its ``should_save = False`` must override a pause's save)."""
+    after the stop callback: its ``should_save = False`` must override a pause's save), then
+    ``extra_callbacks`` (samples: they see the guard's and the stop's decision)."""
     from worker.training.callbacks import LogAtSaveSteps, NonFiniteGuard, StopCallback, TokenCountInLogHistory
     from worker.training.loading import lora_config
     from worker.training.trainer import IpoDPOTrainer
@@ -326,6 +374,7 @@ def _build_trainer(
             StopCallback(flag),
             LogAtSaveSteps(),
             NonFiniteGuard(reporting),
+            *(extra_callbacks or []),
         ],
     )
 

@@ -20,7 +20,15 @@
                // supervised jobs: TRL's mean token accuracy on the assistant tokens
                ["token_accuracy", "training (token)", BLUE, true], ["valid_token_accuracy", "validation (token)", RED, true]] },
     { id: "chart-lr", series: [["learning_rate", "learning rate", GREEN]] },
+    // worker/training/samples.py: means over the sampled pairs; both falling = likelihood displacement
+    { id: "chart-sample-logps", series: [["samples/policy_logp_chosen", "policy chosen", BLUE],
+                                         ["samples/policy_logp_rejected", "policy rejected", RED],
+                                         ["samples/reference_logp_chosen", "reference chosen", BLUE, true],
+                                         ["samples/reference_logp_rejected", "reference rejected", RED, true]] },
   ];
+  const SAMPLE_KEYS = new Set(["samples/policy_logp_chosen", "samples/policy_logp_rejected", "samples/reference_logp_chosen",
+                               "samples/reference_logp_rejected", "samples/changed_fraction", "samples/seconds"]);
+  const PALETTE = [BLUE, RED, GREEN, "#7c3aed", "#d97706", "#0891b2", "#be185d", GREY];
 
   const STEP_INCREMENTS = [1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1e3, 2e3, 2500, 5e3, 1e4, 2e4, 5e4, 1e5, 1e6];
   const byStep = new Map();
@@ -70,9 +78,26 @@
     }
   }
 
+  let graderChart = null;
+  function addGraderChart(data) {
+    // Grader scores (samples/<name> and samples/<name>_reference): the chart is made from the first report.
+    const names = Object.keys(data).filter((k) => k.startsWith("samples/") && !SAMPLE_KEYS.has(k)
+                                                  && !k.endsWith("_reference")).sort();
+    if (graderChart || names.length === 0) return;
+    const series = [];
+    names.forEach((k, i) => {
+      const label = k.slice("samples/".length), colour = PALETTE[i % PALETTE.length];
+      series.push([k, label, colour], [k + "_reference", label + " (reference)", colour, true]);
+    });
+    document.getElementById("figure-graders").hidden = false;
+    graderChart = makeChart({ id: "chart-graders", range: [0, 1], series });
+    charts.push(graderChart);
+  }
+
   function addMetrics(data) {
     const step = number(data.step);
     if (step === null) return;
+    addGraderChart(data);
     byStep.set(step, Object.assign(byStep.get(step) || {}, data));  // a resumed attempt overwrites
     scheduleRedraw();
   }
@@ -120,9 +145,69 @@
     row.insertCell().appendChild(link);
   }
 
+  // Samples: one entry per sampled step (a resumed attempt's later report of a step replaces it).
+  const samplesByStep = new Map();
+  const samplesRoot = document.getElementById("samples");
+  const stepSelect = document.getElementById("samples-step");
+  const samplesBody = document.querySelector("#samples-table tbody");
+  let followLatest = true;
+
+  function lines(td, parts) {  // text only (textContent): replies are untrusted model output
+    parts.forEach(([label, text], i) => {
+      if (i > 0) td.appendChild(document.createElement("br"));
+      if (label) {
+        const b = document.createElement("span");
+        b.className = "muted";
+        b.textContent = label + " ";
+        td.appendChild(b);
+      }
+      td.appendChild(document.createTextNode(text));
+    });
+  }
+
+  function showSamples(step) {
+    const data = samplesByStep.get(step);
+    if (!data) return;
+    samplesBody.replaceChildren();
+    document.getElementById("samples-source").textContent = `step ${step}: ${data.samples.length} prompts from the ${data.source}`;
+    for (const s of data.samples) {
+      const row = samplesBody.insertRow();
+      row.className = s.policy_reply === s.reference_reply ? "same" : "changed";
+      cell(row, s.prompt);
+      lines(row.insertCell(), [["chosen:", s.chosen], ["rejected:", s.rejected]]);
+      cell(row, s.reference_reply, "reference");
+      cell(row, s.policy_reply, "policy");
+      lines(row.insertCell(), [["chosen:", `${fmt(s.reference_logp_chosen)} → ${fmt(s.policy_logp_chosen)}`],
+                               ["rejected:", `${fmt(s.reference_logp_rejected)} → ${fmt(s.policy_logp_rejected)}`]]);
+    }
+    stepSelect.value = String(step);
+    samplesRoot.dataset.shownStep = String(step);
+  }
+
+  function addSamples(data) {
+    const step = number(data.step);
+    if (step === null || !Array.isArray(data.samples)) return;
+    samplesByStep.set(step, data);
+    const steps = Array.from(samplesByStep.keys()).sort((a, b) => a - b);
+    stepSelect.replaceChildren(...steps.map((s) => new Option(String(s), String(s))));
+    samplesRoot.dataset.steps = String(steps.length);
+    document.getElementById("samples-empty").hidden = true;
+    document.getElementById("samples-step-label").hidden = false;
+    document.getElementById("samples-table").hidden = false;
+    showSamples(followLatest ? steps[steps.length - 1] : number(Number(stepSelect.dataset.chosen)));
+  }
+
+  stepSelect.addEventListener("change", () => {
+    const steps = Array.from(samplesByStep.keys()).sort((a, b) => a - b);
+    followLatest = Number(stepSelect.value) === steps[steps.length - 1];
+    stepSelect.dataset.chosen = stepSelect.value;
+    showSamples(Number(stepSelect.value));
+  });
+
   function handle(event) {
     addEvent(event);
     if (event.type === "metrics" && event.data) addMetrics(event.data);
+    else if (event.data && event.data.samples) addSamples(event.data);
     else if (event.data && event.data.checkpoint_id) addCheckpoint(event.data, event.created_at);
   }
 
