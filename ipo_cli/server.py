@@ -25,6 +25,7 @@ def register(app: typer.Typer) -> None:
     app.command("serve")(serve)
     app.command("worker")(worker)
     app.command("migrate")(migrate)
+    app.command("inference")(inference)
 
 
 def migrate() -> None:
@@ -64,6 +65,13 @@ def serve(
     )
 
 
+def inference(host: Host = "127.0.0.1", port: Port = 8001) -> None:
+    """Run the embedded inference server (OpenAI-compatible chat completions on a base model + LoRA adapters)."""
+    from inference.server import run
+
+    run(host=host, port=port)
+
+
 def worker() -> None:
     """Run one Celery worker (one per GPU): concurrency 1, one task per child process."""
     from contracts.logs import configure_logging
@@ -75,9 +83,17 @@ def worker() -> None:
     run_worker()
 
 
-def up(host: Host = "127.0.0.1", port: Port = 8000) -> None:
-    """Start everything, embedded: schema, a local API key, the API + dispatcher, and one worker."""
+def up(
+    host: Host = "127.0.0.1",
+    port: Port = 8000,
+    inference: Annotated[
+        bool, typer.Option(help="Also start the embedded inference server (chat completions) on port + 1.")
+    ] = True,
+) -> None:
+    """Start everything, embedded: schema, a local API key, the API + dispatcher, one worker, and the
+    inference server for ``/v1/chat/completions`` (when a base model is installed)."""
     from app.bootstrap import bootstrap
+    from app.services.models_registry import list_base_models
     from app.settings import Settings
     from contracts.logs import configure_logging
     from ipo_cli.database import database_errors, migrate_database
@@ -89,14 +105,28 @@ def up(host: Host = "127.0.0.1", port: Port = 8000) -> None:
         key, created = bootstrap(settings)
     env = {**os.environ, "IPO_API_URL": os.environ.get("IPO_API_URL", f"http://{host}:{port}")}
     worker_proc = subprocess.Popen([sys.executable, "-m", "ipo_cli.main", "worker"], env=env, start_new_session=True)
+    children = [worker_proc]
+    if inference and "IPO_INFERENCE_URL" not in os.environ:
+        if list_base_models(settings.resolved_models_dir):
+            inference_proc = subprocess.Popen(
+                [sys.executable, "-m", "ipo_cli.main", "inference", "--host", host, "--port", str(port + 1)],
+                env=env,
+                start_new_session=True,
+            )
+            children.append(inference_proc)
+            os.environ["IPO_INFERENCE_URL"] = f"http://{host}:{port + 1}"
+            typer.echo(f"inference server at http://{host}:{port + 1}  (pid {inference_proc.pid})")
+        else:
+            typer.echo("no base model yet (ipo models build-tiny): chat completions stay off until `ipo up` again")
     typer.echo(f"ipo-align is up at http://{host}:{port}  (worker pid {worker_proc.pid})")
     typer.echo(
         f"API key {'created' if created else 'in'} {settings.var_dir / 'api_key'}" + (f": {key}" if created else "")
     )
-    # uvicorn re-raises SIGTERM once it has shut down; turn it into SystemExit so the worker is
+    # uvicorn re-raises SIGTERM once it has shut down; turn it into SystemExit so the children are
     # stopped below instead of being orphaned when this process dies of the signal.
     signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     try:
         serve(host=host, port=port, workers=1)
     finally:
-        stop_group(worker_proc, timeout=90)
+        for child in reversed(children):
+            stop_group(child, timeout=90)
