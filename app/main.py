@@ -18,7 +18,7 @@ from app.middleware.auth_gate import AuthGateMiddleware
 from app.middleware.body_limit import BodyLimitMiddleware, BodyLimits
 from app.middleware.http_metrics import HttpMetricsMiddleware
 from app.middleware.request_log import RequestLogMiddleware
-from app.routes import files, health, internal, jobs, metrics, models, schemas, webhooks
+from app.routes import chat, files, health, internal, jobs, metrics, models, schemas, webhooks
 from app.services.dispatch import CeleryDoorbell, DispatcherThread, Doorbell
 from app.services.event_feed import EventHub, db_poll
 from app.services.rate_limit import RequestRateLimiter
@@ -51,7 +51,7 @@ def create_app(settings: Settings | None = None, doorbell: Doorbell | None = Non
     ctx = build_context(settings)
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         dispatcher = None
         if settings.run_dispatcher:
             dispatcher = DispatcherThread(
@@ -64,6 +64,8 @@ def create_app(settings: Settings | None = None, doorbell: Doorbell | None = Non
         try:
             yield
         finally:
+            if (gateway := getattr(app.state, "inference", None)) is not None:
+                await gateway.aclose()
             if sender is not None:
                 sender.stop()
             if dispatcher is not None:
@@ -89,7 +91,7 @@ def create_app(settings: Settings | None = None, doorbell: Doorbell | None = Non
     app.add_middleware(AuthGateMiddleware, ctx=ctx)  # credentials before a byte of the body is read
     app.add_middleware(HttpMetricsMiddleware)  # times everything, 401s and 413s included
     app.add_middleware(RequestLogMiddleware)  # outermost: the request id is bound for every line logged
-    for module in (health, metrics, files, jobs, models, webhooks, internal, schemas):
+    for module in (health, metrics, files, jobs, models, chat, webhooks, internal, schemas):
         app.include_router(module.router)
     app.include_router(dashboard.router)  # the web dashboard at / (HTML, not in the OpenAPI schema)
     app.mount("/static", dashboard.static_files(), name="static")

@@ -71,6 +71,18 @@ class Settings(BaseSettings):
     dashboard_session_seconds: int = Field(12 * 3600, ge=60)
     """How long a dashboard login lasts (server-side; logging out ends it at once)."""
 
+    inference_url: str = "http://127.0.0.1:8001"
+    """Where ``POST /v1/chat/completions`` is forwarded: the embedded inference server (``ipo inference``,
+    started by ``ipo up`` on the API's port + 1) or a vLLM OpenAI-compatible server with LoRA enabled."""
+    adapters_dir: Path | None = None
+    """Unpacked adapters and checkpoints the inference server loads by path (``POST /v1/load_lora_adapter``).
+    Default ``{var_dir}/adapters``. The inference server (or vLLM container) must see it at the same path."""
+    chat_max_tokens: int = Field(2048, ge=1)
+    """Largest ``max_tokens`` / ``max_completion_tokens`` of a chat completion (400 above it)."""
+    inference_timeout_seconds: float = Field(300.0, gt=0)
+    """How long the API waits for the inference server's answer, or for its next streamed chunk (the
+    server bounds each reply itself: ``IPO_INFERENCE_TIMEOUT_SECONDS``)."""
+
     run_webhook_sender: bool = True
     """Run the webhook delivery loop inside the API process (several replicas may all run it)."""
     webhook_allow_loopback: bool = False
@@ -113,6 +125,10 @@ class Settings(BaseSettings):
     @property
     def resolved_models_dir(self) -> Path:
         return self.models_dir or self.var_dir / "models"
+
+    @property
+    def resolved_adapters_dir(self) -> Path:
+        return (self.adapters_dir or self.var_dir / "adapters").resolve()
 
     @property
     def resolved_broker_url(self) -> str:
