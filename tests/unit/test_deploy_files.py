@@ -343,3 +343,21 @@ def test_ci_script_uses_the_makefile_entry_points() -> None:
         "TEST_REDIS_URL=redis://127.0.0.1:6379/0",
     ):
         assert needle in text, needle
+
+
+def test_vllm_serves_chat_completions_with_runtime_lora_from_the_shared_adapter_store(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    vllm, api = services["vllm"], services["api"]
+    assert vllm["profiles"] == ["vllm"]  # opt-in: a CPU host does not start it
+    assert "--enable-lora" in vllm["command"] and vllm["environment"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    (device,) = _gpu_devices(vllm)
+    assert device["capabilities"] == ["gpu"]
+    # The API hands vLLM an adapter's path: both must see the store at the same place.
+    store = api["environment"]["IPO_ADAPTERS_DIR"]
+    assert f"adapters:{store}" in api["volumes"] and f"adapters:{store}:ro" in vllm["volumes"]
+    assert api["environment"]["IPO_INFERENCE_URL"].endswith("http://vllm:8000}")
+    served = vllm["command"][vllm["command"].index("--served-model-name") + 1]
+    assert vllm["command"][0] == f"/models/{served}"  # served name = the allow-listed directory name
+    embedded = services["inference"]
+    assert embedded["profiles"] == ["embedded-inference"] and f"adapters:{store}:ro" in embedded["volumes"]
