@@ -15,7 +15,7 @@ from fastapi.staticfiles import StaticFiles
 from sqlalchemy.orm import Session
 
 from app.auth import end_dashboard_session, start_dashboard_session
-from app.dashboard import feeds
+from app.dashboard import feeds, playground
 from app.dashboard.pages import STATIC_DIR, HtmlRoute, render
 from app.dashboard.security import (
     DashboardCaller,
@@ -37,6 +37,8 @@ from contracts.method import Method
 
 router = APIRouter(include_in_schema=False, route_class=HtmlRoute)
 router.include_router(feeds.router)
+router.include_router(playground.pages)
+router.include_router(playground.api)
 
 PAGE_SIZE = 20
 CHECKPOINTS_SHOWN = 100
