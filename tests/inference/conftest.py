@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -231,9 +232,9 @@ class Project:
         return OpenAI(base_url=f"{api.url}/v1", api_key=self.key, max_retries=0)
 
 
-def _ok(r: httpx.Response) -> dict[str, object]:
+def _ok(r: httpx.Response) -> dict[str, Any]:
     assert r.status_code == 200, r.text
-    body: dict[str, object] = r.json()
+    body: dict[str, Any] = r.json()
     return body
 
 
@@ -281,8 +282,8 @@ def project(live_api: LiveApi, trained_run: TrainedRun, tmp_path_factory: pytest
     ckpts = {
         c["step_number"]: c["fine_tuned_model_checkpoint"]
         for c in _ok(api.get(f"/v1/fine_tuning/jobs/{jobs[0]}/checkpoints"))["data"]
-    }  # type: ignore[attr-defined]
-    running = _ok(api.get(f"/v1/fine_tuning/jobs/{jobs[1]}/checkpoints"))["data"][0]["fine_tuned_model_checkpoint"]  # type: ignore[index]
+    }
+    running = _ok(api.get(f"/v1/fine_tuning/jobs/{jobs[1]}/checkpoints"))["data"][0]["fine_tuned_model_checkpoint"]
     assert _ok(api.get(f"/v1/fine_tuning/jobs/{jobs[1]}"))["status"] == "running"
     yield Project(key, str(done["fine_tuned_model"]), str(ckpts[2]), str(running))
     api.close()

@@ -11,10 +11,11 @@ import httpx
 import openai
 import pytest
 from openai import OpenAI
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.inference.conftest import CHAT_MAX_TOKENS, MAX_CONCURRENT, InferenceServer, LiveApi, Project
 
-MESSAGES = [{"role": "user", "content": "What is the capital of Brazil?"}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "What is the capital of Brazil?"}]
 
 
 def test_sdk_on_base_fine_tuned_and_checkpoints(project: Project, live_api: LiveApi) -> None:
@@ -23,7 +24,7 @@ def test_sdk_on_base_fine_tuned_and_checkpoints(project: Project, live_api: Live
     models = ["tiny-mistral", project.fine_tuned_model, project.checkpoint, project.running_checkpoint]
     for model in models + models:  # twice round: 4 adapters on a server that keeps 2 (evicted ones reload)
         done = client.chat.completions.create(
-            model=model, messages=MESSAGES, seed=11, temperature=0.9, max_completion_tokens=16,  # type: ignore[arg-type]
+            model=model, messages=MESSAGES, seed=11, temperature=0.9, max_completion_tokens=16,
         )  # fmt: skip
         assert done.model == model and done.object == "chat.completion"
         text = done.choices[0].message.content or ""
@@ -33,7 +34,7 @@ def test_sdk_on_base_fine_tuned_and_checkpoints(project: Project, live_api: Live
 
     chunks = list(
         client.chat.completions.create(
-            model=project.fine_tuned_model, messages=MESSAGES, seed=11, temperature=0.9, max_tokens=16, stream=True,  # type: ignore[arg-type]
+            model=project.fine_tuned_model, messages=MESSAGES, seed=11, temperature=0.9, max_tokens=16, stream=True,
             stream_options={"include_usage": True},
         )
     )  # fmt: skip
@@ -47,10 +48,10 @@ def test_other_projects_and_unknown_models_are_404(project: Project, live_api: L
     for model in [project.fine_tuned_model, project.checkpoint, project.running_checkpoint, "nope",
                   project.checkpoint.replace("ckpt-step-2", "ckpt-step-3")]:  # fmt: skip
         with pytest.raises(openai.NotFoundError) as err:
-            other.chat.completions.create(model=model, messages=MESSAGES)  # type: ignore[arg-type]
+            other.chat.completions.create(model=model, messages=MESSAGES)
         assert err.value.body["param"] == "model"  # type: ignore[index]
     with pytest.raises(openai.NotFoundError):
-        project.client(live_api).chat.completions.create(model="ft:tiny-mistral:ipo:ftjob-nope", messages=MESSAGES)  # type: ignore[arg-type]
+        project.client(live_api).chat.completions.create(model="ft:tiny-mistral:ipo:ftjob-nope", messages=MESSAGES)
 
 
 def _post(api: LiveApi, project: Project, body: dict[str, object], **headers: str) -> httpx.Response:
@@ -63,8 +64,8 @@ def _post(api: LiveApi, project: Project, body: dict[str, object], **headers: st
 
 
 def test_bad_inputs_name_the_field(project: Project, live_api: LiveApi) -> None:
-    base = {"model": project.fine_tuned_model, "messages": MESSAGES}
-    cases = [
+    base: dict[str, object] = {"model": project.fine_tuned_model, "messages": MESSAGES}
+    cases: list[tuple[dict[str, object], str]] = [
         ({"max_tokens": CHAT_MAX_TOKENS + 1}, "max_tokens"),
         ({"max_completion_tokens": CHAT_MAX_TOKENS + 1}, "max_completion_tokens"),
         ({"messages": [{"role": "user", "content": "moon " * 700}]}, "messages"),

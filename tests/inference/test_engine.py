@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -49,7 +50,7 @@ def test_adapter_changes_replies_and_matches_direct_peft_generate(
     model = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32), str(trained_run.adapter)
     ).eval()
-    ids = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids: Any = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     torch.manual_seed(7)
     out = model.generate(
         **ids, do_sample=True, temperature=0.8, top_p=0.95, top_k=0, max_new_tokens=24,

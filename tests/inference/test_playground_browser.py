@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,7 +24,7 @@ SETTINGS = {"temperature": 0.9, "max_tokens": 16, "seed": 11}
 
 
 @pytest.fixture(scope="module")
-def page() -> Iterator[sync_api.Page]:
+def page() -> Iterator[Any]:
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True)
         try:
@@ -33,11 +34,17 @@ def page() -> Iterator[sync_api.Page]:
 
 
 def _api_reply(project: Project, api: LiveApi, model: str, messages: list[dict[str, str]]) -> str:
-    done = project.client(api).chat.completions.create(model=model, messages=messages, **SETTINGS)  # type: ignore[arg-type]
+    done = project.client(api).chat.completions.create(
+        model=model,
+        messages=messages,  # type: ignore[arg-type]
+        temperature=SETTINGS["temperature"],
+        max_tokens=int(SETTINGS["max_tokens"]),
+        seed=int(SETTINGS["seed"]),
+    )
     return done.choices[0].message.content or ""
 
 
-def _send(page: sync_api.Page, message: str, turn: int) -> tuple[str, str]:
+def _send(page: Any, message: str, turn: int) -> tuple[str, str]:
     """Type ``message``, send it, wait until both sides' ``turn``-th reply has streamed to its end."""
     page.fill("#message", message)
     page.click("#send")
@@ -49,9 +56,7 @@ def _send(page: sync_api.Page, message: str, turn: int) -> tuple[str, str]:
     return texts[0], texts[1]
 
 
-def test_playground_streams_base_and_fine_tuned_side_by_side(
-    page: sync_api.Page, project: Project, live_api: LiveApi
-) -> None:
+def test_playground_streams_base_and_fine_tuned_side_by_side(page: Any, project: Project, live_api: LiveApi) -> None:
     page.goto(f"{live_api.url}/playground")
     assert page.url == f"{live_api.url}/login"  # no session: log in first
     page.fill("#api_key", project.key)

@@ -9,10 +9,11 @@ import time
 import httpx
 import pytest
 from openai import NotFoundError, OpenAI
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.inference.conftest import MAX_CONCURRENT, InferenceServer, TrainedRun
 
-MESSAGES = [{"role": "user", "content": "What is the largest planet?"}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "What is the largest planet?"}]
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +33,14 @@ def test_sdk_streams_and_not_on_base_and_adapter(loaded: InferenceServer) -> Non
     assert {"tiny-mistral", "tuned"} <= set(models)
     replies = {}
     for model in ("tiny-mistral", "tuned"):
-        done = client.chat.completions.create(model=model, messages=MESSAGES, seed=3, max_tokens=20)  # type: ignore[arg-type]
+        done = client.chat.completions.create(model=model, messages=MESSAGES, seed=3, max_tokens=20)
         assert done.object == "chat.completion" and done.model == model
         choice = done.choices[0]
         assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
         assert done.usage is not None and done.usage.completion_tokens > 0
         assert done.usage.total_tokens == done.usage.prompt_tokens + done.usage.completion_tokens
         stream = client.chat.completions.create(
-            model=model, messages=MESSAGES, seed=3, max_tokens=20, stream=True,  # type: ignore[arg-type]
+            model=model, messages=MESSAGES, seed=3, max_tokens=20, stream=True,
             stream_options={"include_usage": True},
         )  # fmt: skip
         chunks = list(stream)
@@ -51,7 +52,7 @@ def test_sdk_streams_and_not_on_base_and_adapter(loaded: InferenceServer) -> Non
         replies[model] = text
     assert replies["tiny-mistral"] != replies["tuned"]
 
-    two = client.chat.completions.create(model="tuned", messages=MESSAGES, seed=3, max_tokens=20, n=2)  # type: ignore[arg-type]
+    two = client.chat.completions.create(model="tuned", messages=MESSAGES, seed=3, max_tokens=20, n=2)
     assert [c.index for c in two.choices] == [0, 1]
     assert two.choices[0].message.content == replies["tuned"]
 
@@ -65,7 +66,7 @@ def test_adapter_load_unload_and_errors(loaded: InferenceServer, trained_run: Tr
     r = httpx.post(f"{loaded.url}/v1/unload_lora_adapter", json={"lora_name": "ckpt2"})
     assert r.status_code == 200
     with pytest.raises(NotFoundError):
-        _client(loaded).chat.completions.create(model="ckpt2", messages=MESSAGES)  # type: ignore[arg-type]
+        _client(loaded).chat.completions.create(model="ckpt2", messages=MESSAGES)
     r = httpx.post(f"{loaded.url}/v1/unload_lora_adapter", json={"lora_name": "ckpt2"})
     assert r.status_code == 404
     r = httpx.post(
