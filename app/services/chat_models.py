@@ -22,6 +22,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.errors import InvalidRequest
 from app.models import Checkpoint, Job, JobStatus, StoredFile
 from app.services.model_catalog import _not_found
 from app.services.models_registry import is_allowed
@@ -60,6 +61,7 @@ def resolve(session: Session, project_id: str, models_dir: Path, storage: Storag
         ).first()
         if checkpoint is None:
             raise _not_found(model_id)
+        _refuse_chain(job, model_id)
         return ChatTarget(model_id, job.model, checkpoint.id, _archive(session, storage, checkpoint.file_id))
     job = session.scalars(
         select(Job).where(
@@ -71,7 +73,20 @@ def resolve(session: Session, project_id: str, models_dir: Path, storage: Storag
     ).first()
     if job is None or not job.result_files:
         raise _not_found(model_id)
+    _refuse_chain(job, model_id)
     return ChatTarget(model_id, job.model, job.id, _archive(session, storage, job.result_files[0]))
+
+
+def _refuse_chain(job: Job, model_id: str) -> None:
+    """A job trained on top of another fine-tuned model has an adapter for base + its parents merged: it
+    cannot be served as one LoRA adapter on the base model (neither here nor by vLLM)."""
+    if job.parent_job_id is not None:
+        raise InvalidRequest(
+            f"'{model_id}' was fine-tuned from another fine-tuned model; chat completions serve one LoRA adapter "
+            "on a base model, not a chain. Download it merged (ipo jobs download --merged) and serve that.",
+            param="model",
+            code="model_not_served",
+        )
 
 
 def _archive(session: Session, storage: Storage, file_id: str) -> Path:

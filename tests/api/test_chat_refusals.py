@@ -4,6 +4,7 @@ models (404 before anything is forwarded), and an unreachable inference server (
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -11,7 +12,8 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from app.settings import Settings
 from ipo_cli.processes import free_port
-from tests.api.conftest import RecordingDoorbell
+from tests.api.conftest import WORKER, RecordingDoorbell
+from tests.api.worker_steps import succeed
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -39,3 +41,25 @@ def test_cap_unknown_model_and_unreachable_server(unreachable: TestClient, auth:
         "/v1/chat/completions", headers=auth, json={"model": "tiny-mistral", "messages": [{"role": "user"}]}
     )
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.content"
+
+
+def test_a_model_fine_tuned_from_a_fine_tuned_model_is_refused_with_the_reason(
+    unreachable: TestClient, auth: dict[str, str], upload: Any
+) -> None:
+    file_id = upload().json()["id"]
+    parent = unreachable.post(
+        "/v1/fine_tuning/jobs", headers=auth, json={"model": "tiny-mistral", "training_file": file_id}
+    )
+    succeed(unreachable, WORKER, parent.json()["id"])
+    parent_model = unreachable.get(f"/v1/fine_tuning/jobs/{parent.json()['id']}", headers=auth).json()[
+        "fine_tuned_model"
+    ]
+    child = unreachable.post(
+        "/v1/fine_tuning/jobs", headers=auth, json={"model": parent_model, "training_file": file_id}
+    )
+    assert child.status_code == 200, child.text
+    succeed(unreachable, WORKER, child.json()["id"])
+    child_model = unreachable.get(f"/v1/fine_tuning/jobs/{child.json()['id']}", headers=auth).json()["fine_tuned_model"]
+    r = unreachable.post("/v1/chat/completions", headers=auth, json={"model": child_model, "messages": MESSAGES})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "model_not_served", r.text
+    assert r.json()["error"]["param"] == "model" and "chain" in r.json()["error"]["message"]
