@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from contracts.integrations import Integration
 from contracts.method import Method
 
 Action = Literal["continue", "cancel", "pause"]
@@ -53,6 +54,8 @@ class JobSpec(_Body):
     suffix: str | None = None
     seed: int
     method: Method
+    integrations: list[Integration] = Field(default_factory=list)
+    """Trackers to log the run to (``contracts.integrations``); credentials come from the worker's env."""
 
 
 class ResumeFrom(_Body):

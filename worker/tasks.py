@@ -130,6 +130,8 @@ def stage_attempt(api: ApiClient, claim: ClaimResponse, settings: WorkerSettings
         parent_adapters=parent_dirs,
         seed=spec.seed,
         method=spec.method,
+        integrations=spec.integrations,
+        lineage=_lineage(claim),
         device=settings.device,
         cache_dir=str(settings.training_cache_dir.resolve()) if settings.training_cache_dir else None,
         cache_max_bytes=settings.training_cache_max_bytes,
@@ -137,6 +139,22 @@ def stage_attempt(api: ApiClient, claim: ClaimResponse, settings: WorkerSettings
     request_path = attempt_dir / "request.json"
     request_path.write_text(request.model_dump_json(indent=2), encoding="utf-8")
     return attempt_dir, request_path
+
+
+def _lineage(claim: ClaimResponse) -> dict[str, str]:
+    """The job's inputs as tracker tags (``TrainRequest.lineage``); only what is set. ``parent_jobs``: the
+    jobs whose adapters this one starts from, root first (``JobSpec.parents``)."""
+    spec = claim.spec
+    parent = spec.parents[-1] if spec.parents else None
+    found = {
+        "parent_jobs": ",".join(p.job_id for p in spec.parents),
+        "parent_checkpoint": parent.checkpoint_id if parent else None,
+        "training_file": spec.training_file,
+        "validation_file": spec.validation_file,
+        "suffix": spec.suffix,
+        "resumed_from_checkpoint": claim.resume_from.checkpoint_id if claim.resume_from else None,
+    }
+    return {k: v for k, v in found.items() if v}
 
 
 def execute_job(

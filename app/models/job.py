@@ -56,6 +56,8 @@ class Job(Base):
     """The validated ``method`` block, as the user sent it (``contracts.method.Method``)."""
     resolved_hyperparameters: Mapped[dict[str, Any] | None] = mapped_column(JsonDoc)
     """What actually ran, every ``auto`` resolved (reported by the worker)."""
+    integrations: Mapped[list[dict[str, Any]] | None] = mapped_column(JsonDoc)
+    """The validated ``integrations`` blocks (``contracts.integrations``); None or [] for none."""
 
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     """Number of claims so far; the current attempt while running."""

@@ -115,7 +115,8 @@ class JobObject(BaseModel):
     trained_tokens: int | None = None
     training_file: str
     validation_file: str | None = None
-    integrations: list[Any] = []
+    integrations: list[dict[str, Any]] = []
+    """The job's trackers as created (``contracts.integrations``): ``wandb`` (OpenAI) and ``mlflow``."""
     metadata: dict[str, str] | None = None
     method: dict[str, Any]
     estimated_finish: int | None = None

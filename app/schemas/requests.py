@@ -7,6 +7,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from app.errors import InvalidRequest
+from contracts.integrations import MAX_INTEGRATIONS, Integration, IntegrationError, parse_integrations
 from contracts.method import Method
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$"
@@ -30,12 +31,27 @@ class JobCreate(BaseModel):
     method: Method = Field(default_factory=lambda: Method(type="ipo"))
     hyperparameters: dict[str, object] | None = None
     """OpenAI's deprecated top-level hyperparameters; merged into ``method`` when given."""
+    integrations: list[Integration] | None = Field(None, max_length=MAX_INTEGRATIONS)
+    """Experiment trackers the run is logged to (``contracts.integrations``): OpenAI's ``wandb`` and the
+    ``mlflow`` extension. Credentials come from the worker's environment, never from here."""
 
     @model_validator(mode="before")
     @classmethod
     def _storable(cls, data: Any) -> Any:
         _refuse_unstorable(data)
         return data
+
+    @field_validator("integrations", mode="before")
+    @classmethod
+    def _integrations(cls, value: Any) -> Any:
+        """Parsed here so the 400 names the field as ``integrations[0].mlflow.tracking_uri`` and refuses
+        anything that looks like a credential with the reason (``contracts.integrations``)."""
+        if value is None:
+            return None
+        try:
+            return parse_integrations(value)
+        except IntegrationError as exc:
+            raise InvalidRequest(exc.args[0], param=exc.param, code="invalid_integration") from exc
 
     @field_validator("metadata")
     @classmethod

@@ -38,6 +38,7 @@ from contracts.chat_templates import (
     describe_template_refusals,
     resolve_chat_template,
 )
+from contracts.integrations import dump_integrations
 from contracts.max_length import MaxLengthError, resolve_max_length
 from contracts.method import PREFERENCE_ONLY, Method
 from contracts.model_info import ModelInfoError, read_config, unknown_target_modules
@@ -323,6 +324,7 @@ def create_job(
         seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
         job_metadata=body.metadata,
         method=method.model_dump(mode="json"),
+        integrations=dump_integrations(body.integrations or []),
         created_at=utcnow(),
     )
     job.queued_at = job.created_at

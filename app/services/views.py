@@ -18,6 +18,7 @@ from app.schemas.objects import (
     WebhookDeliveryObject,
     WebhookEndpointObject,
 )
+from contracts.integrations import parse_integrations
 from contracts.method import Method
 
 
@@ -57,6 +58,7 @@ def job_view(row: Job) -> JobObject:
         trained_tokens=row.trained_tokens,
         training_file=row.training_file,
         validation_file=row.validation_file,
+        integrations=list(row.integrations or []),
         metadata=row.job_metadata,
         method=method.model_dump(mode="json", exclude_none=True),
         estimated_finish=row.estimated_finish,
@@ -87,6 +89,7 @@ def spec_of_job(row: Job) -> JobSpec:
         seed=row.seed,
         metadata=row.job_metadata,
         method=Method.model_validate(row.method),
+        integrations=parse_integrations(row.integrations) or None,
     )
 
 

@@ -24,6 +24,7 @@ from app.services.jobs import add_event, enqueue_dispatch
 from app.services.lineage import parent_chain
 from app.settings import Settings
 from app.storage import Storage
+from contracts.integrations import parse_integrations
 from contracts.internal import (
     Action,
     ClaimResponse,
@@ -118,6 +119,7 @@ def claim(session: Session, settings: Settings, job_id: str, worker_id: str) -> 
             suffix=job.suffix,
             seed=job.seed,
             method=Method.model_validate(job.method),
+            integrations=parse_integrations(job.integrations),
         ),
         resume_from=resume,
     )

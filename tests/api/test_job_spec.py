@@ -47,11 +47,15 @@ def test_a_job_written_back_as_a_spec_replays_to_the_same_spec(client: TestClien
         "suffix": "spec",
         "metadata": {"team": "nlp"},
         "method": {"type": "ipo", "ipo": {"hyperparameters": {"beta": 0.2}, "lora": {"r": 8}}},
+        "integrations": [
+            {"type": "wandb", "wandb": {"project": "align", "tags": ["spec"]}},
+            {"type": "mlflow", "mlflow": {"experiment_name": "ipo", "register_model_as": "zephyr-ipo"}},
+        ],
     }
     first = client.post("/v1/fine_tuning/jobs", headers=auth, json=body).json()
     spec = client.get(f"/v1/fine_tuning/jobs/{first['id']}/spec", headers=auth).json()
     assert spec["spec_version"] == 1 and spec["seed"] == first["seed"]  # the actual seed: the same run
-    for key in ("model", "training_file", "validation_file", "suffix", "metadata"):
+    for key in ("model", "training_file", "validation_file", "suffix", "metadata", "integrations"):
         assert spec[key] == body[key], key
     hp = spec["method"]["ipo"]["hyperparameters"]
     assert hp["beta"] == 0.2 and "n_epochs" in hp  # what the user set, and every default spelled out
@@ -64,6 +68,7 @@ def test_a_job_written_back_as_a_spec_replays_to_the_same_spec(client: TestClien
     again = client.get(f"/v1/fine_tuning/jobs/{second.json()['id']}/spec", headers=auth).json()
     assert again == spec
     assert second.json()["method"] == first["method"] and second.json()["seed"] == first["seed"]
+    assert second.json()["integrations"] == first["integrations"] == body["integrations"]
 
 
 def test_a_spec_of_an_unknown_job_is_a_404(client: TestClient, auth) -> None:

@@ -11,8 +11,9 @@ The child is started as ``python -m worker.training.run REQUEST_JSON --report-fd
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
+from contracts.integrations import Integration
 from contracts.method import Method
 
 EXIT_OK = 0
@@ -40,6 +41,12 @@ class TrainRequest(BaseModel):
     model. The merged model is also the reference of an IPO/DPO job."""
     seed: int = 42
     method: Method
+    integrations: list[Integration] = Field(default_factory=list)
+    """Experiment trackers to log the run to (``worker/training/trackers.py``)."""
+    lineage: dict[str, str] = Field(default_factory=dict)
+    """Where the run comes from, for the trackers' tags: ``parent_jobs`` (the jobs whose adapters it starts
+    from, root first), ``parent_checkpoint``, ``training_file``, ``validation_file`` (file ids), ``suffix``,
+    ``resumed_from_checkpoint`` (checkpoint id)."""
     device: str = "auto"
     """``auto`` (cuda when available), ``cuda`` or ``cpu``."""
     cache_dir: str | None = None
