@@ -53,6 +53,9 @@ class JobSpec(_Body):
     suffix: str | None = None
     seed: int
     method: Method
+    warm_start: ParentAdapter | None = None
+    """``from_checkpoint``: initialise the new adapter from this checkpoint's adapter weights (optimiser and
+    learning-rate schedule start fresh). A resume of the job's own checkpoint (``resume_from``) wins."""
 
 
 class ResumeFrom(_Body):

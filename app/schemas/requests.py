@@ -30,6 +30,10 @@ class JobCreate(BaseModel):
     method: Method = Field(default_factory=lambda: Method(type="ipo"))
     hyperparameters: dict[str, object] | None = None
     """OpenAI's deprecated top-level hyperparameters; merged into ``method`` when given."""
+    from_checkpoint: str | None = Field(None, min_length=1, max_length=300)
+    """ipo-align extension (Together's name): warm-start from a checkpoint (id or ``fine_tuned_model_checkpoint``
+    name) of a finished, failed or cancelled job of the same method and model: its adapter weights are the
+    starting point, the optimiser state is not reused (``app/services/lineage.py``)."""
 
     @model_validator(mode="before")
     @classmethod
