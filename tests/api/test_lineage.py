@@ -151,3 +151,19 @@ def test_warm_start_from_a_running_job_is_a_400(client, upload, auth) -> None:
     ckpt_id = add_checkpoint(client, WORKER, running["id"], token, 2)
     r = _job(client, auth, file_id, from_checkpoint=ckpt_id)
     assert r.status_code == 400 and r.json()["error"]["code"] == "parent_not_finished"
+
+
+def test_dashboard_and_cli_show_where_a_job_started(client, upload, auth) -> None:
+    from ipo_cli.client_commands import _lineage_text
+    from tests.dashboard.test_dashboard_routes import SAME_ORIGIN, key_of
+
+    file_id = upload().json()["id"]
+    parent = _finished_parent(client, auth, file_id)
+    child = _job(client, auth, file_id, model=parent["fine_tuned_model"]).json()
+    login = client.post("/login", data={"api_key": key_of(auth)}, headers=SAME_ORIGIN, follow_redirects=False)
+    assert login.status_code == 303
+    page = client.get(f"/jobs/{child['id']}").text
+    assert "Started from" in page and f'href="/jobs/{parent["id"]}"' in page and "on base tiny-mistral" in page
+    assert "Started from" not in client.get(f"/jobs/{parent['id']}").text
+    assert _lineage_text(child["lineage"]) == f"  from {parent['id']} on tiny-mistral"
+    assert _lineage_text(parent["lineage"]) == ""
