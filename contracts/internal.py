@@ -56,6 +56,9 @@ class JobSpec(_Body):
     method: Method
     integrations: list[Integration] = Field(default_factory=list)
     """Trackers to log the run to (``contracts.integrations``); credentials come from the worker's env."""
+    warm_start: ParentAdapter | None = None
+    """``from_checkpoint``: initialise the new adapter from this checkpoint's adapter weights (optimiser and
+    learning-rate schedule start fresh). A resume of the job's own checkpoint (``resume_from``) wins."""
 
 
 class ResumeFrom(_Body):

@@ -119,6 +119,19 @@ def stage_attempt(api: ApiClient, claim: ClaimResponse, settings: WorkerSettings
             ) from exc
         finally:
             archive.unlink(missing_ok=True)
+    warm_dir: Path | None = None
+    if spec.warm_start is not None and resume_dir is None:  # a resume of the job's own checkpoint wins
+        archive = api.download(spec.warm_start.download_path, inputs / "warm-start.zip")
+        try:
+            warm_dir = unzip_safe(archive, attempt_dir / "warm-start")
+        except UnsafeArchive as exc:
+            raise StartFailure(
+                "invalid_checkpoint",
+                f"Checkpoint {spec.warm_start.checkpoint_id} cannot be used: {exc}",
+                retryable=False,
+            ) from exc
+        finally:
+            archive.unlink(missing_ok=True)
     request = TrainRequest(
         job_id=claim.job_id,
         attempt=claim.attempt,
@@ -128,6 +141,7 @@ def stage_attempt(api: ApiClient, claim: ClaimResponse, settings: WorkerSettings
         output_dir=str(attempt_dir.resolve()),
         resume_from=str(resume_dir.resolve()) if resume_dir else None,
         parent_adapters=parent_dirs,
+        init_adapter=str(warm_dir.resolve()) if warm_dir else None,
         seed=spec.seed,
         method=spec.method,
         integrations=spec.integrations,

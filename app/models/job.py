@@ -52,6 +52,9 @@ class Job(Base):
     parent_checkpoint_id: Mapped[str | None] = mapped_column(String(40))
     """Set when the starting point is one of the parent's checkpoints rather than its final adapter (no
     foreign key: checkpoints already reference jobs, and the row is checked when the job is created)."""
+    from_checkpoint_id: Mapped[str | None] = mapped_column(String(40))
+    """Warm start (Together's ``from_checkpoint``): the new adapter starts from this checkpoint's adapter
+    weights, on the checkpoint job's own starting model; optimiser and schedule start fresh."""
     method: Mapped[dict[str, Any]] = mapped_column(JsonDoc)
     """The validated ``method`` block, as the user sent it (``contracts.method.Method``)."""
     resolved_hyperparameters: Mapped[dict[str, Any] | None] = mapped_column(JsonDoc)

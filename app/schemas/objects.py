@@ -97,6 +97,12 @@ class JobLineage(BaseModel):
     """The job whose adapter was merged into the base before this job's adapter was trained."""
     parent_checkpoint_id: str | None = None
     """Set when the start was one of the parent's checkpoints rather than its final adapter."""
+    from_checkpoint: str | None = None
+    """Warm start: the checkpoint whose adapter weights this job's adapter started from. The optimiser state
+    is not reused (``optimizer_state``)."""
+    optimizer_state: Literal["fresh", "resumed"] | None = None
+    """For a warm start: ``fresh`` (a new optimiser and schedule over the checkpoint's weights). A job's own
+    pause/resume or retry continues its own checkpoints with their optimiser state, as always."""
 
 
 class JobObject(BaseModel):

@@ -34,6 +34,10 @@ class JobCreate(BaseModel):
     integrations: list[Integration] | None = Field(None, max_length=MAX_INTEGRATIONS)
     """Experiment trackers the run is logged to (``contracts.integrations``): OpenAI's ``wandb`` and the
     ``mlflow`` extension. Credentials come from the worker's environment, never from here."""
+    from_checkpoint: str | None = Field(None, min_length=1, max_length=300)
+    """ipo-align extension (Together's name): warm-start from a checkpoint (id or ``fine_tuned_model_checkpoint``
+    name) of a finished, failed or cancelled job of the same method and model: its adapter weights are the
+    starting point, the optimiser state is not reused (``app/services/lineage.py``)."""
 
     @model_validator(mode="before")
     @classmethod

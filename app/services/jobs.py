@@ -22,7 +22,8 @@ from app.models.base import new_id, utcnow
 from app.schemas.requests import JobCreate
 from app.services import files as files_service
 from app.services import metrics, webhooks
-from app.services.lineage import resolve_start
+from app.services.lineage import Start, resolve_start, resolve_warm_start
+from app.services.models_registry import is_allowed
 from app.services.prompt_lengths import (
     identical_after_truncation,
     longest_prompt,
@@ -300,8 +301,21 @@ def create_job(
     storage: Storage,
     max_active: int = 0,
 ) -> Job:
-    start = resolve_start(session, project_id, body.model, models_dir)
     method = _merge_legacy_hyperparameters(body)
+    warm = None
+    if body.from_checkpoint is not None:
+        warm = resolve_warm_start(session, project_id, body.from_checkpoint, model=body.model, method_type=method.type)
+        parent = session.get(Job, warm.job.parent_job_id) if warm.job.parent_job_id else None
+        parent_ckpt = session.get(Checkpoint, warm.job.parent_checkpoint_id) if warm.job.parent_checkpoint_id else None
+        start = Start(base_model=warm.job.base_model or warm.job.model, parent=parent, checkpoint=parent_ckpt)
+        if not is_allowed(models_dir, start.base_model):
+            raise InvalidRequest(
+                f"from_checkpoint job {warm.job.id} was trained on {start.base_model!r}, which is not installed.",
+                param="from_checkpoint",
+                code="incompatible_base_model",
+            )
+    else:
+        start = resolve_start(session, project_id, body.model, models_dir)
     data_files = {"training_file": _usable_file(session, project_id, body.training_file, "training_file")}
     if body.validation_file:
         data_files["validation_file"] = _usable_file(session, project_id, body.validation_file, "validation_file")
@@ -318,6 +332,7 @@ def create_job(
         base_model=start.base_model,
         parent_job_id=start.parent.id if start.parent is not None else None,
         parent_checkpoint_id=start.checkpoint.id if start.checkpoint is not None else None,
+        from_checkpoint_id=warm.checkpoint.id if warm is not None else None,
         training_file=body.training_file,
         validation_file=body.validation_file,
         suffix=body.suffix,
@@ -331,7 +346,15 @@ def create_job(
     session.add(job)
     session.flush()
     add_event(session, job, f"Created fine-tuning job: {job.id}")
-    if start.parent is not None:
+    if warm is not None:
+        add_event(
+            session,
+            job,
+            f"Warm start from checkpoint {warm.checkpoint.id} (step {warm.checkpoint.step}) of job {warm.job.id}: its "
+            "adapter weights are the starting point; the optimiser state and learning-rate schedule start fresh "
+            "(not a resume)",
+        )
+    elif start.parent is not None:
         ckpt = start.checkpoint
         what = f"checkpoint {ckpt.id} (step {ckpt.step}) of" if ckpt is not None else "the model of"
         add_event(

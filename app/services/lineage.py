@@ -134,3 +134,60 @@ def parent_chain(session: Session, parent: Job | None, checkpoint: Checkpoint | 
         checkpoint = session.get(Checkpoint, parent.parent_checkpoint_id) if parent.parent_checkpoint_id else None
         parent = session.get(Job, parent.parent_job_id) if parent.parent_job_id else None
     return chain[::-1]
+
+
+@dataclass(frozen=True)
+class WarmStart:
+    checkpoint: Checkpoint
+    job: Job
+    """The checkpoint's job: the new job keeps its model, base and lineage (so the same reference)."""
+
+
+def resolve_warm_start(session: Session, project_id: str, ref: str, *, model: str, method_type: str) -> WarmStart:
+    """``from_checkpoint`` (Together's name): a checkpoint, by id or ``fine_tuned_model_checkpoint`` name, of one
+    of the caller's jobs. Raises ``NotFound`` (404) for an unknown or foreign checkpoint, ``InvalidRequest`` (400,
+    ``param="from_checkpoint"``) when its job is still active, used another method, or another ``model``."""
+    if not (ref.startswith("ftckpt-") or CHECKPOINT_MARK in ref):
+        raise InvalidRequest(
+            f"from_checkpoint {ref!r} is not a checkpoint id (ftckpt-...) or fine_tuned_model_checkpoint name.",
+            param="from_checkpoint",
+        )
+    try:
+        checkpoint, job = _checkpoint(session, project_id, ref)
+    except NotFound as exc:
+        raise NotFound(exc.message, param="from_checkpoint", code="checkpoint_not_found") from exc
+    if JobStatus(job.status) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED):
+        raise InvalidRequest(
+            f"from_checkpoint {ref!r} belongs to job {job.id}, which is still {job.status}: warm starts use a "
+            "checkpoint of a succeeded, failed or cancelled job (pause and resume continue a running one).",
+            param="from_checkpoint",
+            code="parent_not_finished",
+        )
+    parent_type = str(job.method.get("type", "ipo"))
+    if parent_type != method_type:
+        raise InvalidRequest(
+            f"from_checkpoint {ref!r} is a {parent_type} checkpoint (job {job.id}); a warm start continues the same "
+            f"method, not {method_type}. To train {method_type} on top of it, pass it as model instead.",
+            param="from_checkpoint",
+            code="incompatible_checkpoint",
+        )
+    if model != job.model:
+        raise InvalidRequest(
+            f"from_checkpoint {ref!r} continues job {job.id}, trained on model {job.model!r}; model must be the "
+            f"same (got {model!r}).",
+            param="model",
+            code="incompatible_checkpoint",
+        )
+    return WarmStart(checkpoint=checkpoint, job=job)
+
+
+def warm_start_adapter(session: Session, checkpoint_id: str | None) -> ParentAdapter | None:
+    """The claim's ``warm_start`` for a job's ``from_checkpoint_id`` (None without one)."""
+    checkpoint = session.get(Checkpoint, checkpoint_id) if checkpoint_id else None
+    if checkpoint is None:
+        return None
+    return ParentAdapter(
+        job_id=checkpoint.job_id,
+        checkpoint_id=checkpoint.id,
+        download_path=f"/internal/v1/files/{checkpoint.file_id}/content",
+    )

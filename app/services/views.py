@@ -69,6 +69,8 @@ def job_view(row: Job) -> JobObject:
             base_model=row.base_model or row.model,
             parent_job_id=row.parent_job_id,
             parent_checkpoint_id=row.parent_checkpoint_id,
+            from_checkpoint=row.from_checkpoint_id,
+            optimizer_state="fresh" if row.from_checkpoint_id else None,
         ),
         step=row.step,
         total_steps=row.total_steps,

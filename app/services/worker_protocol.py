@@ -21,7 +21,7 @@ from app.models.base import new_id, utcnow
 from app.services import files as files_service
 from app.services import metrics, webhooks
 from app.services.jobs import add_event, enqueue_dispatch
-from app.services.lineage import parent_chain
+from app.services.lineage import parent_chain, warm_start_adapter
 from app.settings import Settings
 from app.storage import Storage
 from contracts.integrations import parse_integrations
@@ -114,6 +114,7 @@ def claim(session: Session, settings: Settings, job_id: str, worker_id: str) -> 
                 session.get(Job, job.parent_job_id) if job.parent_job_id else None,
                 session.get(Checkpoint, job.parent_checkpoint_id) if job.parent_checkpoint_id else None,
             ),
+            warm_start=warm_start_adapter(session, job.from_checkpoint_id),
             training_file=job.training_file,
             validation_file=job.validation_file,
             suffix=job.suffix,

@@ -89,3 +89,42 @@ def test_reference_log_probs_are_those_of_the_merged_starting_model(
     # the new adapter is the child's own: a fresh LoRA, not the parent's weights carried over
     config = json.loads((tmp_path / "ipo" / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 16 and config["target_modules"]
+
+
+def test_warm_start_begins_from_the_checkpoint_weights_with_a_fresh_optimiser(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file
+
+    from worker.training.sft_demo_data import write_sft_demo_data
+
+    train_file, _ = write_sft_demo_data(tmp_path / "data", n_train=32, n_valid=8, seed=0)
+
+    def request(out: str, **hp: object) -> TrainRequest:
+        return TrainRequest(
+            job_id=out,
+            attempt=1,
+            model_path=str(tiny_model_dir),
+            train_file=str(train_file),
+            output_dir=str(tmp_path / out),
+            seed=0,
+            device="cpu",
+            method=Method.model_validate({"type": "supervised", "supervised": {"hyperparameters": hp}}),
+        )
+
+    first = ListReporter()
+    assert train(request("a", max_steps=2, checkpoint_every=2, batch_size=8), first) == EXIT_OK
+    (ckpt,) = first.of_kind("checkpoint")
+    warm = request("b", max_steps=1, batch_size=8, learning_rate=1e-12, warmup_ratio=0.0)
+    warm.init_adapter = ckpt.path
+    second = ListReporter()
+    assert train(warm, second) == EXIT_OK, second.of_kind("error")
+    assert any("warm start" in (r.message or "") and "fresh" in (r.message or "") for r in second.of_kind("event"))
+    steps = [r.data["step"] for r in second.of_kind("metrics") if r.data and "train_loss" in r.data]
+    assert steps == [1]  # a new run (its own step count and schedule), not a resume at step 3
+    start = load_file(str(Path(ckpt.path or "") / "adapter_model.safetensors"))
+    end = load_file(str(tmp_path / "b" / "adapter" / "adapter_model.safetensors"))
+    assert start.keys() == end.keys()
+    assert any(t.abs().sum() > 0 for n, t in start.items() if "lora_B" in n)  # trained, not a fresh LoRA
+    for name in start:  # a step of lr 1e-12 leaves the weights where the checkpoint had them
+        torch.testing.assert_close(end[name], start[name], rtol=0, atol=1e-6)

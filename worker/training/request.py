@@ -35,6 +35,9 @@ class TrainRequest(BaseModel):
     the adapter to ``output_dir/adapter``."""
     resume_from: str | None = None
     """A complete checkpoint directory (unzipped) to resume from."""
+    init_adapter: str | None = None
+    """Warm start (``from_checkpoint``): a checkpoint directory whose ``adapter_model.safetensors`` initialises
+    the new adapter; its optimiser and scheduler state are not loaded (not a resume). Ignored with ``resume_from``."""
     parent_adapters: list[str] = []
     """Adapter directories (PEFT ``adapter_model.safetensors`` + ``adapter_config.json``), root first, merged
     into the base model in this order before the new adapter is added: the job starts from a fine-tuned

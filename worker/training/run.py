@@ -98,6 +98,20 @@ def _train(request: TrainRequest, reporter: Reporter, flag: Any) -> int:
     unit = "examples" if cfg.loss_type == "sft" else "pairs"
     reporter.event(f"training {cfg.loss_type} LoRA on {n_examples} {unit} for {cfg.total_steps} steps on {device}")
 
+    if request.init_adapter and not request.resume_from:
+        try:
+            _load_adapter(trainer.model, Path(request.init_adapter))
+        except RuntimeError as exc:  # size mismatch: another LoRA rank or other target modules
+            raise TrainingFailed(
+                "invalid_hyperparameters",
+                f"the from_checkpoint adapter does not fit this job's LoRA (keep r and target_modules): {exc}",
+                EXIT_BAD_INPUT,
+            ) from exc
+        reporter.event(
+            "warm start: the adapter starts from the from_checkpoint weights; optimiser state and learning-rate "
+            "schedule start fresh (not a resume)"
+        )
+
     # 5. train (or finish a run that was paused right after its last step)
     _train_or_finish(trainer, request.resume_from, cfg.total_steps, reporter)
     _raise_if_diverged(reporting)
