@@ -92,6 +92,7 @@ def spec_of_job(row: Job) -> JobSpec:
         metadata=row.job_metadata,
         method=Method.model_validate(row.method),
         integrations=parse_integrations(row.integrations) or None,
+        from_checkpoint=row.from_checkpoint_id,
     )
 
 

@@ -8,6 +8,8 @@ import jsonschema_rs
 from fastapi.testclient import TestClient
 
 from app.schemas.job_spec import SCHEMA_PATH
+from tests.api.conftest import WORKER
+from tests.api.worker_steps import succeed
 
 
 def _schema(client: TestClient) -> Any:
@@ -74,3 +76,20 @@ def test_a_job_written_back_as_a_spec_replays_to_the_same_spec(client: TestClien
 def test_a_spec_of_an_unknown_job_is_a_404(client: TestClient, auth) -> None:
     r = client.get("/v1/fine_tuning/jobs/ftjob-nope/spec", headers=auth)
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+def test_a_warm_start_is_part_of_the_spec(client: TestClient, upload, auth) -> None:
+    file_id = upload().json()["id"]
+    parent = client.post("/v1/fine_tuning/jobs", headers=auth, json={"model": "tiny-mistral", "training_file": file_id})
+    succeed(client, WORKER, parent.json()["id"])  # with a checkpoint at step 1
+    checkpoints = client.get(f"/v1/fine_tuning/jobs/{parent.json()['id']}/checkpoints", headers=auth).json()
+    checkpoint = checkpoints["data"][0]["id"]
+    body = {"model": "tiny-mistral", "training_file": file_id, "from_checkpoint": checkpoint}
+    warm = client.post("/v1/fine_tuning/jobs", headers=auth, json=body)
+    assert warm.status_code == 200, warm.text
+    spec = client.get(f"/v1/fine_tuning/jobs/{warm.json()['id']}/spec", headers=auth).json()
+    assert spec["from_checkpoint"] == checkpoint
+    replay_body = {k: v for k, v in spec.items() if k != "spec_version"}
+    replay = client.post("/v1/fine_tuning/jobs", headers=auth, json=replay_body)
+    assert replay.status_code == 200, replay.text
+    assert client.get(f"/v1/fine_tuning/jobs/{replay.json()['id']}/spec", headers=auth).json() == spec
