@@ -68,15 +68,18 @@ clean:
 # bench-train (~6 min: (a) and (b) interleaved over 3 repeats, plus a warm-cache run and (c)).
 # BENCH_DATABASE_URL (Postgres admin URL) / BENCH_REDIS_URL switch the API benches off SQLite / the
 # filesystem broker; BENCH_WAIT_QUIET=SECONDS waits for a 1-minute load average below 1.2 first.
-.PHONY: bench bench-train bench-api bench-dispatch bench-sse bench-footprint bench-pages
+.PHONY: bench bench-train bench-api bench-dispatch bench-sse bench-footprint bench-pages bench-inference
 
 screenshot: venv  ## refresh docs/dashboard.png from the headless-browser test
 	IPO_UPDATE_DOCS_SCREENSHOT=1 $(PYTEST) tests/dashboard/test_dashboard_browser.py
 
-bench: bench-train bench-api bench-dispatch bench-sse bench-footprint bench-pages
+bench: bench-train bench-api bench-dispatch bench-sse bench-footprint bench-pages bench-inference
 
 bench-train: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.train_throughput
+
+bench-inference: venv  ## the inference server's tok/s vs a plain generate loop; streamed first-token latency
+	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.inference
 
 bench-api: venv
 	$(BIN)/python -m bench.api_bench
