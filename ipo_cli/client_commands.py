@@ -299,11 +299,29 @@ def jobs_download(
     if merged:
         job = client.json("GET", f"/v1/fine_tuning/jobs/{job_id}")
         merged_dir = out.with_name(out.name + "-merged")
-        merge_into(base or configured_models_dir() / job["model"], adapter_dir, merged_dir)
-        typer.echo(f"merged model in {merged_dir} (loads with AutoModelForCausalLM.from_pretrained)")
+        root = (job.get("lineage") or {}).get("base_model") or job["model"]
+        parents = download_lineage(client, job, out.with_name(out.name + "-parents"))
+        merge_into(base or configured_models_dir() / root, adapter_dir, merged_dir, parents)
+        chain = f" (base + {len(parents)} earlier adapter(s) + this one)" if parents else ""
+        typer.echo(f"merged model in {merged_dir}{chain} (loads with AutoModelForCausalLM.from_pretrained)")
 
 
-def merge_into(base: Path, adapter: Path, out: Path) -> None:
+def download_lineage(client: ApiClient, job: dict[str, Any], out: Path) -> list[Path]:
+    """The adapters a job started from (its ``lineage``), downloaded root first: each parent's final adapter,
+    or the checkpoint it started from. Empty for a job on a base model."""
+    chain: list[Path] = []
+    lineage = job.get("lineage") or {}
+    while lineage.get("parent_job_id"):
+        parent_id, ckpt = lineage["parent_job_id"], lineage.get("parent_checkpoint_id")
+        where = out / str(len(chain))
+        chain.append(
+            download_checkpoint(client, parent_id, ckpt, where) if ckpt else download_adapter(client, parent_id, where)
+        )
+        lineage = client.json("GET", f"/v1/fine_tuning/jobs/{parent_id}").get("lineage") or {}
+    return chain[::-1]
+
+
+def merge_into(base: Path, adapter: Path, out: Path, parents: list[Path] | None = None) -> None:
     try:
         from worker.training.merge import MergeError, merge_adapter
     except ImportError as exc:  # the API-only install has no torch
@@ -311,7 +329,7 @@ def merge_into(base: Path, adapter: Path, out: Path) -> None:
     if not (base / "config.json").is_file():
         raise CliError(f"base model not found at {base}; pass --base DIR")
     try:
-        merge_adapter(base, adapter, out)
+        merge_adapter(base, adapter, out, parents=parents)
     except MergeError as exc:
         raise CliError(str(exc)) from exc
 

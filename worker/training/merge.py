@@ -15,12 +15,19 @@ class MergeError(ValueError):
     pass
 
 
-def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path, dtype: Any = None) -> Path:
+def merge_adapter(
+    base: str | Path, adapter: str | Path, out: str | Path, dtype: Any = None, parents: list[Path] | None = None
+) -> Path:
+    """Write ``base`` with ``parents`` (root first: the lineage of a job that started from a fine-tuned model)
+    and then ``adapter`` merged in, as a standalone model. Raises ``MergeError`` for a missing directory."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base, adapter, out = Path(base), Path(adapter), Path(out)
+    for parent in parents or []:
+        if not (parent / "adapter_config.json").is_file():
+            raise MergeError(f"{parent} is not a PEFT adapter directory (no adapter_config.json)")
     if not (base / "config.json").is_file():
         raise MergeError(f"{base} is not a model directory (no config.json)")
     if not (adapter / "adapter_config.json").is_file():
@@ -29,6 +36,8 @@ def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path, dtype:
         raise MergeError("--out must differ from --base and --adapter")
 
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype or torch.float32)
+    for parent in parents or []:  # the starting model the job trained on, as the worker built it
+        model = PeftModel.from_pretrained(model, str(parent)).merge_and_unload()
     peft_model = PeftModel.from_pretrained(model, str(adapter))
     merged = peft_model.merge_and_unload()
     out.mkdir(parents=True, exist_ok=True)
