@@ -37,7 +37,7 @@ if not CHROMIUM.exists():
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
-WAIT_S = 240
+WAIT_S = 600
 MAX_STEPS = 60
 N_POINTS = 20
 XSS = 'What is 1 plus 3? <img src=x onerror="window.__xss=1">'
@@ -86,7 +86,7 @@ def _create_jobs(stack: Stack, tmp_path: Path) -> tuple[str, str]:
             "validation_file": files[1],
             "suffix": suffix,
             "seed": 5,
-            "method": {"type": "ipo", "ipo": {"hyperparameters": hyper}},
+            "method": {"type": "ipo", "ipo": {"hyperparameters": hyper, "samples": {"max_new_tokens": 8}}},
         }
         r = http.post("/v1/fine_tuning/jobs", json=body)
         assert r.status_code == 200, r.text
