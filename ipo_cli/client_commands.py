@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from app.schemas.job_spec import SCHEMA_PATH, SPEC_VERSION
+from ipo_cli.downloads import download_adapter, download_checkpoint
 from ipo_cli.errors import CliError
 from ipo_cli.http import ApiClient
 from ipo_cli.local import configured_models_dir
@@ -334,42 +335,6 @@ def merge_into(base: Path, adapter: Path, out: Path, parents: list[Path] | None 
         raise CliError(str(exc)) from exc
 
 
-def download_adapter(client: ApiClient, job_id: str, out: Path) -> Path:
-    job = client.json("GET", f"/v1/fine_tuning/jobs/{job_id}")
-    if job["status"] != "succeeded" or not job["result_files"]:
-        raise CliError(f"job {job_id} has no adapter (status {job['status']})")
-    archive = client.download(job["result_files"][0], out.with_suffix(".zip"))
-    from worker.archive import unzip_safe  # the same zip-slip-safe unpacking the worker uses
-
-    unzip_safe(archive, out)
-    return out
-
-
-def download_checkpoint(client: ApiClient, job_id: str, wanted: str, out: Path) -> Path:
-    """Unpack one checkpoint (adapter + optimizer state); returns the directory holding its adapter."""
-    after: str | None = None
-    while True:
-        page = client.json(
-            "GET",
-            f"/v1/fine_tuning/jobs/{job_id}/checkpoints",
-            params={"limit": 100, **({"after": after} if after else {})},
-        )
-        match = [c for c in page["data"] if wanted in (c["id"], str(c["step_number"]))]
-        if match or not page["has_more"]:
-            break
-        after = page["last_id"]
-    if not match:
-        raise CliError(f"job {job_id} has no checkpoint {wanted!r} (see ipo jobs get / the dashboard)")
-    archive = client.download(match[0]["file_id"], out.with_suffix(".zip"))
-    from worker.archive import unzip_safe
-
-    unzip_safe(archive, out)
-    found = sorted(p.parent for p in out.rglob("adapter_config.json"))
-    if not found:
-        raise CliError(f"checkpoint {wanted} holds no adapter_config.json")
-    return found[0]
-
-
 def demo_command() -> None:
     """Run the demo end to end: build, start, train, evaluate, stop."""
     from ipo_cli.demo import run_demo
@@ -377,4 +342,4 @@ def demo_command() -> None:
     raise typer.Exit(run_demo())
 
 
-__all__ = ["demo_command", "download_adapter", "files", "jobs"]
+__all__ = ["demo_command", "files", "jobs"]

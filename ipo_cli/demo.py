@@ -18,7 +18,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from ipo_cli.client_commands import download_adapter
+from ipo_cli.downloads import download_adapter
 from ipo_cli.errors import CliError
 from ipo_cli.http import ApiClient
 from ipo_cli.processes import free_port, stop_group, wait_http_ok

@@ -25,6 +25,7 @@ from contracts.broker import FILESYSTEM_BROKER, filesystem_transport_options
 from contracts.internal import DEFAULT_QUEUE, TASK_NAME
 from contracts.logs import configure_logging, resolve_format
 from worker.settings import WorkerSettings
+from worker.shutdown import request_shutdown
 
 log = logging.getLogger(__name__)
 
@@ -138,9 +139,7 @@ def _forward_shutdown(sig: str | None = None, how: str | None = None, **_: Any) 
     task call :meth:`Supervisor.shutdown` (see ``worker.tasks``), which saves a checkpoint, reports
     ``stopped`` (reason ``shutdown``) and returns, letting the warm shutdown complete.
     """
-    from worker import tasks  # the solo pool runs the task in this very process
-
-    if tasks.request_shutdown():
+    if request_shutdown():  # the solo pool runs the task in this very process
         return
     for request in list(worker_state.active_requests):
         pid = getattr(request, "worker_pid", None)

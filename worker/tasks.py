@@ -26,14 +26,12 @@ from worker.api_client import ApiClient, ApiError, ApiUnavailable, LeaseLost, No
 from worker.archive import UnsafeArchive, unzip_safe
 from worker.celery_app import TASK_NAME, app
 from worker.settings import WorkerSettings
+from worker.shutdown import request_shutdown, set_current
+from worker.shutdown import requested as _shutdown
 from worker.supervisor import DEFAULT_TRAINER, Outcome, Supervisor
 from worker.training.request import TrainRequest
 
 log = logging.getLogger(__name__)
-
-_lock = threading.Lock()
-_shutdown = threading.Event()
-_current: Supervisor | None = None
 
 
 class StartFailure(Exception):
@@ -44,19 +42,6 @@ class StartFailure(Exception):
         self.code = code
         self.message = message
         self.retryable = retryable
-
-
-def request_shutdown() -> bool:
-    """Ask the job running in this process (if any) to checkpoint and stop. Signal-handler safe.
-
-    Returns whether a job was running here.
-    """
-    _shutdown.set()
-    supervisor = _current
-    if supervisor is not None:
-        supervisor.shutdown()
-        return True
-    return False
 
 
 @contextmanager
@@ -197,7 +182,6 @@ def _execute_job(
     env: Mapping[str, str] | None,
     on_supervisor: Callable[[Supervisor], None] | None,
 ) -> Outcome | None:
-    global _current
     message = DispatchMessage(job_id=job_id)
     own_api = api is None
     client = api or ApiClient(
@@ -239,8 +223,7 @@ def _execute_job(
             trainer_argv=trainer_argv,
             env=env,
         )
-        with _lock:
-            _current = supervisor
+        set_current(supervisor)
         if on_supervisor is not None:
             on_supervisor(supervisor)
         try:
@@ -248,8 +231,7 @@ def _execute_job(
                 supervisor.shutdown()
             outcome = supervisor.run()
         finally:
-            with _lock:
-                _current = None
+            set_current(None)
         if outcome.status in ("succeeded", "stopped") and not settings.keep_work_dirs:
             shutil.rmtree(attempt_dir, ignore_errors=True)  # everything worth keeping was uploaded
         return outcome

@@ -36,6 +36,7 @@ def claim_body(*, attempt: int = 1, resume: bool = False, heartbeat_seconds: int
             "seed": 7,
             "method": {"type": "ipo"},
         },
+        "resume_from": None,
     }
     if resume:
         body["resume_from"] = {

@@ -163,7 +163,7 @@ class _Handler(BaseHTTPRequestHandler):
                 upload = Upload(fields, filename, content)
                 if action == "checkpoints":
                     state.checkpoints.append(upload)
-                    return self._send(200, {"id": f"ckpt-{len(state.checkpoints)}"})
+                    return self._send(200, {"id": f"ckpt-{len(state.checkpoints)}", "status": None})
                 state.artifacts.append(upload)
                 return self._send(200, {"file_id": f"file-{fields['name']}"})
             payload = json.loads(body)
