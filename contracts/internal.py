@@ -14,6 +14,10 @@ from contracts.integrations import Integration
 from contracts.method import Method
 
 Action = Literal["continue", "cancel", "pause"]
+StopReason = Literal["paused", "cancelled", "shutdown"]
+"""Why a trainer stopped before the end: the one vocabulary of the worker (supervisor, trainer's stop flag)
+and of ``StoppedRequest``. The trainer itself only sees ``paused`` (SIGUSR1: checkpoint, then exit; a
+worker shutdown asks the same) or ``cancelled`` (SIGTERM: exit)."""
 
 
 class _Body(BaseModel):
@@ -151,7 +155,7 @@ class FailRequest(Leased):
 class StoppedRequest(Leased):
     """The trainer stopped on request (pause or shutdown), leaving the job resumable."""
 
-    reason: Literal["paused", "cancelled", "shutdown"]
+    reason: StopReason
 
 
 # ---- trainer -> worker report lines (JSON, one per line, on the report pipe) ----

@@ -116,7 +116,7 @@ def test_nf4_on_cpu_fails_clearly(tiny_model_dir: Path, demo_files: tuple[Path, 
 
 def test_cancel_stops_without_checkpoint(tiny_model_dir: Path, demo_files: tuple[Path, Path], tmp_path: Path) -> None:
     flag = StopFlag()
-    flag.request("cancel")
+    flag.request("cancelled")
     reporter = ListReporter()
     rc = train(
         _request(tiny_model_dir, demo_files, tmp_path / "run", validation=False, max_steps=5, checkpoint_every=100),

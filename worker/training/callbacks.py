@@ -20,14 +20,13 @@ import signal
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from contracts.internal import StopReason
 from worker.training.reporter import Reporter
-
-StopReason = Literal["pause", "cancel"]
 
 LOSS_EXPLOSION_FACTOR = 100.0
 """A logged training loss above this many times the run's first logged loss (or 1.0, whichever is larger)
@@ -82,7 +81,7 @@ def divergence(
 
 
 class StopFlag:
-    """Set from signal handlers (SIGUSR1 = pause, SIGTERM = cancel) or directly (tests)."""
+    """Set from signal handlers (SIGUSR1 = ``paused``, SIGTERM = ``cancelled``) or directly (tests)."""
 
     def __init__(self) -> None:
         self.reason: StopReason | None = None
@@ -90,15 +89,15 @@ class StopFlag:
         """Tests: request a pause once this optimiser step has completed."""
 
     def request(self, reason: StopReason) -> None:
-        if self.reason != "cancel":  # cancel wins over pause
+        if self.reason != "cancelled":  # cancel wins over pause
             self.reason = reason
 
     def install_signal_handlers(self) -> None:
         def on_pause(signum: int, frame: FrameType | None) -> None:
-            self.request("pause")
+            self.request("paused")
 
         def on_cancel(signum: int, frame: FrameType | None) -> None:
-            self.request("cancel")
+            self.request("cancelled")
 
         signal.signal(signal.SIGUSR1, on_pause)
         signal.signal(signal.SIGTERM, on_cancel)
@@ -324,9 +323,9 @@ class StopCallback(TrainerCallback):
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         if self.flag.stop_at_step is not None and state.global_step >= self.flag.stop_at_step:
-            self.flag.request("pause")
+            self.flag.request("paused")
         if self.flag.reason is None:
             return
-        if self.flag.reason == "pause":
+        if self.flag.reason in ("paused", "shutdown"):
             control.should_save = True
         control.should_training_stop = True
