@@ -99,7 +99,7 @@ COPY --from=source /opt/ipo /opt/ipo
 # constraints/worker.txt (the training stack as CI tested it, torch left out) is.
 # The check after it fails the build if torch is not a CUDA build after the install.
 RUN python -c "import torch; print(f'torch=={torch.__version__}')" > /tmp/keep-base-torch.txt \
- && python -m pip install -c /tmp/keep-base-torch.txt -c constraints/worker.txt ".[worker,gpu]" \
+ && python -m pip install -c /tmp/keep-base-torch.txt -c constraints/worker.txt ".[worker,gpu,tracking]" \
  && python -c "import torch, sys; sys.exit(torch.version.cuda is None)" \
  && rm -rf /tmp/keep-base-torch.txt build ./*.egg-info
 

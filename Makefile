@@ -22,11 +22,11 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints/cpu.txt constraints/worker.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -c constraints/cpu.txt -c constraints/worker.txt -e ".[worker,dev]"
+	$(BIN)/python -m pip install -c constraints/cpu.txt -c constraints/worker.txt -e ".[worker,tracking,dev]"
 	touch $(STAMP)
 
 lock: venv  ## after changing dependencies: pin the worker's install as tested (constraints/worker.txt)
-	$(BIN)/python tools/freeze_constraints.py worker > constraints/worker.txt
+	$(BIN)/python tools/freeze_constraints.py worker tracking > constraints/worker.txt
 
 demo: venv
 	HF_HUB_OFFLINE=1 $(BIN)/ipo demo

@@ -38,7 +38,7 @@ Name = Annotated[str, Field(min_length=1, max_length=128)]
 TagText = Annotated[str, Field(min_length=1, max_length=64)]
 """W&B tags: OpenAI limits each to 64 characters."""
 MlflowTagKey = Annotated[str, Field(min_length=1, max_length=250)]
-"""MLflow's limit on a tag key (``mlflow.utils.validation.MAX_TAG_KEY_LENGTH`` = 250)."""
+"""MLflow's limit on a tag key (``mlflow.utils.validation.MAX_ENTITY_KEY_LENGTH`` = 250)."""
 MlflowTagValue = Annotated[str, Field(max_length=5000)]
 """MLflow's limit on a tag value is 8000 characters; 5000 keeps a body small."""
 

@@ -276,10 +276,10 @@ def test_api_image_installs_base_package_only() -> None:
     assert _pip_installs(api) == ["."]
 
 
-def test_worker_image_installs_worker_and_gpu_extras_keeping_cuda_torch() -> None:
+def test_worker_image_installs_worker_gpu_and_tracking_extras_keeping_cuda_torch() -> None:
     worker = _dockerfile_stages()["worker"]
     installs = _pip_installs(worker)
-    assert len(installs) == 1 and installs[0].endswith('".[worker,gpu]"'), installs
+    assert len(installs) == 1 and installs[0].endswith('".[worker,gpu,tracking]"'), installs
     # constraints/cpu.txt pins the CPU torch wheel; the worker image keeps its base's CUDA torch.
     assert "constraints/cpu.txt" not in worker
     assert re.search(r"^FROM\s+\$\{TORCH_IMAGE\}", worker, flags=re.MULTILINE)
@@ -290,7 +290,7 @@ def test_base_dependencies_pull_no_training_stack() -> None:
     # `pip install .` in the api image is only torch-free while the base dependencies are.
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     names = {re.split(r"[\s\[<>=!~;]", dep, maxsplit=1)[0].lower() for dep in project["dependencies"]}
-    assert not names & {"torch", "transformers", "trl", "peft", "accelerate", "bitsandbytes"}
+    assert not names & {"torch", "transformers", "trl", "peft", "accelerate", "bitsandbytes", "mlflow", "wandb"}
     extras = project["optional-dependencies"]
     assert any(dep.startswith("torch") for dep in extras["worker"])
     assert any(dep.startswith("bitsandbytes") for dep in extras["gpu"])

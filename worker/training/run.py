@@ -45,8 +45,10 @@ def train(request: TrainRequest, reporter: Reporter, stop: Any | None = None) ->
     from worker.training.callbacks import StopFlag
     from worker.training.data import DataError
     from worker.training.recipe import ConfigError
+    from worker.training.trackers import TrackingReporter, tracking_reporter
 
     flag = stop if stop is not None else StopFlag()
+    reporter = tracking_reporter(request, reporter)
     try:
         return _train(request, reporter, flag)
     except TrainingFailed as e:
@@ -65,6 +67,9 @@ def train(request: TrainRequest, reporter: Reporter, stop: Any | None = None) ->
         log.exception("training failed")
         reporter.error("internal_error", f"{type(e).__name__}: {e}")
         return EXIT_FAILED
+    finally:
+        if isinstance(reporter, TrackingReporter):  # stopped on request: end the runs (resumable)
+            reporter.close(succeeded=False)
 
 
 def _train(request: TrainRequest, reporter: Reporter, flag: Any) -> int:

@@ -1,0 +1,416 @@
+"""Experiment trackers (a job's ``integrations``): the run logged to MLflow and Weights & Biases.
+
+``tracking_reporter`` wraps the trainer's ``Reporter``: everything the service reports passes through it
+on its way to the worker, and the same values go to each tracker, so a tracker shows exactly what the
+job's events and dashboard show:
+
+- ``resolved`` (the hyperparameters with every ``auto`` resolved) -> run params (W&B: the run config);
+- ``metrics`` (train loss, IPO margin and its target, preference accuracy, learning rate, tokens/s,
+  validation metrics, ...: every number of the report but ``step``/``total_steps``) -> metrics at the
+  report's ``step``;
+- ``artifact`` (the adapter directory, the metrics CSV) -> run artifacts;
+- ``done`` -> the run ends ``FINISHED`` and, with ``mlflow.register_model_as``, the adapter becomes a new
+  version of that registered model (tags: base model, job id).
+
+The job id, attempt, base model, method and data files (the lineage) are run tags.
+
+Why not transformers' ``report_to=["mlflow", "wandb"]`` (``MLflowCallback``/``WandbCallback``): they log
+the trainer's raw log keys (``loss``, ``ipo/margin``), not the service's metrics (no margin target, no
+tokens/s, validation under other names), cannot register a model, and an unreachable MLflow server
+raises out of ``on_log`` and fails the training. The libraries' own client APIs are used instead.
+
+A resumed attempt continues the same runs: their ids are written into every checkpoint directory
+(``trackers.json``, uploaded and restored with it); an attempt without one looks the MLflow run up by its
+``ipo.job_id`` tag, and the W&B run id is derived from the job id.
+
+A tracker that fails (down, refused, misconfigured) never fails the training: the job gets one warning
+event, what was to be logged is kept in memory, and the whole run is replayed once at the end; if that
+fails too, a second warning says so (the job's own events still hold every metric).
+
+Credentials come from the worker's environment, inherited by the trainer child: ``WANDB_API_KEY``
+(``WANDB_BASE_URL`` for a self-hosted server), ``MLFLOW_TRACKING_TOKEN`` or
+``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from contracts.integrations import MlflowBlock, MlflowIntegration, WandbIntegration
+from worker.training.reporter import Level, Reporter
+from worker.training.request import TrainRequest
+
+log = logging.getLogger(__name__)
+
+RUN_IDS_FILE = "trackers.json"
+"""In each checkpoint directory: ``{"mlflow": run_id, "wandb": run_id}`` of the runs this job logs to."""
+DEFAULT_EXPERIMENT = "ipo-align"
+"""The MLflow experiment when neither the job nor the worker's ``MLFLOW_EXPERIMENT_NAME`` names one."""
+MLFLOW_PARAM_MAX = 6000
+"""MLflow's longest param value (``mlflow.utils.validation.MAX_PARAM_VAL_LENGTH``)."""
+MLFLOW_BATCH_PARAMS = 100
+"""Most params one ``log_batch`` takes (``mlflow.utils.validation.MAX_PARAMS_TAGS_PER_BATCH``)."""
+MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+"""Set in the trainer child unless the worker's environment sets them: MLflow's own defaults (7 retries
+with exponential backoff, 120 s timeout) would hold a step for minutes on a server that is down."""
+WANDB_INIT_TIMEOUT = 30.0
+"""Seconds ``wandb.init`` may take before the tracker counts as down (W&B's default: 90)."""
+
+Op = tuple[str, tuple[Any, ...]]
+
+
+class Tracker:
+    """One tracker's run. Subclasses implement the operations; any of them may raise on a tracker that is
+    down (``TrackingReporter`` catches, keeps and replays)."""
+
+    kind = ""
+
+    def start(self, run_id: str | None) -> str:
+        """Open (``run_id``: continue) the run; returns its id."""
+        raise NotImplementedError
+
+    def params(self, params: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def metrics(self, step: int, values: dict[str, float], timestamp: float) -> None:
+        raise NotImplementedError
+
+    def artifact(self, name: str, path: str) -> None:
+        raise NotImplementedError
+
+    def finish(self, succeeded: bool) -> None:
+        """End the run (``FINISHED`` when ``succeeded``, else ``KILLED``: paused, stopped or failed)."""
+        raise NotImplementedError
+
+
+class MlflowTracker(Tracker):
+    """MLflow through ``MlflowClient`` (explicit tracking URI, no global state)."""
+
+    kind = "mlflow"
+
+    def __init__(self, config: MlflowIntegration, request: TrainRequest, tags: dict[str, str]) -> None:
+        self.config = config
+        self.request = request
+        self.tags = {**tags, **(config.tags or {})}
+        self.run_id: str | None = None
+        self._client: Any = None
+        self._artifacts: dict[str, str] = {}
+
+    def _connect(self) -> Any:
+        from mlflow.tracking import MlflowClient
+
+        uri = self.config.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        self._client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        return self._client
+
+    def start(self, run_id: str | None) -> str:
+        from mlflow.entities import RunStatus
+
+        client = self._connect()
+        name = self.config.experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+        experiment = client.get_experiment_by_name(name)
+        experiment_id = experiment.experiment_id if experiment is not None else client.create_experiment(name)
+        if run_id is None:
+            found = client.search_runs(
+                [experiment_id], filter_string=f"tags.`ipo.job_id` = '{self.request.job_id}'", max_results=1
+            )
+            run_id = found[0].info.run_id if found else None
+        if run_id is None:
+            run = client.create_run(experiment_id, run_name=self.config.run_name or self.request.job_id)
+            run_id = run.info.run_id
+        else:
+            client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        self.run_id = str(run_id)
+        for key, value in self.tags.items():
+            client.set_tag(self.run_id, key, value)
+        return self.run_id
+
+    def params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        logged = self._client.get_run(self.run_id).data.params  # a resumed run has them: params are write-once
+        batch = [Param(k, _text(v)[:MLFLOW_PARAM_MAX]) for k, v in params.items() if k not in logged]
+        for start in range(0, len(batch), MLFLOW_BATCH_PARAMS):
+            self._client.log_batch(self.run_id, params=batch[start : start + MLFLOW_BATCH_PARAMS])
+
+    def metrics(self, step: int, values: dict[str, float], timestamp: float) -> None:
+        from mlflow.entities import Metric
+
+        ms = int(timestamp * 1000)
+        self._client.log_batch(self.run_id, metrics=[Metric(k, v, ms, step) for k, v in values.items()])
+
+    def artifact(self, name: str, path: str) -> None:
+        if Path(path).is_dir():
+            self._client.log_artifacts(self.run_id, path, artifact_path=name)
+        else:
+            self._client.log_artifact(self.run_id, path, artifact_path=name)
+        self._artifacts[name] = path
+
+    def finish(self, succeeded: bool) -> None:
+        if succeeded and self.config.register_model_as and "adapter" in self._artifacts:
+            self._register(self.config.register_model_as)
+        self._client.set_terminated(self.run_id, status="FINISHED" if succeeded else "KILLED")
+
+    def _register(self, name: str) -> None:
+        """A new version of registered model ``name`` from the run's ``adapter`` artifacts, tagged with the
+        base model and the job (created with the model when it does not exist yet)."""
+        from mlflow.exceptions import MlflowException
+
+        client = self._client
+        base = self.tags.get("ipo.base_model", "")
+        try:
+            client.create_registered_model(name, description="LoRA adapters trained by ipo-align")
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        source = f"{client.get_run(self.run_id).info.artifact_uri}/adapter"
+        client.create_model_version(
+            name,
+            source,
+            run_id=self.run_id,
+            tags={"base_model": base, "ipo.job_id": self.request.job_id, "ipo.adapter": "peft-lora"},
+            description=f"LoRA adapter for base model {base}, fine-tuning job {self.request.job_id}",
+        )
+
+
+class WandbTracker(Tracker):
+    """Weights & Biases through ``wandb.init`` / ``Run.log`` (``WANDB_MODE=offline`` writes the run locally)."""
+
+    kind = "wandb"
+
+    def __init__(self, config: WandbIntegration, request: TrainRequest, tags: dict[str, str]) -> None:
+        self.config = config
+        self.request = request
+        self.tags = tags
+        self._run: Any = None
+
+    def start(self, run_id: str | None) -> str:
+        import wandb
+
+        run_id = run_id or wandb_run_id(self.request.job_id)
+        self._run = wandb.init(
+            project=self.config.project,
+            entity=self.config.entity,
+            name=self.config.name or self.request.job_id,
+            id=run_id,
+            resume="allow",
+            tags=[*(self.config.tags or []), self.request.job_id],
+            dir=os.environ.get("WANDB_DIR") or self.request.output_dir,
+            reinit="create_new",
+            settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT, console="off", save_code=False),
+        )
+        self._run.summary.update({k: v for k, v in self.tags.items()})
+        self._run.config.update({"ipo": self.tags}, allow_val_change=True)
+        return str(self._run.id)
+
+    def params(self, params: dict[str, Any]) -> None:
+        self._run.config.update(params, allow_val_change=True)
+
+    def metrics(self, step: int, values: dict[str, float], timestamp: float) -> None:
+        self._run.log(values, step=step)
+
+    def artifact(self, name: str, path: str) -> None:
+        import wandb
+
+        kind = "model" if name == "adapter" else "result"
+        artifact = wandb.Artifact(f"{self.request.job_id}-{name}", type=kind, metadata=self.tags)
+        if Path(path).is_dir():
+            artifact.add_dir(path)
+        else:
+            artifact.add_file(path)
+        self._run.log_artifact(artifact)
+
+    def finish(self, succeeded: bool) -> None:
+        self._run.finish(exit_code=0 if succeeded else 1)
+
+
+def wandb_run_id(job_id: str) -> str:
+    """The job's W&B run id (W&B ids: letters, digits, ``-`` and ``_``): the job id itself."""
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in job_id)
+
+
+class _Sink:
+    """One tracker and what it could not log yet."""
+
+    def __init__(self, tracker: Tracker) -> None:
+        self.tracker = tracker
+        self.run_id: str | None = None
+        self.started = False
+        self.down: str | None = None
+        """Why the tracker failed (None: working)."""
+        self.ops: list[Op] = []
+        """Every operation so far, in order: replayed on a fresh start when the tracker was down."""
+
+
+class TrackingReporter:
+    """A ``Reporter`` that passes every report on to ``inner`` and logs it to the trackers too.
+
+    Call :meth:`close` once training is over (``train()`` does, whatever the outcome)."""
+
+    def __init__(self, inner: Reporter, trackers: list[Tracker], resume_from: str | None = None) -> None:
+        self.inner = inner
+        self.sinks = [_Sink(t) for t in trackers]
+        saved = _read_run_ids(resume_from)
+        for sink in self.sinks:
+            sink.run_id = saved.get(sink.tracker.kind)
+        self.closed = False
+
+    # ---- the Reporter protocol ----
+
+    def event(self, message: str, level: Level = "info", data: dict[str, Any] | None = None) -> None:
+        self.inner.event(message, level, data)
+
+    def metrics(self, data: dict[str, Any]) -> None:
+        self.inner.metrics(data)
+        step = data.get("step")
+        values = {k: float(v) for k, v in data.items() if k not in ("step", "total_steps") and _is_number(v)}
+        if isinstance(step, int) and values:
+            self._each("metrics", step, values, time.time())
+
+    def resolved(self, hparams: dict[str, Any]) -> None:
+        self.inner.resolved(hparams)
+        self._each("params", hparams)
+
+    def checkpoint(self, step: int, path: str, metrics: dict[str, Any] | None = None) -> None:
+        ids = {s.tracker.kind: s.run_id for s in self.sinks if s.run_id}
+        if ids:  # before the report: the worker zips the directory once it hears of it
+            (Path(path) / RUN_IDS_FILE).write_text(json.dumps(ids), encoding="utf-8")
+        self.inner.checkpoint(step, path, metrics)
+
+    def artifact(self, name: str, path: str) -> None:
+        self._each("artifact", name, path)
+        self.inner.artifact(name, path)
+
+    def done(self, trained_tokens: int) -> None:
+        self.close(succeeded=True)
+        self.inner.done(trained_tokens)
+
+    def error(self, code: str, message: str) -> None:
+        self.close(succeeded=False)  # its warnings go before the error, the attempt's last report
+        self.inner.error(code, message)
+
+    # ---- tracking ----
+
+    def close(self, succeeded: bool) -> None:
+        """End every run; a tracker that was down gets one more try (start, replay, end) first."""
+        if self.closed:
+            return
+        self.closed = True
+        for sink in self.sinks:
+            if sink.down is not None:
+                self._retry(sink, succeeded)
+            elif sink.started:
+                self._call(sink, "finish", (succeeded,))
+
+    def _each(self, name: str, *args: Any) -> None:
+        for sink in self.sinks:
+            sink.ops.append((name, args))
+            if sink.down is None:
+                self._call(sink, name, args)
+
+    def _call(self, sink: _Sink, name: str, args: tuple[Any, ...]) -> None:
+        try:
+            self._ensure_started(sink)
+            getattr(sink.tracker, name)(*args)
+        except Exception as exc:  # a tracker must never fail the training
+            sink.down = f"{type(exc).__name__}: {exc}"[:500]
+            log.warning("%s tracking failed: %s", sink.tracker.kind, sink.down, exc_info=True)
+            self.inner.event(
+                f"{sink.tracker.kind} tracking failed ({sink.down}); training continues, and the run is "
+                "logged to it once more at the end.",
+                level="warn",
+                data={"integration": sink.tracker.kind},
+            )
+
+    def _ensure_started(self, sink: _Sink) -> None:
+        if not sink.started:
+            sink.run_id = sink.tracker.start(sink.run_id)
+            sink.started = True
+
+    def _retry(self, sink: _Sink, succeeded: bool) -> None:
+        try:
+            sink.started = False
+            self._ensure_started(sink)
+            for name, args in sink.ops:
+                getattr(sink.tracker, name)(*args)
+            sink.tracker.finish(succeeded)
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"[:500]
+            log.warning("%s tracking failed again at the end: %s", sink.tracker.kind, reason, exc_info=True)
+            self.inner.event(
+                f"{sink.tracker.kind} tracking failed again at the end ({reason}); the run is incomplete "
+                "there. The job's own events and metrics are complete.",
+                level="warn",
+                data={"integration": sink.tracker.kind},
+            )
+        else:
+            self.inner.event(
+                f"{sink.tracker.kind} tracking recovered: the run was logged at the end (run {sink.run_id}).",
+                data={"integration": sink.tracker.kind},
+            )
+
+
+def _read_run_ids(checkpoint: str | None) -> dict[str, str]:
+    if not checkpoint:
+        return {}
+    try:
+        data = json.loads((Path(checkpoint) / RUN_IDS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def run_tags(request: TrainRequest) -> dict[str, str]:
+    """The job id, attempt and lineage (base model, method, data files, resumed checkpoint) as tags."""
+    tags = {
+        "ipo.job_id": request.job_id,
+        "ipo.attempt": str(request.attempt),
+        "ipo.base_model": Path(request.model_path).name,
+        "ipo.method": request.method.type,
+    }
+    tags.update({f"ipo.{k}": v for k, v in request.lineage.items()})
+    return tags
+
+
+def tracking_reporter(request: TrainRequest, reporter: Reporter) -> Reporter | TrackingReporter:
+    """``reporter`` itself when the job has no integrations, else a ``TrackingReporter`` around it.
+
+    A tracker whose library is not installed (the worker's optional extra ``tracking``) is reported as a
+    warning event and left out; training goes on."""
+    if not request.integrations:
+        return reporter
+    for key, value in MLFLOW_HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    tags = run_tags(request)
+    trackers: list[Tracker] = []
+    for block in request.integrations:
+        try:
+            __import__(block.type)
+        except ImportError:
+            reporter.event(
+                f"{block.type} tracking is not installed on this worker (pip install 'ipo-align[tracking]'); "
+                "the run is not logged there.",
+                level="warn",
+                data={"integration": block.type},
+            )
+            continue
+        trackers.append(
+            MlflowTracker(block.mlflow, request, tags)
+            if isinstance(block, MlflowBlock)
+            else WandbTracker(block.wandb, request, tags)
+        )
+    return TrackingReporter(reporter, trackers, request.resume_from) if trackers else reporter
