@@ -9,6 +9,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -175,12 +176,17 @@ def test_wandb_offline_run_holds_the_jobs_metrics_and_config(
     assert not [r for r in reporter.reports if r.level == "warn" and "wandb" in (r.message or "")]
 
     (run_file,) = (tmp_path / "wandb-dir").glob("wandb/offline-run-*/run-ftjob-track1.wandb")
-    history, config, run = _read_wandb(run_file)
+    deadline = time.monotonic() + 120
+    while True:  # wandb-core (its own process) may still be writing the last records when finish() returns
+        history, config, run = _read_wandb(run_file)
+        if run.get("exited") or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert run["run_id"] == "ftjob-track1" and run["display_name"] == "tiny run" and "ci" in run["tags"]
     reported = _reported(reporter)
     for key in (*LOGGED, *LOGGED_VALID, "tokens_per_second"):
         logged = {int(row["_step"]): row[key] for row in history if key in row}
-        assert logged == pytest.approx(reported[key]), key
+        assert logged == pytest.approx(reported[key]), (key, logged, reported[key], history)
     resolved = reporter.of_kind("resolved")[0].data or {}
     assert config["beta"] == resolved["beta"] and config["total_steps"] == 3
     assert config["ipo"]["ipo.job_id"] == "ftjob-track1"
@@ -204,6 +210,8 @@ def _read_wandb(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any], dict[
         elif kind == "run":
             run = {"run_id": record.run.run_id, "display_name": record.run.display_name, "tags": list(record.run.tags)}
             config.update({_key(item): json.loads(item.value_json) for item in record.run.config.update})
+        elif kind == "exit":
+            run["exited"] = True
     return history, config, run
 
 
