@@ -25,7 +25,7 @@ MAX_INTEGRATIONS = 4
 """One of each kind is the useful most; a few more leave room for two MLflow servers."""
 
 _SECRET_NAME = re.compile(
-    r"(api[_-]?key|apikey|token|passw(or)?d|passwd|secret|credential|authorization|bearer)", re.IGNORECASE
+    r"(api[_-]?key|apikey|token(?!s|iz)|passw(or)?d|passwd|secret|credential|authorization|bearer)", re.IGNORECASE
 )
 """What a key named like a credential looks like (``WANDB_API_KEY``, ``access_token``, ``password``...)."""
 
@@ -126,7 +126,7 @@ def secret_field(value: Any, path: str) -> str | None:
     Keys are matched against ``api_key``, ``token``, ``password``, ``secret``, ``credential``,
     ``authorization``, ``bearer``
     (case-insensitive, anywhere in the name): ``WANDB_API_KEY``, ``access_token`` and ``mlflow_password``
-    all match. Tag keys count too (a tag is visible to everyone who can read the run)."""
+    all match; ``max_tokens`` and ``tokenizer`` do not. Tag keys count too (a tag is visible to everyone who can read the run)."""
     stack: list[tuple[Any, str]] = [(value, path)]
     while stack:
         item, where = stack.pop()

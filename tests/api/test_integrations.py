@@ -18,7 +18,7 @@ MLFLOW = {
         "tracking_uri": "http://mlflow.internal:5000",
         "experiment_name": "ipo/zephyr",
         "run_name": "first",
-        "tags": {"team": "nlp"},
+        "tags": {"team": "nlp", "max_tokens": "512", "tokenizer": "zephyr"},  # not credentials
         "register_model_as": "zephyr-ipo-adapter",
     },
 }
