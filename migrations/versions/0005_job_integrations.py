@@ -1,6 +1,6 @@
 """jobs.integrations: the experiment trackers (W&B, MLflow) a job's run is logged to
 
-Revision ID: 0010
+Revision ID: 0005
 Revises: 0004
 Create Date: 2026-11-30 06:40:00
 """
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-revision: str = "0010"
+revision: str = "0005"
 down_revision: str | None = "0004"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
