@@ -29,7 +29,8 @@ class Settings(BaseSettings):
     broker_url: str | None = None
     """Celery broker. Default: the filesystem transport under ``{var_dir}/broker``."""
     storage_url: str | None = None
-    """Artifact store, ``file://PATH``. Default: ``file://{var_dir}/storage``."""
+    """Artifact store: ``file://PATH`` or ``s3://BUCKET[/PREFIX]`` (S3-compatible; endpoint, region and
+    credentials from the AWS SDK environment, app/storage/s3.py). Default: ``file://{var_dir}/storage``."""
     models_dir: Path | None = None
     """Base models (one directory each, with config.json); also the allow-list. Default ``{var_dir}/models``."""
     worker_token: str | None = None
