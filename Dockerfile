@@ -2,8 +2,9 @@
 #
 # ipo-align images. Two targets, built from this one file (docker-compose.yml builds both):
 #
-#   api     FastAPI + Alembic on python:slim. Installs the base package only (`pip install .`), so it
-#           never carries torch/CUDA: the API must start fast and stay small (docs/design.md).
+#   api     FastAPI + Alembic on python:slim. Installs the base package and the `s3` extra only
+#           (`pip install ".[s3]"`: boto3, for IPO_STORAGE_URL=s3://...), so it never carries torch/CUDA:
+#           the API must start fast and stay small (docs/design.md).
 #   worker  Celery GPU worker on the official PyTorch CUDA image. Installs `.[worker,gpu]` WITHOUT
 #           constraints/cpu.txt: that file pins the local *CPU* torch wheel for dev/CI, while the
 #           image must keep the CUDA torch its base ships.
@@ -52,10 +53,10 @@ RUN groupadd --system --gid 10001 ipo \
 
 WORKDIR /opt/ipo
 COPY --from=source /opt/ipo /opt/ipo
-# Base package only: no extras, so no torch/transformers/trl/peft.
+# Base package + the `s3` extra (boto3) only: no worker extra, so no torch/transformers/trl/peft.
 # The lines after it fail the build if torch crept in, and drop the in-tree build leftovers (an egg-info
 # on PYTHONPATH would be a second, stale copy of the package metadata).
-RUN python -m pip install . \
+RUN python -m pip install ".[s3]" \
  && python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is not None)" \
  && rm -rf build ./*.egg-info
 

@@ -22,7 +22,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints/cpu.txt constraints/worker.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -c constraints/cpu.txt -c constraints/worker.txt -e ".[worker,tracking,dev]"
+	$(BIN)/python -m pip install -c constraints/cpu.txt -c constraints/worker.txt -e ".[worker,tracking,dev,s3]"
 	touch $(STAMP)
 
 lock: venv  ## after changing dependencies: pin the worker's install as tested (constraints/worker.txt)

@@ -21,7 +21,8 @@ from app.middleware.request_log import RequestLogMiddleware
 from app.routes import chat, files, health, internal, jobs, metrics, models, schemas, webhooks
 from app.services.dispatch import CeleryDoorbell, DispatcherThread, Doorbell
 from app.services.event_feed import EventHub, db_poll
-from app.services.rate_limit import RequestRateLimiter
+from app.services.leader import Leadership
+from app.services.rate_limit import make_rate_limiter
 from app.services.webhook_delivery import WebhookSenderThread
 from app.settings import Settings, get_settings
 from app.state import AppContext
@@ -40,7 +41,7 @@ def build_context(settings: Settings) -> AppContext:
         sessions=sessions,
         storage=open_storage(settings.resolved_storage_url),
         worker_token=settings.resolved_worker_token(),
-        rate_limiter=RequestRateLimiter(settings.rate_limit_per_minute),
+        rate_limiter=make_rate_limiter(settings.rate_limit_per_minute, settings.resolved_redis_url),
         event_hub=EventHub(poll),
         event_poll=poll,
     )
@@ -53,12 +54,14 @@ def create_app(settings: Settings | None = None, doorbell: Doorbell | None = Non
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         dispatcher = None
+        # One leader across all API processes on this database runs the singleton loops (app.services.leader).
+        leader = Leadership(settings.resolved_database_url)
         if settings.run_dispatcher:
             dispatcher = DispatcherThread(
-                ctx.sessions, settings, doorbell or CeleryDoorbell(settings), ctx.wake_dispatcher
+                ctx.sessions, settings, doorbell or CeleryDoorbell(settings), ctx.wake_dispatcher, leader
             )
             dispatcher.start()
-        sender = WebhookSenderThread(ctx.sessions, settings) if settings.run_webhook_sender else None
+        sender = WebhookSenderThread(ctx.sessions, settings, leader) if settings.run_webhook_sender else None
         if sender is not None:
             sender.start()
         try:
@@ -70,6 +73,7 @@ def create_app(settings: Settings | None = None, doorbell: Doorbell | None = Non
                 sender.stop()
             if dispatcher is not None:
                 dispatcher.stop()
+            leader.release()
             ctx.engine.dispose()
 
     app = FastAPI(

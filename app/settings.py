@@ -28,8 +28,11 @@ class Settings(BaseSettings):
     """SQLAlchemy URL of the ledger. Default: ``sqlite:///{var_dir}/ipo.db``."""
     broker_url: str | None = None
     """Celery broker. Default: the filesystem transport under ``{var_dir}/broker``."""
+    redis_url: str | None = None
+    """Redis shared by the API processes (per-key rate limits). Default: the broker when it is Redis."""
     storage_url: str | None = None
-    """Artifact store, ``file://PATH``. Default: ``file://{var_dir}/storage``."""
+    """Artifact store: ``file://PATH`` or ``s3://BUCKET[/PREFIX]`` (S3-compatible; endpoint, region and
+    credentials from the AWS SDK environment, app/storage/s3.py). Default: ``file://{var_dir}/storage``."""
     models_dir: Path | None = None
     """Base models (one directory each, with config.json); also the allow-list. Default ``{var_dir}/models``."""
     worker_token: str | None = None
@@ -121,6 +124,16 @@ class Settings(BaseSettings):
     @property
     def resolved_storage_url(self) -> str:
         return self.storage_url or f"file://{self.var_dir.resolve()}/storage"
+
+    @property
+    def resolved_redis_url(self) -> str | None:
+        """Redis for state the API processes share (rate limits): ``IPO_REDIS_URL``, else the broker's URL
+        when the broker is Redis, else None (the embedded default: in-process state)."""
+        if self.redis_url:
+            return self.redis_url
+        if self.broker_url and self.broker_url.split("://", 1)[0] in {"redis", "rediss"}:
+            return self.broker_url
+        return None
 
     @property
     def resolved_models_dir(self) -> Path:

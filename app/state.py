@@ -9,7 +9,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.services.event_feed import EventHub, Poll
-from app.services.rate_limit import RequestRateLimiter
+from app.services.rate_limit import RateLimiter
 from app.settings import Settings
 from app.storage import Storage
 
@@ -21,7 +21,7 @@ class AppContext:
     sessions: sessionmaker[Session]
     storage: Storage
     worker_token: str
-    rate_limiter: RequestRateLimiter
+    rate_limiter: RateLimiter
     event_hub: EventHub
     """Shared live feeds of job events behind every SSE stream of this process."""
     event_poll: Poll

@@ -149,3 +149,65 @@ def log_lines() -> Iterator[LogLines]:
     finally:
         root.removeHandler(handler)
         root.setLevel(level)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real S3-compatible server on loopback for this run: moto's standalone server (``moto_server``,
+    the `moto[server]` dev dependency) as a child process. Yields its endpoint URL."""
+    import time
+    import urllib.request
+
+    exe = Path(sys.executable).parent / "moto_server"
+    if not exe.exists():
+        pytest.skip("moto_server is not installed (dev extra `moto[server]`)")
+    port = _free_port()
+    log = (tmp_path_factory.mktemp("moto") / "moto.log").open("wb")
+    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):  # up to ~60 s on a busy machine: the server imports all of moto first
+            if proc.poll() is not None:
+                raise RuntimeError(f"moto_server exited with {proc.returncode}; see {log.name}")
+            try:
+                urllib.request.urlopen(f"{url}/moto-api/", timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise RuntimeError(f"moto_server did not answer on {url}; see {log.name}")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+@pytest.fixture
+def s3_env(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> Callable[[], str]:
+    """Point the AWS SDK environment at the test server (as an operator would: ``AWS_ENDPOINT_URL_S3``,
+    region and keys in the environment) and return a factory of fresh, empty buckets' URLs
+    ``s3://BUCKET/prefix``."""
+    import boto3
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_server)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+
+    def new_bucket() -> str:
+        bucket = f"ipo-test-{secrets.token_hex(6)}"
+        boto3.session.Session().client("s3").create_bucket(Bucket=bucket)
+        return f"s3://{bucket}/artifacts"
+
+    return new_bucket

@@ -54,8 +54,9 @@ class AuthGateMiddleware:
             if _under(path, "/internal/v1"):
                 check_worker_token(self.ctx.worker_token, authorization)
             else:
-                caller = await run_in_threadpool(self._caller, authorization)
-                self.ctx.rate_limiter.check(caller.key_id)  # per key, per API process (app.services.rate_limit)
+                # The key lookup and the per-key rate limit (app.services.rate_limit; a Redis round trip when
+                # the replicas share one) block, so both run off the event loop.
+                caller = await run_in_threadpool(self._limited_caller, authorization)
                 scope.setdefault("state", {})[CALLER_STATE] = caller
         except DomainError as exc:
             refusal = domain_error_response(exc)
@@ -72,6 +73,11 @@ class AuthGateMiddleware:
         # A short session of its own: the connection goes back to the pool before the route runs.
         with self.ctx.sessions() as session:
             return authenticate(session, authorization)
+
+    def _limited_caller(self, authorization: str | None) -> Caller:
+        caller = self._caller(authorization)
+        self.ctx.rate_limiter.check(caller.key_id)
+        return caller
 
 
 def _announces_body(headers: Headers) -> bool:

@@ -138,7 +138,7 @@ async def _open(gw: InferenceGateway, ctx: AppContext, target: ChatTarget, paylo
     response = await gw.open_completion(payload)
     if response.status_code == 404 and target.archive is not None:
         await response.aclose()
-        path = await run_in_threadpool(chat_models.unpacked, target, ctx.settings.resolved_adapters_dir)
+        path = await run_in_threadpool(chat_models.unpacked, target, ctx.settings.resolved_adapters_dir, ctx.storage)
         await gw.load_adapter(target.served_name, str(path))
         response = await gw.open_completion(payload)
     if response.status_code != 200:

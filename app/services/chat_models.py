@@ -35,12 +35,12 @@ _CHECKPOINT = re.compile(r"^(?P<base>.+:(?P<job>ftjob-[A-Za-z0-9_-]+)):ckpt-step
 @dataclass(frozen=True)
 class ChatTarget:
     """A resolved ``model``: its public id, the base model it runs on, its name on the inference server,
-    and for an adapter the stored archive to unpack (``None`` for a base model)."""
+    and for an adapter the storage key of its archive to unpack (``None`` for a base model)."""
 
     public_id: str
     base_model: str
     served_name: str
-    archive: Path | None = None
+    archive: str | None = None
 
 
 def resolve(session: Session, project_id: str, models_dir: Path, storage: Storage, model_id: str) -> ChatTarget:
@@ -89,20 +89,21 @@ def _refuse_chain(job: Job, model_id: str) -> None:
         )
 
 
-def _archive(session: Session, storage: Storage, file_id: str) -> Path:
+def _archive(session: Session, storage: Storage, file_id: str) -> str:
     row = session.get(StoredFile, file_id)
     if row is None:  # recorded only once stored; a missing row is a broken ledger, not a user error
         raise RuntimeError(f"stored file {file_id} is missing")
-    return storage.local_path(row.storage_key)
+    return row.storage_key
 
 
-def unpacked(target: ChatTarget, adapters_dir: Path) -> Path:
-    """The adapter directory of ``target`` under ``adapters_dir``, unpacked from its archive on first use
-    (a concurrent unpack of the same archive by another API process is harmless: one rename wins)."""
+def unpacked(target: ChatTarget, adapters_dir: Path, storage: Storage) -> Path:
+    """The adapter directory of ``target`` under ``adapters_dir``, unpacked from its archive in ``storage``
+    on first use (a local copy first when the store is remote; a concurrent unpack of the same archive by
+    another API process is harmless: one rename wins)."""
     assert target.archive is not None
     dest = adapters_dir / target.served_name
     if (dest / "adapter_config.json").is_file():
         return dest
-    with contextlib.suppress(FileExistsError):
-        unzip_safe(target.archive, dest)
+    with contextlib.suppress(FileExistsError), storage.local_copy(target.archive) as archive:
+        unzip_safe(archive, dest)
     return dest

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.models import Job, JobStatus, OutboxMessage
 from app.models.base import utcnow
 from app.services.jobs import add_event, enqueue_dispatch
+from app.services.leader import Leadership
 from app.services.worker_protocol import fail_attempt, release
 from app.settings import Settings
 from contracts.internal import TASK_NAME
@@ -165,17 +166,24 @@ class DispatcherThread(threading.Thread):
     """
 
     def __init__(
-        self, sessions: sessionmaker[Session], settings: Settings, doorbell: Doorbell, wake: threading.Event
+        self,
+        sessions: sessionmaker[Session],
+        settings: Settings,
+        doorbell: Doorbell,
+        wake: threading.Event,
+        leader: Leadership | None = None,
     ) -> None:
         super().__init__(name="ipo-dispatcher", daemon=True)
         self.sessions, self.settings, self.doorbell, self.wake = sessions, settings, doorbell, wake
+        self.leader = leader
         self.stopping = threading.Event()
 
     def run(self) -> None:
         reap_after = time.monotonic() + self.settings.lease_seconds
         while not self.stopping.is_set():
             try:
-                tick(self.sessions, self.settings, self.doorbell, reap=time.monotonic() >= reap_after)
+                if self.leader is None or self.leader.held():  # followers only wait (app.services.leader)
+                    tick(self.sessions, self.settings, self.doorbell, reap=time.monotonic() >= reap_after)
             except Exception as exc:  # database or broker down: log, keep looping, recover by itself
                 log.warning("dispatcher tick failed: %s: %s", type(exc).__name__, exc)
                 reap_after = time.monotonic() + self.settings.lease_seconds

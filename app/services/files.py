@@ -68,7 +68,8 @@ def store_file(
             created_at=utcnow(),
         )
         if validate:
-            _, report = validate_training_file(storage.local_path(key))  # preference or supervised
+            with storage.local_copy(key) as path:
+                _, report = validate_training_file(path)  # preference or supervised
             row.n_examples = report.n_examples
             row.data_format = report.format
             row.validation = report.model_dump(mode="json")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import secrets
 from collections.abc import Iterable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -320,9 +321,9 @@ def create_job(
     if body.validation_file:
         data_files["validation_file"] = _usable_file(session, project_id, body.validation_file, "validation_file")
     check_method_fits_data(method, data_files)
-    notes = check_fits_model(
-        models_dir / start.base_model, method, {p: storage.local_path(f.storage_key) for p, f in data_files.items()}
-    )
+    with ExitStack() as copies:
+        paths = {p: copies.enter_context(storage.local_copy(f.storage_key)) for p, f in data_files.items()}
+        notes = check_fits_model(models_dir / start.base_model, method, paths)
     check_active_jobs(session, project_id, max_active)
     job = Job(
         id=new_id("ftjob"),

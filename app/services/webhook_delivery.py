@@ -27,6 +27,7 @@ from app.errors import InvalidRequest
 from app.models import DeliveryStatus, EndpointStatus, WebhookDelivery, WebhookEndpoint
 from app.models.base import utcnow
 from app.services import metrics
+from app.services.leader import Leadership
 from app.services.webhook_targets import TargetPolicy, TargetRefused
 from app.services.webhooks import parse_url, sign
 from app.settings import Settings
@@ -172,9 +173,10 @@ def record(session: Session, settings: Settings, delivery_id: str, outcome: Outc
 
 
 class WebhookSenderThread(threading.Thread):
-    def __init__(self, sessions: sessionmaker[Session], settings: Settings) -> None:
+    def __init__(self, sessions: sessionmaker[Session], settings: Settings, leader: Leadership | None = None) -> None:
         super().__init__(name="ipo-webhooks", daemon=True)
         self.sessions, self.settings = sessions, settings
+        self.leader = leader
         self.stopping = threading.Event()
         self.pool = ThreadPoolExecutor(settings.webhook_concurrency, thread_name_prefix="ipo-webhook-send")
         self.in_flight: set[str] = set()
@@ -191,6 +193,8 @@ class WebhookSenderThread(threading.Thread):
             self.stopping.wait(self.settings.webhook_poll_seconds)
 
     def tick(self) -> int:
+        if self.leader is not None and not self.leader.held():  # one sender across API processes
+            return 0
         with self.lock:
             free = self.settings.webhook_concurrency - len(self.in_flight)
         if free <= 0:

@@ -1,7 +1,8 @@
-"""The ``Storage`` protocol and the local-directory backend.
+"""The ``Storage`` protocol, the local-directory backend and ``open_storage`` (URL -> backend).
 
-Writes are atomic: bytes go to a temporary file in the same directory, are fsynced, then renamed,
-so a reader never sees a half-written artifact and a crash leaves no partial object behind.
+Writes are atomic: in the local backend bytes go to a temporary file in the same directory, are fsynced,
+then renamed, so a reader never sees a half-written artifact and a crash leaves no partial object behind.
+The S3 backend (``app.storage.s3``) gets the same guarantee from S3's own commit semantics.
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 from urllib.parse import urlparse
 
 CHUNK = 1 << 20
+"""Read/write granularity of streamed copies: 1 MiB (a bounded buffer, never a whole artifact)."""
 
 
 class TooLarge(Exception):
@@ -24,25 +27,41 @@ class TooLarge(Exception):
 
 @dataclass(frozen=True)
 class StoredObject:
+    """What ``put_stream`` stored: its key, size in bytes and the hex SHA-256 of its bytes."""
+
     key: str
     size: int
     sha256: str
 
 
 class Storage(Protocol):
+    """An artifact store addressed by relative keys (``project/file-id``, ``jobs/ID/...``).
+
+    ``put_stream`` reads ``stream`` to its end in bounded chunks and stores it atomically (a reader sees
+    the whole object or none); past ``max_bytes`` it raises ``TooLarge`` and stores nothing.
+    ``iter_bytes``/``open`` stream an object back; both raise ``FileNotFoundError`` for a missing key.
+    ``delete`` is idempotent. ``local_copy`` yields a local filesystem path holding the object's bytes for
+    code that needs a real file (the data validators); it is the object itself for ``file://``, a
+    temporary download deleted on exit otherwise.
+    """
+
     def put_stream(self, key: str, stream: BinaryIO, max_bytes: int | None = None) -> StoredObject: ...
     def open(self, key: str) -> BinaryIO: ...
     def iter_bytes(self, key: str) -> Iterator[bytes]: ...
     def delete(self, key: str) -> None: ...
-    def local_path(self, key: str) -> Path: ...
+    def exists(self, key: str) -> bool: ...
+    def local_copy(self, key: str) -> AbstractContextManager[Path]: ...
 
 
 class LocalStorage:
+    """``file://ROOT``: objects are files under ``ROOT`` (created if missing)."""
+
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
         self.root.mkdir(parents=True, exist_ok=True)
 
     def local_path(self, key: str) -> Path:
+        """The file that holds ``key``; ``ValueError`` if the key would leave the store (``..``)."""
         path = (self.root / key).resolve()
         if self.root not in path.parents:
             raise ValueError(f"storage key escapes the store: {key!r}")
@@ -81,9 +100,30 @@ class LocalStorage:
     def delete(self, key: str) -> None:
         self.local_path(key).unlink(missing_ok=True)
 
+    def exists(self, key: str) -> bool:
+        return self.local_path(key).is_file()
+
+    @contextmanager
+    def local_copy(self, key: str) -> Iterator[Path]:
+        path = self.local_path(key)
+        if not path.is_file():
+            raise FileNotFoundError(f"no stored object {key!r}")
+        yield path
+
 
 def open_storage(url: str) -> Storage:
+    """The backend for ``IPO_STORAGE_URL``: ``file://PATH`` or ``s3://BUCKET[/PREFIX]``.
+
+    Raises ``ValueError`` for any other scheme or an ``s3://`` URL without a bucket, and ``RuntimeError``
+    for ``s3://`` when the ``s3`` extra (boto3) is not installed.
+    """
     parsed = urlparse(url)
     if parsed.scheme == "file":
         return LocalStorage(Path(parsed.netloc + parsed.path))
-    raise ValueError(f"unsupported IPO_STORAGE_URL scheme {parsed.scheme!r} (supported: file://)")
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise ValueError(f"IPO_STORAGE_URL {url!r} names no bucket (expected s3://BUCKET[/PREFIX])")
+        from app.storage.s3 import S3Storage  # boto3 is the optional `s3` extra
+
+        return S3Storage(bucket=parsed.netloc, prefix=parsed.path.strip("/"))
+    raise ValueError(f"unsupported IPO_STORAGE_URL scheme {parsed.scheme!r} (supported: file://, s3://)")

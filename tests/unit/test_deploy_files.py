@@ -271,9 +271,9 @@ def test_dockerfile_targets() -> None:
 
 def test_api_image_installs_base_package_only() -> None:
     api = _dockerfile_stages()["api"]
-    # Exactly `pip install .`: no extras (the worker extra is what pulls torch), no constraints, and no
-    # direct install of anything else.
-    assert _pip_installs(api) == ["."]
+    # Exactly `pip install ".[s3]"`: no worker extra (the worker extra is what pulls torch), no
+    # constraints, and no direct install of anything else.
+    assert _pip_installs(api) == ['".[s3]"']
 
 
 def test_worker_image_installs_worker_gpu_and_tracking_extras_keeping_cuda_torch() -> None:
@@ -294,6 +294,8 @@ def test_base_dependencies_pull_no_training_stack() -> None:
     extras = project["optional-dependencies"]
     assert any(dep.startswith("torch") for dep in extras["worker"])
     assert any(dep.startswith("bitsandbytes") for dep in extras["gpu"])
+    # The api image also installs the s3 extra: object-store client only.
+    assert [re.split(r"[\s\[<>=!~;]", dep, maxsplit=1)[0].lower() for dep in extras["s3"]] == ["boto3"]
 
 
 @pytest.mark.parametrize("stage", ["api", "worker"])

@@ -1,0 +1,163 @@
+"""``s3://BUCKET[/PREFIX]``: artifacts in an S3-compatible object store (AWS S3, MinIO, Ceph RGW, R2...).
+
+Client: **boto3**. It is the AWS-maintained reference SDK, so it reads endpoint, region and credentials
+exactly as every other AWS tool does (``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3``, ``AWS_REGION`` /
+``AWS_DEFAULT_REGION``, ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_TOKEN``, profiles,
+instance and web-identity roles) with nothing re-implemented here; and its managed transfer layer
+(s3transfer: ``upload_fileobj`` / ``download_fileobj``) already does streamed multipart uploads and ranged
+downloads with retries and bounded buffers. obstore is faster but younger and its credential chain differs
+from the SDKs'; fsspec/s3fs adds an asyncio layer (aiobotocore) over the same protocol that a synchronous
+API does not need. boto3 is an optional extra (``pip install 'ipo-align[s3]'``) so ``file://`` installs
+stay small.
+
+Atomicity (a failed upload leaves no visible half object): the bytes go up with ``upload_fileobj``, which
+sends streams shorter than the multipart threshold (8 MiB here) as one ``PutObject`` and longer ones as a
+multipart upload. S3 makes neither visible until it has succeeded: a ``PutObject`` is atomic, and the parts
+of a multipart upload are not an object until ``CompleteMultipartUpload``; when a read, a part or the size
+limit fails, s3transfer sends ``AbortMultipartUpload``, which discards the parts. So there is no temporary
+key to copy from (a copy would double the bytes written per artifact, and S3's ``CopyObject`` is itself
+limited to 5 GiB in one call). tests/unit/test_storage.py checks this on a real S3 server: an over-limit
+multipart upload leaves neither an object nor an incomplete upload behind.
+
+Memory: uploads read the source in 1 MiB chunks into parts of ``part_size`` bytes, at most
+``max_concurrency`` parts in flight (8 MiB x 4 by default, s3transfer's defaults); downloads stream the
+response body in 1 MiB chunks. Nothing holds a whole artifact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, BinaryIO, cast
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from app.storage.base import CHUNK, StoredObject, TooLarge
+
+DEFAULT_PART_SIZE = 8 << 20
+"""Multipart threshold and part size, bytes: 8 MiB (s3transfer's default; S3's minimum part is 5 MiB)."""
+
+
+class _HashingReader:
+    """A read-only, non-seekable view of ``stream`` that counts and hashes what is read and raises
+    ``TooLarge`` as soon as more than ``max_bytes`` have been read (so the upload fails, uncommitted)."""
+
+    def __init__(self, stream: BinaryIO, max_bytes: int | None) -> None:
+        self._stream = stream
+        self._max = max_bytes
+        self.size = 0
+        self.digest = hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def read(self, n: int = -1) -> bytes:
+        chunk = self._stream.read(n if n is not None and n >= 0 else CHUNK)
+        self.size += len(chunk)
+        if self._max is not None and self.size > self._max:
+            raise TooLarge(f"larger than {self._max} bytes")
+        self.digest.update(chunk)
+        return chunk
+
+
+def _missing(exc: ClientError) -> bool:
+    code = str(exc.response.get("Error", {}).get("Code", ""))
+    return code in {"NoSuchKey", "404", "NotFound"}
+
+
+class S3Storage:
+    """Objects under ``s3://bucket/prefix/KEY``. The client comes from boto3's default credential chain
+    (environment, config files, roles); ``client`` may be passed in (tests). ``part_size`` is both the
+    multipart threshold and the part size in bytes (minimum 5 MiB, S3's smallest non-final part)."""
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        client: Any = None,
+        part_size: int = DEFAULT_PART_SIZE,
+        max_concurrency: int = 4,
+    ) -> None:
+        if part_size < 5 << 20:
+            raise ValueError(f"part_size must be at least 5 MiB (S3's minimum part), got {part_size}")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.client = client or boto3.session.Session().client(
+            "s3", config=Config(retries={"mode": "standard"}, user_agent_extra="ipo-align")
+        )
+        self.transfer = TransferConfig(
+            multipart_threshold=part_size,
+            multipart_chunksize=part_size,
+            max_concurrency=max_concurrency,
+            io_chunksize=CHUNK,
+        )
+
+    def object_key(self, key: str) -> str:
+        """The S3 key of ``key``; ``ValueError`` for an absolute key or one with ``.``/``..`` parts (the
+        same keys ``file://`` refuses, so both backends accept exactly the same names)."""
+        parts = key.split("/")
+        if not key or key.startswith("/") or any(p in {"", ".", ".."} for p in parts):
+            raise ValueError(f"storage key escapes the store: {key!r}")
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def put_stream(self, key: str, stream: BinaryIO, max_bytes: int | None = None) -> StoredObject:
+        reader = _HashingReader(stream, max_bytes)
+        self.client.upload_fileobj(reader, self.bucket, self.object_key(key), Config=self.transfer)
+        return StoredObject(key=key, size=reader.size, sha256=reader.digest.hexdigest())
+
+    def _body(self, key: str) -> Any:
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self.object_key(key))["Body"]
+        except ClientError as exc:
+            if _missing(exc):
+                raise FileNotFoundError(f"no stored object {key!r}") from exc
+            raise
+
+    def open(self, key: str) -> BinaryIO:
+        return cast(BinaryIO, self._body(key))
+
+    def iter_bytes(self, key: str) -> Iterator[bytes]:
+        body = self._body(key)  # raises FileNotFoundError before the first chunk, like file://
+        return self._chunks(body)
+
+    @staticmethod
+    def _chunks(body: Any) -> Iterator[bytes]:
+        try:
+            yield from body.iter_chunks(CHUNK)
+        finally:
+            body.close()
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self.object_key(key))
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self.object_key(key))
+        except ClientError as exc:
+            if _missing(exc):
+                return False
+            raise
+        return True
+
+    @contextmanager
+    def local_copy(self, key: str) -> Iterator[Path]:
+        if not self.exists(key):
+            raise FileNotFoundError(f"no stored object {key!r}")
+        fd, tmp = tempfile.mkstemp(prefix="ipo-s3-", suffix=Path(key).suffix)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                self.client.download_fileobj(self.bucket, self.object_key(key), out, Config=self.transfer)
+            yield Path(tmp)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
