@@ -124,9 +124,9 @@ def secret_field(value: Any, path: str) -> str | None:
     """The path of the first key (at any depth of ``value``) named like a credential, or None.
 
     Keys are matched against ``api_key``, ``token``, ``password``, ``secret``, ``credential``,
-    ``authorization``, ``bearer``
-    (case-insensitive, anywhere in the name): ``WANDB_API_KEY``, ``access_token`` and ``mlflow_password``
-    all match; ``max_tokens`` and ``tokenizer`` do not. Tag keys count too (a tag is visible to everyone who can read the run)."""
+    ``authorization``, ``bearer`` (case-insensitive, anywhere in the name): ``WANDB_API_KEY``,
+    ``access_token`` and ``mlflow_password`` all match; ``max_tokens`` and ``tokenizer`` do not. Tag keys
+    count too (a tag is visible to everyone who can read the run)."""
     stack: list[tuple[Any, str]] = [(value, path)]
     while stack:
         item, where = stack.pop()

@@ -15,7 +15,6 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
-from urllib.parse import urlparse
 
 CHUNK = 1 << 20
 """Read/write granularity of streamed copies: 1 MiB (a bounded buffer, never a whole artifact)."""
@@ -109,21 +108,3 @@ class LocalStorage:
         if not path.is_file():
             raise FileNotFoundError(f"no stored object {key!r}")
         yield path
-
-
-def open_storage(url: str) -> Storage:
-    """The backend for ``IPO_STORAGE_URL``: ``file://PATH`` or ``s3://BUCKET[/PREFIX]``.
-
-    Raises ``ValueError`` for any other scheme or an ``s3://`` URL without a bucket, and ``RuntimeError``
-    for ``s3://`` when the ``s3`` extra (boto3) is not installed.
-    """
-    parsed = urlparse(url)
-    if parsed.scheme == "file":
-        return LocalStorage(Path(parsed.netloc + parsed.path))
-    if parsed.scheme == "s3":
-        if not parsed.netloc:
-            raise ValueError(f"IPO_STORAGE_URL {url!r} names no bucket (expected s3://BUCKET[/PREFIX])")
-        from app.storage.s3 import S3Storage  # boto3 is the optional `s3` extra
-
-        return S3Storage(bucket=parsed.netloc, prefix=parsed.path.strip("/"))
-    raise ValueError(f"unsupported IPO_STORAGE_URL scheme {parsed.scheme!r} (supported: file://, s3://)")
