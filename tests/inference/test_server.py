@@ -60,21 +60,24 @@ def test_sdk_streams_and_not_on_base_and_adapter(loaded: InferenceServer) -> Non
 def test_adapter_load_unload_and_errors(loaded: InferenceServer, trained_run: TrainedRun) -> None:
     r = loaded.load("tuned", trained_run.adapter)
     assert r.status_code == 400 and "already been loaded" in r.json()["error"]["message"]
-    r = httpx.post(f"{loaded.url}/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "/etc"})
+    r = httpx.post(f"{loaded.url}/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "/etc"}, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "lora_path"
     assert loaded.load("ckpt2", trained_run.checkpoints[2]).status_code == 200
-    r = httpx.post(f"{loaded.url}/v1/unload_lora_adapter", json={"lora_name": "ckpt2"})
+    r = httpx.post(f"{loaded.url}/v1/unload_lora_adapter", json={"lora_name": "ckpt2"}, timeout=60)
     assert r.status_code == 200
     with pytest.raises(NotFoundError):
         _client(loaded).chat.completions.create(model="ckpt2", messages=MESSAGES)
-    r = httpx.post(f"{loaded.url}/v1/unload_lora_adapter", json={"lora_name": "ckpt2"})
+    r = httpx.post(f"{loaded.url}/v1/unload_lora_adapter", json={"lora_name": "ckpt2"}, timeout=60)
     assert r.status_code == 404
     r = httpx.post(
         f"{loaded.url}/v1/chat/completions",
         json={"model": "tuned", "messages": [{"role": "user", "content": "hi " * 700}]},
+        timeout=60,
     )
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
-    r = httpx.post(f"{loaded.url}/v1/chat/completions", json={"model": "tuned", "messages": MESSAGES, "tools": [{}]})
+    r = httpx.post(
+        f"{loaded.url}/v1/chat/completions", json={"model": "tuned", "messages": MESSAGES, "tools": [{}]}, timeout=60
+    )
     assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
 
 
@@ -101,7 +104,7 @@ def test_busy_is_429_and_a_client_leaving_mid_stream_frees_its_slot(loaded: Infe
             assert resp.status_code == 200
             if n == 0:
                 assert next(line for line in resp.iter_lines() if line.startswith("data: "))
-        r = httpx.post(f"{loaded.url}/v1/chat/completions", json={"model": "tuned", "messages": MESSAGES})
+        r = httpx.post(f"{loaded.url}/v1/chat/completions", json={"model": "tuned", "messages": MESSAGES}, timeout=60)
         assert r.status_code == 429 and r.headers["Retry-After"] == "1"
         assert r.json()["error"]["type"] == "rate_limit_error"
     finally:
@@ -111,5 +114,7 @@ def test_busy_is_429_and_a_client_leaving_mid_stream_frees_its_slot(loaded: Infe
             c.close()
     after = _wait_idle(loaded)
     assert after["cancelled"] == before["cancelled"] + MAX_CONCURRENT  # type: ignore[operator]
-    r = httpx.post(f"{loaded.url}/v1/chat/completions", json={"model": "tuned", "messages": MESSAGES, "max_tokens": 4})
+    r = httpx.post(
+        f"{loaded.url}/v1/chat/completions", json={"model": "tuned", "messages": MESSAGES, "max_tokens": 4}, timeout=60
+    )
     assert r.status_code == 200
