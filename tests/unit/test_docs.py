@@ -49,3 +49,15 @@ def test_readme_links_the_design_and_reliability_docs() -> None:
     text = (ROOT / "README.md").read_text()
     for link in ["docs/design.md", "docs/reliability.md", "AGENTS.md"]:
         assert f"({link})" in text, f"README does not link {link}"
+
+
+def test_every_setting_has_a_row_in_the_readme_configuration_table() -> None:
+    from app.settings import Settings
+    from inference.settings import InferenceSettings
+    from worker.settings import WorkerSettings
+
+    rows = set(re.findall(r"^\| `(IPO_[A-Z0-9_]+)`", (ROOT / "README.md").read_text(), re.M))
+    for settings_class in (Settings, WorkerSettings, InferenceSettings):
+        prefix = settings_class.model_config.get("env_prefix", "")
+        missing = sorted({f"{prefix}{name}".upper() for name in settings_class.model_fields} - rows)
+        assert not missing, f"{settings_class.__name__} settings missing from the README's table: {missing}"
