@@ -184,7 +184,9 @@ def logging_config(level: str | int = "INFO", fmt: str = "auto") -> dict[str, An
         "handlers": {"ipo": {"()": f"{__name__}.make_handler", "fmt": fmt}},
         "root": {"level": _level(level), "handlers": ["ipo"]},
         "loggers": {
-            **{name: {"handlers": [], "propagate": True} for name in _PROPAGATED},
+            # NOTSET: they follow the root level, whatever level a library (or uvicorn run earlier in this
+            # process) left on them; uvicorn's own --log-level still applies after this config.
+            **{name: {"handlers": [], "propagate": True, "level": "NOTSET"} for name in _PROPAGATED},
             **{name: {"handlers": ["ipo"], "propagate": False} for name in _UNPROPAGATED},
         },
     }

@@ -216,7 +216,10 @@ def test_the_fake_api_answers_the_worker_like_the_real_app(
 
     assert fake_outcome is not None and real_outcome is not None
     assert (fake_outcome.status, fake_outcome.reason) == (real_outcome.status, real_outcome.reason)
-    assert fake.sent == real.sent, ("fake only:", fake.sent - real.sent, "real only:", real.sent - fake.sent)
+    # Heartbeats are sent on a timer: whether a short attempt sends one depends on timing, not on the API.
+    timed = {"POST /internal/v1/jobs/{id}/heartbeat"}
+    fake_sent, real_sent = fake.sent - timed, real.sent - timed
+    assert fake_sent == real_sent, ("fake only:", fake_sent - real_sent, "real only:", real_sent - fake_sent)
     for endpoint in sorted(fake.sent):
         fake_ok, real_ok = fake.answers(endpoint, "ok"), real.answers(endpoint, "ok")
         # file content is not JSON; a held long-poll may still be open when the client closes

@@ -93,7 +93,8 @@ def _wait_idle(server: InferenceServer) -> dict[str, object]:
 
 def test_busy_is_429_and_a_client_leaving_mid_stream_frees_its_slot(loaded: InferenceServer) -> None:
     before = _wait_idle(loaded)
-    long = {"model": "tuned", "messages": MESSAGES, "max_tokens": 480, "min_tokens": 480, "stream": True}
+    # 8 choices of 480 tokens each: a stream far longer than the probe below takes, even on a fast machine
+    long = {"model": "tuned", "messages": MESSAGES, "max_tokens": 480, "min_tokens": 480, "n": 8, "stream": True}
     clients = [httpx.Client(base_url=loaded.url, timeout=60) for _ in range(MAX_CONCURRENT)]
     streams = []
     try:
