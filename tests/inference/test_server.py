@@ -103,8 +103,9 @@ def test_busy_is_429_and_a_client_leaving_mid_stream_frees_its_slot(loaded: Infe
             resp = cm.__enter__()
             streams.append((cm, resp))
             assert resp.status_code == 200
-            if n == 0:
-                assert next(line for line in resp.iter_lines() if line.startswith("data: "))
+            if n == 0:  # keep the line iterator referenced: a discarded one closes the response, and the
+                lines = resp.iter_lines()  # server rightly takes that as the client leaving (freeing its slot)
+                assert next(line for line in lines if line.startswith("data: "))
         r = httpx.post(f"{loaded.url}/v1/chat/completions", json={"model": "tuned", "messages": MESSAGES}, timeout=60)
         assert r.status_code == 429 and r.headers["Retry-After"] == "1"
         assert r.json()["error"]["type"] == "rate_limit_error"
