@@ -1,4 +1,5 @@
-"""The dispatcher loop: sends outbox rows to Celery after commit, re-sends lost doorbells, reaps leases.
+"""The dispatcher loop: sends outbox rows to Celery after commit, re-sends lost doorbells, reaps leases,
+and purges expired ``Idempotency-Key`` records.
 
 Postgres is the ledger and Celery only the doorbell: a message that never arrives (broker flushed,
 API crashed between commit and send) delays a job, it never loses it. Several API replicas can run
@@ -20,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.models import Job, JobStatus, OutboxMessage
 from app.models.base import utcnow
+from app.services import idempotency
 from app.services.jobs import add_event, enqueue_dispatch
 from app.services.leader import Leadership
 from app.services.worker_protocol import fail_attempt, release
@@ -141,14 +143,30 @@ def reap_expired_leases(session: Session, settings: Settings) -> int:
     return len(jobs)
 
 
+PURGE_EVERY_SECONDS = 600.0
+"""How often the leader deletes ``Idempotency-Key`` records past their 24 h retention (a full scan of
+that table, so not every tick)."""
+
+
 def tick(
-    sessions: sessionmaker[Session], settings: Settings, doorbell: Doorbell, *, reap: bool = True
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    doorbell: Doorbell,
+    *,
+    reap: bool = True,
+    purge: bool = False,
 ) -> dict[str, Any]:
+    """One pass of the leader's loop, each step in its own transaction.
+
+    Returns counts by step: ``reaped`` (leases expired), ``redispatched``, ``sent`` (outbox rows rung),
+    and ``idempotency_purged`` (expired ``Idempotency-Key`` records deleted; 0 unless ``purge``).
+    """
     stats: dict[str, Any] = {}
     steps: list[tuple[str, Callable[[Session], int]]] = [
         ("reaped", lambda s: reap_expired_leases(s, settings) if reap else 0),
         ("redispatched", lambda s: redispatch_lost(s, settings)),
         ("sent", lambda s: send_pending(s, doorbell)),
+        ("idempotency_purged", lambda s: idempotency.purge_expired(s) if purge else 0),
     ]
     for name, step in steps:
         with sessions() as session, session.begin():
@@ -180,10 +198,15 @@ class DispatcherThread(threading.Thread):
 
     def run(self) -> None:
         reap_after = time.monotonic() + self.settings.lease_seconds
+        purge_after = 0.0  # the first tick as leader purges; then every PURGE_EVERY_SECONDS
         while not self.stopping.is_set():
             try:
                 if self.leader is None or self.leader.held():  # followers only wait (app.services.leader)
-                    tick(self.sessions, self.settings, self.doorbell, reap=time.monotonic() >= reap_after)
+                    now = time.monotonic()
+                    purge = now >= purge_after
+                    tick(self.sessions, self.settings, self.doorbell, reap=now >= reap_after, purge=purge)
+                    if purge:
+                        purge_after = now + PURGE_EVERY_SECONDS
             except Exception as exc:  # database or broker down: log, keep looping, recover by itself
                 log.warning("dispatcher tick failed: %s: %s", type(exc).__name__, exc)
                 reap_after = time.monotonic() + self.settings.lease_seconds

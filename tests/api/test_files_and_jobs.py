@@ -147,3 +147,28 @@ def test_health(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     r = client.get("/readyz")
     assert r.status_code == 200 and r.json()["checks"]["database"] == "ok"
+
+
+def test_the_leaders_loop_purges_idempotency_keys_past_retention(client, upload, auth) -> None:
+    from datetime import timedelta
+
+    from sqlalchemy import select
+
+    from app.models import IdempotencyRecord
+    from app.models.base import utcnow
+    from app.services import idempotency
+    from app.services.dispatch import tick
+    from tests.api.conftest import RecordingDoorbell
+
+    ctx = client.app.state.ctx
+    upload(headers={**auth, "Idempotency-Key": "old"})
+    upload(headers={**auth, "Idempotency-Key": "fresh"})
+    with ctx.sessions() as session, session.begin():
+        old = session.scalars(select(IdempotencyRecord).where(IdempotencyRecord.key == "old")).one()
+        old.created_at = utcnow() - idempotency.RETENTION - timedelta(minutes=1)
+
+    assert tick(ctx.sessions, ctx.settings, RecordingDoorbell(), purge=False)["idempotency_purged"] == 0
+    assert tick(ctx.sessions, ctx.settings, RecordingDoorbell(), purge=True)["idempotency_purged"] == 1
+    with ctx.sessions() as session:
+        keys = set(session.scalars(select(IdempotencyRecord.key)))
+        assert "old" not in keys and "fresh" in keys
