@@ -11,6 +11,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -77,6 +81,70 @@ def authenticate(session: Session, authorization: str | None) -> Caller:
         raise Unauthorized("Incorrect or revoked API key.")
     key, project_name = row
     return Caller(project_id=key.project_id, project_name=project_name, key_id=key.id)
+
+
+class KeyCache:
+    """Recently authenticated API keys, so a busy key is looked up in the database about once per
+    ``ttl_seconds`` instead of on every request.
+
+    Staleness bound: a key revoked (``ipo keys revoke``, or any write to ``api_keys`` from another
+    process) is refused by every API process at most ``ttl_seconds`` after the revocation commits; a key
+    seen for the first time, or after its entry expired, is always checked against the database. Only
+    successful lookups are kept (an unknown or revoked key goes to the database every time, as before), by
+    the SHA-256 of the raw key (the raw key is not kept), at most ``max_entries`` of them (least recently
+    used dropped first). ``ttl_seconds`` 0 disables the cache. ``clock`` is in seconds (tests pass a fake).
+    Thread-safe: the gate calls it from the thread pool.
+    """
+
+    def __init__(
+        self, ttl_seconds: float, max_entries: int = 10_000, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.ttl_seconds = ttl_seconds
+        self.max_entries = max_entries
+        self.clock = clock
+        self._entries: OrderedDict[str, tuple[float, Caller]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def cached(self, authorization: str | None) -> Caller | None:
+        """The caller of ``authorization`` when a fresh entry holds it, else None (never blocks)."""
+        raw = _bearer(authorization)
+        if self.ttl_seconds <= 0 or raw is None or not raw.startswith(KEY_PREFIX):
+            return None
+        digest = hash_key(raw)
+        with self._lock:
+            hit = self._entries.get(digest)
+            if hit is None or hit[0] <= self.clock():
+                return None
+            self._entries.move_to_end(digest)
+            return hit[1]
+
+    def authenticate(self, session_factory: Callable[[], Session], authorization: str | None) -> Caller:
+        """The caller of ``authorization``: from the cache while fresh, else ``authenticate`` on a short
+        session of ``session_factory`` (opened only on a miss; blocks). Raises ``Unauthorized`` like it."""
+        caller = self.cached(authorization)
+        if caller is not None:
+            return caller
+        expires = self.clock() + self.ttl_seconds
+        with session_factory() as session:
+            caller = authenticate(session, authorization)
+        raw = _bearer(authorization)
+        if self.ttl_seconds > 0 and raw is not None:
+            with self._lock:
+                self._entries[hash_key(raw)] = (expires, caller)
+                self._entries.move_to_end(hash_key(raw))
+                while len(self._entries) > self.max_entries:
+                    self._entries.popitem(last=False)
+        return caller
+
+    def forget(self, key_id: str | None = None) -> None:
+        """Drop the entries of ``key_id`` (every entry when None): this process refuses a key revoked here
+        from its next request on."""
+        with self._lock:
+            if key_id is None:
+                self._entries.clear()
+                return
+            for digest in [d for d, (_, c) in self._entries.items() if c.key_id == key_id]:
+                del self._entries[digest]
 
 
 def check_worker_token(expected: str, authorization: str | None) -> None:

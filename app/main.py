@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from app.auth import KeyCache
 from app.dashboard import routes as dashboard
 from app.db import make_engine, make_sessionmaker
 from app.errors import install_error_handlers
@@ -42,6 +43,7 @@ def build_context(settings: Settings) -> AppContext:
         storage=open_storage(settings.resolved_storage_url),
         worker_token=settings.resolved_worker_token(),
         rate_limiter=make_rate_limiter(settings.rate_limit_per_minute, settings.resolved_redis_url),
+        key_cache=KeyCache(settings.api_key_cache_seconds),
         event_hub=EventHub(poll),
         event_poll=poll,
     )

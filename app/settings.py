@@ -58,6 +58,10 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = Field(600, ge=0)
     """Requests per minute per API key (token bucket, bursts up to the same number); 0 disables it.
     Counted in each API process: with N uvicorn workers or replicas a key gets up to N times this."""
+    api_key_cache_seconds: float = Field(2.0, ge=0)
+    """How long an API process trusts an API key it has just looked up before looking it up again
+    (``app.auth.KeyCache``): a revoked key is refused by every process at most this long after the
+    revocation. 0 looks every request's key up in the database."""
     max_active_jobs: int = Field(8, ge=0)
     """Most jobs a project may have validating, queued, running or paused at once (429 above); 0 disables it."""
     db_pool_size: int = Field(10, ge=1)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.auth import KeyCache
 from app.services.event_feed import EventHub, Poll
 from app.services.rate_limit import RateLimiter
 from app.settings import Settings
@@ -22,6 +23,8 @@ class AppContext:
     storage: Storage
     worker_token: str
     rate_limiter: RateLimiter
+    key_cache: KeyCache
+    """API keys looked up in the last ``IPO_API_KEY_CACHE_SECONDS`` (``AuthGateMiddleware``)."""
     event_hub: EventHub
     """Shared live feeds of job events behind every SSE stream of this process."""
     event_poll: Poll

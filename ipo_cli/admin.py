@@ -63,7 +63,7 @@ def list_keys(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 
 @keys.command("revoke")
 def revoke(key_id: str) -> None:
-    """Revoke a key: rejected from the next request on."""
+    """Revoke a key: refused by every API process within IPO_API_KEY_CACHE_SECONDS (2 s by default)."""
     from app.models import ApiKey
     from app.models.base import utcnow
 

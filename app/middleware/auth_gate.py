@@ -5,8 +5,9 @@ dependencies, so a credentials check done as a dependency comes after the body h
 anonymous client could make the API read a 100 MB body to get its 401. This middleware answers first:
 
 - ``/internal/v1``: the worker token (constant-time compare);
-- ``/v1``: an API key, looked up once (``app.auth.authenticate``) and the key's rate limit taken; the
-  ``Caller`` is left in ``request.state.caller`` for the route's ``CurrentCaller`` dependency.
+- ``/v1``: an API key, looked up (``app.auth.authenticate``, through the short-lived ``app.auth.KeyCache``)
+  and the key's rate limit taken; the ``Caller`` is left in ``request.state.caller`` for the route's
+  ``CurrentCaller`` dependency.
 
 A refusal (401, 429, 503 when the database is down) is the usual OpenAI error body and closes the
 connection when the request announced a body, so the unread body is never drained either. Other paths
@@ -23,7 +24,7 @@ from starlette.datastructures import Headers
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.auth import Caller, authenticate, check_worker_token
+from app.auth import Caller, check_worker_token
 from app.errors import DomainError, database_unavailable_response, domain_error_response
 from app.state import AppContext
 
@@ -54,9 +55,15 @@ class AuthGateMiddleware:
             if _under(path, "/internal/v1"):
                 check_worker_token(self.ctx.worker_token, authorization)
             else:
-                # The key lookup and the per-key rate limit (app.services.rate_limit; a Redis round trip when
-                # the replicas share one) block, so both run off the event loop.
-                caller = await run_in_threadpool(self._limited_caller, authorization)
+                # A key looked up in the last IPO_API_KEY_CACHE_SECONDS and an in-process rate limit are
+                # answered here, on the event loop; a database lookup or a Redis round trip blocks, so it
+                # runs in the thread pool.
+                limiter = self.ctx.rate_limiter
+                caller = self.ctx.key_cache.cached(authorization)
+                if caller is not None and not limiter.blocking:
+                    limiter.check(caller.key_id)
+                else:
+                    caller = await run_in_threadpool(self._limited_caller, authorization)
                 scope.setdefault("state", {})[CALLER_STATE] = caller
         except DomainError as exc:
             refusal = domain_error_response(exc)
@@ -69,13 +76,10 @@ class AuthGateMiddleware:
             refusal.headers["Connection"] = "close"  # the body stays unread: this connection cannot be reused
         await refusal(scope, receive, send)
 
-    def _caller(self, authorization: str | None) -> Caller:
-        # A short session of its own: the connection goes back to the pool before the route runs.
-        with self.ctx.sessions() as session:
-            return authenticate(session, authorization)
-
     def _limited_caller(self, authorization: str | None) -> Caller:
-        caller = self._caller(authorization)
+        # A miss looks the key up on a short session of its own: the connection goes back to the pool
+        # before the route runs.
+        caller = self.ctx.key_cache.authenticate(self.ctx.sessions, authorization)
         self.ctx.rate_limiter.check(caller.key_id)
         return caller
 

@@ -39,6 +39,8 @@ class _Bucket:
 
 class RateLimiter(Protocol):
     per_minute: int
+    blocking: bool
+    """True when ``check`` may block on I/O (a Redis round trip): callers run it off the event loop."""
 
     def check(self, key_id: str) -> None: ...
 
@@ -52,6 +54,8 @@ def _refusal(per_minute: int, wait: int) -> RateLimited:
 
 class RequestRateLimiter:
     """In-process token buckets (per API process); ``clock`` in seconds (tests pass a fake one)."""
+
+    blocking = False
 
     def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.per_minute = per_minute
@@ -117,6 +121,8 @@ class RedisRateLimiter:
     ``client`` is a ``redis.Redis``; ``fallback`` checks a request when Redis raises (connection refused,
     timeout), so an outage leaves a per-process limit rather than an outage of the API.
     """
+
+    blocking = True
 
     def __init__(self, per_minute: int, client: Any, prefix: str = "ipo:ratelimit") -> None:
         self.per_minute = per_minute
