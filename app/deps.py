@@ -1,24 +1,30 @@
 """FastAPI dependencies: the app context, one session per request (committed before the response is
-sent), the authenticated caller, the worker-token guard and the ``Idempotency-Key`` header."""
+sent), the authenticated caller, the worker-token guard and the ``Idempotency-Key`` header.
+
+The dependencies that never block are ``async def``: FastAPI runs a plain ``def`` dependency in the
+thread pool, one hop per dependency per request (bench/api_bench.py's profile). Only the session's
+commit or rollback, which talk to the database, go to the thread pool, and only when the request used it.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
+import anyio
 from fastapi import Depends, Header, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from app.auth import Caller, check_worker_token
-from app.db import session_scope
 from app.errors import InvalidRequest, Unauthorized
 from app.middleware.auth_gate import CALLER_STATE
 from app.services.jobs import EVENTS_WRITTEN, OUTBOX_WRITTEN
 from app.state import AppContext
 
 
-def get_ctx(request: Request) -> AppContext:
+async def get_ctx(request: Request) -> AppContext:
     ctx: AppContext = request.app.state.ctx
     return ctx
 
@@ -26,12 +32,38 @@ def get_ctx(request: Request) -> AppContext:
 Ctx = Annotated[AppContext, Depends(get_ctx)]
 
 
-def get_session(ctx: Ctx) -> Iterator[Session]:
-    scope = session_scope(ctx.sessions)
-    session = next(scope)
-    yield session
-    for _ in scope:  # commits (or rolls back and raises)
-        pass
+def _finish(session: Session, commit: bool) -> None:
+    """Commit (or roll back) and close, as ``app.db.session_scope`` does: a failed commit is rolled back."""
+    try:
+        if commit:
+            session.commit()
+        else:
+            session.rollback()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+async def _finish_off_loop(session: Session, commit: bool) -> None:
+    # Shielded: a client that disconnects mid-request still gets its transaction ended and its
+    # connection returned to the pool.
+    with anyio.CancelScope(shield=True):
+        if session.in_transaction():  # it holds a connection: commit/rollback is a database round trip
+            await run_in_threadpool(_finish, session, commit)
+        else:
+            session.close()  # never used: nothing to end, no I/O
+
+
+async def get_session(ctx: Ctx) -> AsyncIterator[Session]:
+    session = ctx.sessions()  # no connection yet: the first query (in the route's thread) checks one out
+    try:
+        yield session
+    except BaseException:
+        await _finish_off_loop(session, commit=False)
+        raise
+    await _finish_off_loop(session, commit=True)  # raises (and rolls back) when the commit fails
     # Ring the dispatcher only once the outbox rows are committed: woken earlier, it finds nothing
     # and sleeps a whole tick (bench/dispatch_latency.py measured ~1 s added to submit -> running).
     if session.info.pop(OUTBOX_WRITTEN, False):
@@ -48,7 +80,7 @@ DbSession = Annotated[Session, Depends(get_session, scope="function")]
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer ipo-sk-...`.")
 
 
-def get_caller(
+async def get_caller(
     request: Request, _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> Caller:
     """The caller that ``AuthGateMiddleware`` authenticated (and rate-limited) before the body was read.

@@ -64,7 +64,9 @@ class Settings(BaseSettings):
     revocation. 0 looks every request's key up in the database."""
     max_active_jobs: int = Field(8, ge=0)
     """Most jobs a project may have validating, queued, running or paused at once (429 above); 0 disables it."""
-    db_pool_size: int = Field(10, ge=1)
+    db_pool_size: int = Field(20, ge=1)
+    """Database connections per API process, kept open (no overflow: ``app.db.make_engine``). 20 is the
+    most the API used to open at once (10 pooled + 10 overflow, re-opened per request under load)."""
     dispatch_interval_seconds: float = Field(1.0, gt=0)
     """How often the dispatcher loop sends pending outbox rows, re-dispatches lost jobs and reaps leases."""
     redispatch_after_seconds: int = Field(60, ge=1)

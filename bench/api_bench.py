@@ -20,7 +20,8 @@ round pair, reported as the median and the range over rounds, with wrk's latency
 average (1 min) measured around each run.
 
 ``--py-spy PATH`` also records the ipo server with ``py-spy record`` (speedscope JSON, or an SVG
-flamegraph when PATH ends in .svg) during one extra retrieve run, after the measured rounds.
+flamegraph when PATH ends in .svg) during one extra run of each read endpoint after the measured rounds
+(``PATH-retrieve.json``, ``PATH-list.json``, ``PATH-events.json``).
 Target: >= 0.8x the reference's requests/s for retrieve, list and events.
 """
 
@@ -217,9 +218,15 @@ def main() -> None:
         probe = httpx.post(f"{st.url}/v1/fine_tuning/jobs", headers=st.headers, json=create_body, timeout=60)
         probe.raise_for_status()
         port = free_port()
+        from app.settings import Settings
+
+        pool = Settings.model_fields["db_pool_size"].default  # the reference's pool is sized like ours
         ref_log = tmp / "ref.log"
         ref = start_process(
-            [sys.executable, "bench/reference_api.py", "--port", str(port), "--database-url", st.database_url],
+            [
+                *(sys.executable, "bench/reference_api.py", "--port", str(port), "--database-url", st.database_url),
+                *("--pool-size", str(pool), "--max-overflow", "0"),
+            ],
             dict(os.environ),
             ref_log,
         )
@@ -252,13 +259,15 @@ def main() -> None:
             for rnd in range(a.rounds):
                 for ep in READS:
                     measure(ep, APPS if rnd % 2 == 0 else APPS[::-1], ids, a.duration)
-            if a.py_spy is not None:
+            if a.py_spy is not None:  # one profile per read endpoint: PATH-retrieve.json, ...
                 secs = max(3, int(a.duration))
-                spy = py_spy_record(st.api.pid, a.py_spy, secs)
-                time.sleep(0.5)
-                run_wrk(urls["ipo"], st.api_key, tmp / "retrieve.lua", secs, a.connections)
-                _, err = spy.communicate(timeout=60)
-                print(f"py-spy: {a.py_spy} ({spy.returncode}) {err.decode(errors='replace')[-300:]}", flush=True)
+                for ep in READS:
+                    out = a.py_spy.with_name(f"{a.py_spy.stem}-{ep}{a.py_spy.suffix}")
+                    spy = py_spy_record(st.api.pid, out, secs)
+                    time.sleep(0.5)
+                    run_wrk(urls["ipo"], st.api_key, tmp / f"{ep}.lua", secs, a.connections)
+                    _, err = spy.communicate(timeout=60)
+                    print(f"py-spy: {out} ({spy.returncode}) {err.decode(errors='replace')[-300:]}", flush=True)
         finally:
             stop_process(ref)
 

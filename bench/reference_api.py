@@ -15,9 +15,9 @@ Per request, as ipo-align does:
   row inserted in one transaction.
 
 Sync routes (FastAPI's thread pool), one connection and transaction per request (``engine.begin()``),
-a pool of 10 + 10 overflow. No rate limit, request ids, access log, metrics, idempotency, method
-validation or error envelopes: the rows come back as they are, in JSON (``json.dumps`` into a
-``Response``, times as Unix seconds).
+a pool sized like ipo-align's (``--pool-size``, default 20, no overflow). No rate limit, request ids,
+access log, metrics, idempotency, method validation or error envelopes: the rows come back as they
+are, in JSON (``json.dumps`` into a ``Response``, times as Unix seconds).
 """
 
 import argparse
@@ -55,9 +55,10 @@ def _json(content: Any) -> Response:
     return Response(json.dumps(content), media_type="application/json")
 
 
-def create_app(database_url: str, pool_size: int = 10) -> FastAPI:
-    """The reference app on ``database_url`` (already migrated by ipo-align: ``app.migrate.upgrade``)."""
-    engine = create_engine(database_url, pool_size=pool_size, max_overflow=pool_size)
+def create_app(database_url: str, pool_size: int = 20, max_overflow: int = 0) -> FastAPI:
+    """The reference app on ``database_url`` (already migrated by ipo-align: ``app.migrate.upgrade``); its
+    pool is sized like ipo-align's (``IPO_DB_POOL_SIZE``, no overflow) unless told otherwise."""
+    engine = create_engine(database_url, pool_size=pool_size, max_overflow=max_overflow)
     meta = MetaData()
     meta.reflect(engine, only=["projects", "api_keys", "files", "jobs", "job_events", "outbox"])
     projects, keys, files = meta.tables["projects"], meta.tables["api_keys"], meta.tables["files"]
@@ -161,8 +162,16 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--database-url", required=True)
+    p.add_argument("--pool-size", type=int, default=20)
+    p.add_argument("--max-overflow", type=int, default=0)
     a = p.parse_args()
-    uvicorn.run(create_app(a.database_url), host="127.0.0.1", port=a.port, log_level="warning", access_log=False)
+    uvicorn.run(
+        create_app(a.database_url, a.pool_size, a.max_overflow),
+        host="127.0.0.1",
+        port=a.port,
+        log_level="warning",
+        access_log=False,
+    )
 
 
 if __name__ == "__main__":

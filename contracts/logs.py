@@ -83,7 +83,12 @@ def _context_of(record: logging.LogRecord) -> dict[str, Any]:
     return fields
 
 
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
 def _jsonable(value: Any) -> bool:
+    if type(value) in _SCALARS:  # most extras (the access log's method, path, status, duration): no trial dump
+        return True
     try:
         json.dumps(value)
     except (TypeError, ValueError):

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from sqlalchemy.orm import Session
 
 from app.deps import Ctx, CurrentCaller, DbSession, IdempotencyKeyHeader
@@ -14,6 +14,7 @@ from app.errors import InvalidRequest
 from app.models import Job
 from app.routes.events_stream import sse_events
 from app.routes.idempotent import run_idempotent
+from app.routes.json_body import json_response
 from app.routes.params import Cursor, JobId
 from app.schemas.job_spec import JobSpec
 from app.schemas.objects import CheckpointObject, ErrorResponse, EventObject, JobObject, ListObject
@@ -21,7 +22,7 @@ from app.schemas.requests import JobCreate
 from app.services import events as events_service
 from app.services import idempotency
 from app.services import jobs as jobs_service
-from app.services.views import checkpoint_view, event_view, job_view, spec_of_job
+from app.services.views import checkpoint_view, event_object, job_object, job_view, page_object, spec_of_job
 
 router = APIRouter(
     prefix="/v1/fine_tuning/jobs",
@@ -72,10 +73,10 @@ def list_jobs(
     request: Request,
     after: Cursor = None,
     limit: Limit = 20,
-) -> ListObject[JobObject]:
+) -> Response:
     metadata = _metadata_filters(request)
     rows, has_more = jobs_service.list_jobs(session, caller.project_id, after=after, limit=limit, metadata=metadata)
-    return ListObject[JobObject].page([job_view(r) for r in rows], has_more)
+    return json_response(page_object([job_object(r) for r in rows], has_more))
 
 
 def _metadata_filters(request: Request) -> dict[str, str]:
@@ -96,8 +97,8 @@ def _metadata_filters(request: Request) -> dict[str, str]:
 
 
 @router.get("/{job_id}", response_model=JobObject)
-def retrieve_job(session: DbSession, caller: CurrentCaller, job_id: JobId) -> JobObject:
-    return job_view(jobs_service.get_job(session, caller.project_id, job_id))
+def retrieve_job(session: DbSession, caller: CurrentCaller, job_id: JobId) -> Response:
+    return json_response(job_object(jobs_service.get_job(session, caller.project_id, job_id)))
 
 
 @router.get("/{job_id}/spec", response_model=JobSpec, response_model_exclude_none=True)
@@ -165,7 +166,7 @@ def list_events(
     stream: bool = False,
     accept: Annotated[str | None, Header()] = None,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
-) -> ListObject[EventObject] | StreamingResponse:
+) -> Response:
     job = jobs_service.get_job(session, caller.project_id, job_id)
     if stream or (accept or "").startswith("text/event-stream"):
         start = events_service.parse_event_cursor(last_event_id or after, "Last-Event-ID")
@@ -175,7 +176,7 @@ def list_events(
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
     rows, has_more = events_service.list_events(session, job.id, after=after, limit=limit)
-    return ListObject[EventObject].page([event_view(r) for r in rows], has_more)
+    return json_response(page_object([event_object(r) for r in rows], has_more))
 
 
 @router.get("/{job_id}/checkpoints", response_model=ListObject[CheckpointObject])

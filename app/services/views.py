@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from app.models import Checkpoint, Job, JobEvent, StoredFile, WebhookDelivery, WebhookEndpoint
@@ -13,7 +14,6 @@ from app.schemas.objects import (
     FileObject,
     JobError,
     JobHyperparameters,
-    JobLineage,
     JobObject,
     WebhookDeliveryObject,
     WebhookEndpointObject,
@@ -34,47 +34,91 @@ def file_view(row: StoredFile) -> FileObject:
     )
 
 
+METHOD_VIEWS_MAX = 1024
+"""Distinct stored ``method`` blocks whose public form is kept (``_method_view``); the cache is emptied
+when it is full."""
+
+_method_views: dict[str, tuple[dict[str, Any], JobHyperparameters]] = {}
+
+
+def _method_view(stored: dict[str, Any]) -> tuple[dict[str, Any], JobHyperparameters]:
+    """The job's ``method`` as shown (validated, defaults spelled out, ``None`` left out) and OpenAI's
+    top-level ``hyperparameters`` from it, before the worker's resolved values are applied.
+
+    Validating the block is most of a job view's cost (a list page holds 20), and jobs of a project
+    mostly share a few method blocks: the result is kept by the block's canonical JSON. The returned dict
+    is shared between views: never mutate it (views are serialised, not edited)."""
+    key = json.dumps(stored, sort_keys=True, separators=(",", ":"))
+    hit = _method_views.get(key)
+    if hit is None:
+        method = Method.model_validate(stored)
+        hp = method.params().hyperparameters
+        top = JobHyperparameters(
+            batch_size=hp.batch_size, learning_rate_multiplier=hp.learning_rate_multiplier, n_epochs=hp.n_epochs
+        )
+        hit = (method.model_dump(mode="json", exclude_none=True), top)
+        if len(_method_views) >= METHOD_VIEWS_MAX:
+            _method_views.clear()
+        _method_views[key] = hit
+    return hit
+
+
+def job_object(row: Job) -> dict[str, Any]:
+    """The public ``fine_tuning.job`` of a row as JSON-ready data, field for field what
+    ``job_view(row).model_dump(mode="json")`` gives (tests/api/test_views.py checks it on every kind of row).
+
+    The hot read routes serialise this directly: every value comes from the ledger, whose columns and
+    stored ``method`` were validated on the way in, and building the pydantic objects only to dump them
+    again was most of a list page's CPU time (bench/RESULTS.md, api_bench profile)."""
+    method, hp = _method_view(row.method)
+    resolved = row.resolved_hyperparameters
+    top = {
+        "batch_size": hp.batch_size,
+        "learning_rate_multiplier": hp.learning_rate_multiplier,
+        "n_epochs": hp.n_epochs,
+    }
+    if resolved:
+        top = {k: resolved.get(k, v) for k, v in top.items()}
+    error = row.error
+    from_checkpoint = row.from_checkpoint_id
+    return {
+        "id": row.id,
+        "object": "fine_tuning.job",
+        "created_at": unix(row.created_at) or 0,
+        "error": JobError(**error).model_dump(mode="json") if error else None,
+        "fine_tuned_model": row.fine_tuned_model,
+        "finished_at": unix(row.finished_at),
+        "hyperparameters": top,
+        "model": row.model,
+        "organization_id": row.project_id,
+        "result_files": list(row.result_files or []),
+        "seed": row.seed,
+        "status": row.status,
+        "trained_tokens": row.trained_tokens,
+        "training_file": row.training_file,
+        "validation_file": row.validation_file,
+        "integrations": list(row.integrations or []),
+        "metadata": row.job_metadata,
+        "method": method,
+        "estimated_finish": row.estimated_finish,
+        "user_provided_suffix": row.suffix,
+        "resolved_hyperparameters": resolved,
+        "attempt": row.attempt,
+        "lineage": {
+            "base_model": row.base_model or row.model,
+            "parent_job_id": row.parent_job_id,
+            "parent_checkpoint_id": row.parent_checkpoint_id,
+            "from_checkpoint": from_checkpoint,
+            "optimizer_state": "fresh" if from_checkpoint else None,
+        },
+        "step": row.step,
+        "total_steps": row.total_steps,
+    }
+
+
 def job_view(row: Job) -> JobObject:
-    method = Method.model_validate(row.method)
-    hp = method.params().hyperparameters
-    resolved = row.resolved_hyperparameters or {}
-    top = JobHyperparameters(
-        batch_size=resolved.get("batch_size", hp.batch_size),
-        learning_rate_multiplier=resolved.get("learning_rate_multiplier", hp.learning_rate_multiplier),
-        n_epochs=resolved.get("n_epochs", hp.n_epochs),
-    )
-    return JobObject(
-        id=row.id,
-        created_at=unix(row.created_at) or 0,
-        error=JobError(**row.error) if row.error else None,
-        fine_tuned_model=row.fine_tuned_model,
-        finished_at=unix(row.finished_at),
-        hyperparameters=top,
-        model=row.model,
-        organization_id=row.project_id,
-        result_files=list(row.result_files or []),
-        seed=row.seed,
-        status=row.status,
-        trained_tokens=row.trained_tokens,
-        training_file=row.training_file,
-        validation_file=row.validation_file,
-        integrations=list(row.integrations or []),
-        metadata=row.job_metadata,
-        method=method.model_dump(mode="json", exclude_none=True),
-        estimated_finish=row.estimated_finish,
-        user_provided_suffix=row.suffix,
-        resolved_hyperparameters=row.resolved_hyperparameters,
-        attempt=row.attempt,
-        lineage=JobLineage(
-            base_model=row.base_model or row.model,
-            parent_job_id=row.parent_job_id,
-            parent_checkpoint_id=row.parent_checkpoint_id,
-            from_checkpoint=row.from_checkpoint_id,
-            optimizer_state="fresh" if row.from_checkpoint_id else None,
-        ),
-        step=row.step,
-        total_steps=row.total_steps,
-    )
+    """The public ``fine_tuning.job`` of a row (``job_object``, validated into the model)."""
+    return JobObject.model_validate(job_object(row))
 
 
 def spec_of_job(row: Job) -> JobSpec:
@@ -100,15 +144,33 @@ def event_id(row: JobEvent) -> str:
     return f"ftevent-{row.id}"
 
 
+def event_object(row: JobEvent) -> dict[str, Any]:
+    """The public ``fine_tuning.job.event`` of a row as JSON-ready data (what ``event_view`` dumps to; see
+    ``job_object``)."""
+    return {
+        "id": event_id(row),
+        "object": "fine_tuning.job.event",
+        "created_at": unix(row.created_at) or 0,
+        "level": row.level,
+        "message": row.message,
+        "type": row.type,
+        "data": row.data,
+    }
+
+
 def event_view(row: JobEvent) -> EventObject:
-    return EventObject(
-        id=event_id(row),
-        created_at=unix(row.created_at) or 0,
-        level=row.level,
-        message=row.message,
-        type=row.type,
-        data=row.data,
-    )
+    return EventObject.model_validate(event_object(row))
+
+
+def page_object(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
+    """``ListObject.page`` of already JSON-ready objects: what ``ListObject[...].page(...)`` dumps to."""
+    return {
+        "object": "list",
+        "data": data,
+        "has_more": has_more,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+    }
 
 
 def checkpoint_view(row: Checkpoint, job: Job) -> CheckpointObject:
