@@ -30,7 +30,7 @@ def _pings(engine: Engine, sink: list[str]) -> None:
         sink.append("<ping>")
         return original(dbapi_conn)
 
-    engine.dialect.do_ping = counted  # type: ignore[method-assign]
+    engine.dialect.do_ping = counted  # type: ignore[method-assign,assignment]
 
 
 def _kill_backends(database_url: str, pids: list[int]) -> None:
