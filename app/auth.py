@@ -103,6 +103,7 @@ class KeyCache:
         self.max_entries = max_entries
         self.clock = clock
         self._entries: OrderedDict[str, tuple[float, Caller]] = OrderedDict()
+        self._in_flight: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
 
     def cached(self, authorization: str | None) -> Caller | None:
@@ -120,21 +121,38 @@ class KeyCache:
 
     def authenticate(self, session_factory: Callable[[], Session], authorization: str | None) -> Caller:
         """The caller of ``authorization``: from the cache while fresh, else ``authenticate`` on a short
-        session of ``session_factory`` (opened only on a miss; blocks). Raises ``Unauthorized`` like it."""
+        session of ``session_factory`` (opened only on a miss; blocks). Raises ``Unauthorized`` like it.
+
+        Single-flight: when a busy key's entry expires, the requests that arrive while it is looked up
+        wait for that one lookup instead of each querying the database."""
         caller = self.cached(authorization)
         if caller is not None:
             return caller
-        expires = self.clock() + self.ttl_seconds
-        with session_factory() as session:
-            caller = authenticate(session, authorization)
         raw = _bearer(authorization)
-        if self.ttl_seconds > 0 and raw is not None:
+        if self.ttl_seconds <= 0 or raw is None or not raw.startswith(KEY_PREFIX):
+            with session_factory() as session:
+                return authenticate(session, authorization)
+        digest = hash_key(raw)
+        with self._lock:
+            flight = self._in_flight.setdefault(digest, threading.Lock())
+        try:
+            with flight:
+                caller = self.cached(authorization)  # looked up by the request this one waited for
+                if caller is not None:
+                    return caller
+                expires = self.clock() + self.ttl_seconds
+                with session_factory() as session:
+                    caller = authenticate(session, authorization)
+                with self._lock:
+                    self._entries[digest] = (expires, caller)
+                    self._entries.move_to_end(digest)
+                    while len(self._entries) > self.max_entries:
+                        self._entries.popitem(last=False)
+                return caller
+        finally:
             with self._lock:
-                self._entries[hash_key(raw)] = (expires, caller)
-                self._entries.move_to_end(hash_key(raw))
-                while len(self._entries) > self.max_entries:
-                    self._entries.popitem(last=False)
-        return caller
+                if self._in_flight.get(digest) is flight and not flight.locked():
+                    del self._in_flight[digest]
 
     def forget(self, key_id: str | None = None) -> None:
         """Drop the entries of ``key_id`` (every entry when None): this process refuses a key revoked here

@@ -72,6 +72,22 @@ async def get_session(ctx: Ctx) -> AsyncIterator[Session]:
         ctx.event_hub.wake(jobs)
 
 
+async def get_read_session(ctx: Ctx) -> AsyncIterator[Session]:
+    """A session for a route that only reads: its connection is in autocommit mode (``ctx.read_sessions``),
+    so each query is one round trip, with no BEGIN before and no COMMIT after (two of the three round
+    trips of a one-query read), and nothing is left to commit: closing it does no I/O and stays on the
+    event loop. A write through it would be committed statement by statement: routes that write, or
+    need one snapshot across queries, take ``DbSession``."""
+    session = ctx.read_sessions()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+ReadSession = Annotated[Session, Depends(get_read_session, scope="function")]
+
+
 # scope="function": the commit happens before the response leaves, so a client never sees a 200 for a
 # write that then failed to commit.
 DbSession = Annotated[Session, Depends(get_session, scope="function")]

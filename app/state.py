@@ -20,6 +20,9 @@ class AppContext:
     settings: Settings
     engine: Engine
     sessions: sessionmaker[Session]
+    read_sessions: sessionmaker[Session]
+    """Sessions on autocommit connections of the same pool, for work that only reads (``ReadSession``):
+    no BEGIN and COMMIT round trips around the queries."""
     storage: Storage
     worker_token: str
     rate_limiter: RateLimiter

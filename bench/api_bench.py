@@ -126,13 +126,13 @@ def lua_script(endpoint: str, ids: list[str], path: Path, create_body: dict[str,
     return path
 
 
-def run_wrk(url: str, key: str, script: Path, duration_s: float, connections: int) -> WrkRun:
+def run_wrk(url: str, key: str, script: Path, duration_s: int, connections: int) -> WrkRun:
     cmd = [
         "wrk",
         "--latency",
         "-t1",
         f"-c{connections}",
-        f"-d{duration_s:g}s",
+        f"-d{duration_s}s",
         "--timeout",
         "15s",
         "-H",
@@ -141,7 +141,10 @@ def run_wrk(url: str, key: str, script: Path, duration_s: float, connections: in
         str(script),
         url,
     ]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}")
+    out = done.stdout
     rps, p50, p99, requests, non_2xx, errors = parse_wrk(out)
     return WrkRun(rps, p50, p99, requests, non_2xx, errors, os.getloadavg()[0])
 
@@ -186,7 +189,7 @@ def _fmt(s: Series) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--duration", type=float, default=8, help="seconds per wrk run")
+    p.add_argument("--duration", type=int, default=8, help="seconds per wrk run (creates: half)")
     p.add_argument("--rounds", type=int, default=3, help="A/B pairs per endpoint (order alternates)")
     p.add_argument("--connections", type=int, default=50)
     p.add_argument("--py-spy", type=Path, default=None, help="also profile the ipo server (speedscope .json / .svg)")
@@ -235,7 +238,7 @@ def main() -> None:
             wait_http(f"{urls['ref']}/healthz", [ref], ref_log)
             print(f"ipo-align at {urls['ipo']}, reference at {urls['ref']} (one database: {db_kind()})", flush=True)
 
-            def measure(endpoint: str, order: tuple[str, ...], ids: list[str], duration: float) -> None:
+            def measure(endpoint: str, order: tuple[str, ...], ids: list[str], duration: int) -> None:
                 script = lua_script(endpoint, ids, tmp / f"{endpoint}.lua", create_body)
                 for app in order:
                     run = run_wrk(urls[app], st.api_key, script, duration, a.connections)
@@ -250,7 +253,7 @@ def main() -> None:
 
             # creates first: they make the rows the reads use (both servers write the same project)
             for rnd in range(a.rounds):
-                measure("create", APPS if rnd % 2 == 0 else APPS[::-1], [], max(2.0, a.duration / 2))
+                measure("create", APPS if rnd % 2 == 0 else APPS[::-1], [], max(2, a.duration // 2))
             ids = job_ids(st.database_url)
             for ep in READS:  # warm both servers' pools and caches, unmeasured
                 script = lua_script(ep, ids, tmp / f"{ep}.lua", create_body)
@@ -271,7 +274,7 @@ def main() -> None:
         finally:
             stop_process(ref)
 
-    creates_s = max(2.0, a.duration / 2)
+    creates_s = max(2, a.duration // 2)
     cells: dict[str, str] = {
         "db": db_kind(),
         "load": f"wrk -t1 -c{a.connections}, {a.rounds} A/B rounds x {a.duration:g} s (creates {creates_s:g} s)",

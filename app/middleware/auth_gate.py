@@ -79,7 +79,7 @@ class AuthGateMiddleware:
     def _limited_caller(self, authorization: str | None) -> Caller:
         # A miss looks the key up on a short session of its own: the connection goes back to the pool
         # before the route runs.
-        caller = self.ctx.key_cache.authenticate(self.ctx.sessions, authorization)
+        caller = self.ctx.key_cache.authenticate(self.ctx.read_sessions, authorization)
         self.ctx.rate_limiter.check(caller.key_id)
         return caller
 

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from sqlalchemy.orm import Session
 
-from app.deps import Ctx, CurrentCaller, DbSession, IdempotencyKeyHeader
+from app.deps import Ctx, CurrentCaller, DbSession, IdempotencyKeyHeader, ReadSession
 from app.errors import InvalidRequest
 from app.models import Job
 from app.routes.events_stream import sse_events
@@ -68,7 +68,7 @@ def create_job(
 
 @router.get("", response_model=ListObject[JobObject])
 def list_jobs(
-    session: DbSession,
+    session: ReadSession,
     caller: CurrentCaller,
     request: Request,
     after: Cursor = None,
@@ -97,7 +97,7 @@ def _metadata_filters(request: Request) -> dict[str, str]:
 
 
 @router.get("/{job_id}", response_model=JobObject)
-def retrieve_job(session: DbSession, caller: CurrentCaller, job_id: JobId) -> Response:
+def retrieve_job(session: ReadSession, caller: CurrentCaller, job_id: JobId) -> Response:
     return json_response(job_object(jobs_service.get_job(session, caller.project_id, job_id)))
 
 
@@ -158,7 +158,7 @@ def resume_job(
 )
 def list_events(
     ctx: Ctx,
-    session: DbSession,
+    session: ReadSession,
     caller: CurrentCaller,
     job_id: JobId,
     after: Cursor = None,

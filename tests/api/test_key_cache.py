@@ -140,3 +140,32 @@ def test_the_gate_refuses_a_key_revoked_elsewhere_once_the_ttl_has_passed(
     clock.now += ctx.key_cache.ttl_seconds + 0.001
     r = client.get("/v1/fine_tuning/jobs", headers=auth)
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_concurrent_misses_of_one_key_share_one_lookup(engine: Engine) -> None:
+    """The first request of a burst looks the key up (held open here until the others have arrived); the
+    rest wait for it and take its answer: one query, whatever the order the threads run in."""
+    import threading
+
+    sessions = make_sessionmaker(engine)
+    key_id, raw = _new_key(engine, "cache-burst")
+    lookups = _count_key_lookups(engine)
+    release = threading.Event()
+
+    def slow_sessions() -> Any:
+        release.wait(timeout=30)
+        return sessions()
+
+    cache = KeyCache(60.0, clock=Clock())
+    answers: list[str] = []
+    threads = [
+        threading.Thread(target=lambda: answers.append(cache.authenticate(slow_sessions, f"Bearer {raw}").key_id))
+        for _ in range(8)
+    ]
+    for t in threads:
+        t.start()
+    threading.Timer(0.5, release.set).start()
+    for t in threads:
+        t.join(timeout=60)
+    assert answers == [key_id] * 8
+    assert len(lookups) == 1
