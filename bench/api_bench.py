@@ -17,7 +17,9 @@ on a shared machine falls on both; creates run first (they make the jobs and eve
 Endpoints: create (POST a job), retrieve (GET a random job), list (``?limit=20``, full pages), events
 (a random job's ``/events?limit=20``). Requests/s counts only 2xx answers; the ratio is ipo/reference per
 round pair, reported as the median and the range over rounds, with wrk's latency p50/p99 and the load
-average (1 min) measured around each run.
+average (1 min) measured around each run. Each server's own CPU time per request (/proc, user + system)
+is reported too, with its ratio ref/ipo: on a machine shared with other work requests/s follow whatever
+else runs, the CPU a request costs the server does not.
 
 ``--py-spy PATH`` also records the ipo server with ``py-spy record`` (speedscope JSON, or an SVG
 flamegraph when PATH ends in .svg) during one extra run of each read endpoint after the measured rounds
@@ -65,6 +67,9 @@ class WrkRun:
     non_2xx: int
     errors: int
     load1: float
+    cpu_ms_per_request: float
+    """The server process's own CPU time (user + system, /proc) per answer: what a request costs the
+    Python side whatever else runs on the machine (the database's CPU is not in it)."""
 
 
 @dataclass
@@ -126,7 +131,13 @@ def lua_script(endpoint: str, ids: list[str], path: Path, create_body: dict[str,
     return path
 
 
-def run_wrk(url: str, key: str, script: Path, duration_s: int, connections: int) -> WrkRun:
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (all its threads), from /proc/PID/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_wrk(url: str, key: str, script: Path, duration_s: int, connections: int, server_pid: int) -> WrkRun:
     cmd = [
         "wrk",
         "--latency",
@@ -141,12 +152,14 @@ def run_wrk(url: str, key: str, script: Path, duration_s: int, connections: int)
         str(script),
         url,
     ]
+    cpu0 = process_cpu_s(server_pid)
     done = subprocess.run(cmd, capture_output=True, text=True)
+    cpu = process_cpu_s(server_pid) - cpu0
     if done.returncode != 0:
         raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}")
     out = done.stdout
     rps, p50, p99, requests, non_2xx, errors = parse_wrk(out)
-    return WrkRun(rps, p50, p99, requests, non_2xx, errors, os.getloadavg()[0])
+    return WrkRun(rps, p50, p99, requests, non_2xx, errors, os.getloadavg()[0], cpu * 1e3 / max(1, requests))
 
 
 def job_ids(database_url: str, limit: int = 2000) -> list[str]:
@@ -184,7 +197,11 @@ def _fmt(s: Series) -> str:
     rps = [r.rps for r in s.runs]
     p50 = statistics.median(r.p50_ms for r in s.runs)
     p99 = statistics.median(r.p99_ms for r in s.runs)
-    return f"{statistics.median(rps):.0f} rps ({min(rps):.0f}-{max(rps):.0f}), p50 {p50:.1f} / p99 {p99:.1f} ms"
+    cpu = statistics.median(r.cpu_ms_per_request for r in s.runs)
+    return (
+        f"{statistics.median(rps):.0f} rps ({min(rps):.0f}-{max(rps):.0f}), p50 {p50:.0f} / p99 {p99:.0f} ms, "
+        f"CPU {cpu:.2f} ms/req"
+    )
 
 
 def main() -> None:
@@ -235,18 +252,20 @@ def main() -> None:
         )
         try:
             urls = {"ipo": st.url, "ref": f"http://127.0.0.1:{port}"}
+            pids = {"ipo": st.api.pid, "ref": ref.pid}  # uvicorn serves in the process itself (one worker)
             wait_http(f"{urls['ref']}/healthz", [ref], ref_log)
             print(f"ipo-align at {urls['ipo']}, reference at {urls['ref']} (one database: {db_kind()})", flush=True)
 
             def measure(endpoint: str, order: tuple[str, ...], ids: list[str], duration: int) -> None:
                 script = lua_script(endpoint, ids, tmp / f"{endpoint}.lua", create_body)
                 for app in order:
-                    run = run_wrk(urls[app], st.api_key, script, duration, a.connections)
+                    run = run_wrk(urls[app], st.api_key, script, duration, a.connections, pids[app])
                     series[(app, endpoint)].runs.append(run)
                     loads.append(run.load1)
                     print(
                         f"  {endpoint:8s} {app}: {run.rps:7.0f} ok req/s  p50 {run.p50_ms:6.1f} ms  "
-                        f"p99 {run.p99_ms:6.1f} ms  non-2xx {run.non_2xx}  socket errors {run.errors}  "
+                        f"p99 {run.p99_ms:6.1f} ms  cpu {run.cpu_ms_per_request:.2f} ms/req  "
+                        f"non-2xx {run.non_2xx}  socket errors {run.errors}  "
                         f"load {run.load1:.2f}",
                         flush=True,
                     )
@@ -258,7 +277,7 @@ def main() -> None:
             for ep in READS:  # warm both servers' pools and caches, unmeasured
                 script = lua_script(ep, ids, tmp / f"{ep}.lua", create_body)
                 for app in APPS:
-                    run_wrk(urls[app], st.api_key, script, 2, a.connections)
+                    run_wrk(urls[app], st.api_key, script, 2, a.connections, pids[app])
             for rnd in range(a.rounds):
                 for ep in READS:
                     measure(ep, APPS if rnd % 2 == 0 else APPS[::-1], ids, a.duration)
@@ -268,7 +287,7 @@ def main() -> None:
                     out = a.py_spy.with_name(f"{a.py_spy.stem}-{ep}{a.py_spy.suffix}")
                     spy = py_spy_record(st.api.pid, out, secs)
                     time.sleep(0.5)
-                    run_wrk(urls["ipo"], st.api_key, tmp / f"{ep}.lua", secs, a.connections)
+                    run_wrk(urls["ipo"], st.api_key, tmp / f"{ep}.lua", secs, a.connections, pids["ipo"])
                     _, err = spy.communicate(timeout=60)
                     print(f"py-spy: {out} ({spy.returncode}) {err.decode(errors='replace')[-300:]}", flush=True)
         finally:

@@ -167,15 +167,15 @@ def list_events(
     accept: Annotated[str | None, Header()] = None,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> Response:
-    job = jobs_service.get_job(session, caller.project_id, job_id)
+    checked_id = jobs_service.require_job(session, caller.project_id, job_id)
     if stream or (accept or "").startswith("text/event-stream"):
         start = events_service.parse_event_cursor(last_event_id or after, "Last-Event-ID")
         return StreamingResponse(
-            sse_events(ctx, job.id, start),
+            sse_events(ctx, checked_id, start),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    rows, has_more = events_service.list_events(session, job.id, after=after, limit=limit)
+    rows, has_more = events_service.list_events(session, checked_id, after=after, limit=limit)
     return json_response(page_object([event_object(r) for r in rows], has_more))
 
 

@@ -378,6 +378,14 @@ def get_job(session: Session, project_id: str, job_id: str) -> Job:
     return job
 
 
+def require_job(session: Session, project_id: str, job_id: str) -> str:
+    """``job_id`` when it is a job of ``project_id``, else ``NotFound`` (as ``get_job``), reading only the
+    id: for routes that need the tenancy check but not the row (the events page, its stream)."""
+    if session.scalar(select(Job.id).where(Job.id == job_id, Job.project_id == project_id)) is None:
+        raise NotFound(f"No such fine-tuning job: {job_id}", param="fine_tuning_job_id")
+    return job_id
+
+
 def list_jobs(
     session: Session,
     project_id: str,
