@@ -238,9 +238,10 @@ def main() -> None:
         probe = httpx.post(f"{st.url}/v1/fine_tuning/jobs", headers=st.headers, json=create_body, timeout=60)
         probe.raise_for_status()
         port = free_port()
-        from app.settings import Settings
-
-        pool = Settings.model_fields["db_pool_size"].default  # the reference's pool is sized like ours
+        # The reference's pool holds a connection per thread-pool thread (anyio's default: 40): with fewer, its
+        # sync ``yield`` dependency can stall (every thread waits for a connection while the connections wait
+        # for a thread to commit and return them); seen at 20 in a run of this bench.
+        pool = 40
         ref_log = tmp / "ref.log"
         ref = start_process(
             [

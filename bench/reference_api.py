@@ -15,7 +15,7 @@ Per request, as ipo-align does:
   row inserted in one transaction.
 
 Sync routes (FastAPI's thread pool), one connection and transaction per request (``engine.begin()``),
-a pool sized like ipo-align's (``--pool-size``, default 20, no overflow). No rate limit, request ids,
+a pool of ``--pool-size`` (api_bench: 40, one per thread-pool thread, no overflow). No rate limit, request ids,
 access log, metrics, idempotency, method validation or error envelopes: the rows come back as they
 are, in JSON (``json.dumps`` into a ``Response``, times as Unix seconds).
 """
@@ -56,8 +56,7 @@ def _json(content: Any) -> Response:
 
 
 def create_app(database_url: str, pool_size: int = 20, max_overflow: int = 0) -> FastAPI:
-    """The reference app on ``database_url`` (already migrated by ipo-align: ``app.migrate.upgrade``); its
-    pool is sized like ipo-align's (``IPO_DB_POOL_SIZE``, no overflow) unless told otherwise."""
+    """The reference app on ``database_url`` (already migrated by ipo-align: ``app.migrate.upgrade``)."""
     engine = create_engine(database_url, pool_size=pool_size, max_overflow=max_overflow)
     meta = MetaData()
     meta.reflect(engine, only=["projects", "api_keys", "files", "jobs", "job_events", "outbox"])
