@@ -6,7 +6,7 @@
 Needs ``wrk`` (Debian: ``apt-get install wrk``) and Postgres. Starts ``ipo serve`` (uvicorn, one process)
 on a fresh Postgres database with every request feature on: API-key auth, tenancy, the per-key rate limit
 (in process, 10^9 per minute so it never refuses but always counts), request ids, the access log (JSON
-lines to a file) and the HTTP metrics; ``IPO_RUN_DISPATCHER=false`` so created jobs stay queued and the
+lines to a file) and the HTTP metrics; ``IPO_DB_POOL_SIZE=40`` like the reference (``POOL_SIZE``); ``IPO_RUN_DISPATCHER=false`` so created jobs stay queued and the
 broker is not part of the figures. bench/reference_api.py (one uvicorn process) serves the same database,
 so both answer the same key, project, jobs and events.
 
@@ -52,6 +52,12 @@ READS = ("retrieve", "list", "events")
 APPS = ("ipo", "ref")
 RATE_LIMIT_PER_MINUTE = 1_000_000_000
 """On, so every request pays for the limiter's bucket, and high enough that the bench is never refused."""
+
+POOL_SIZE = 40
+"""Database connections of each server (ipo: ``IPO_DB_POOL_SIZE``; no overflow either side): one per
+thread-pool thread (anyio's default, 40). The reference's sync ``yield`` dependency stalled with 20 (every
+thread waiting for a connection while the connections wait for a thread to commit and return them), and
+on a saturated machine the server with more database backends gets more of the CPU, so both get the same."""
 
 METHOD = {"type": "ipo", "ipo": {"hyperparameters": {"beta": 0.1, "max_steps": 10, "batch_size": 2}}}
 
@@ -221,7 +227,11 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         data = write_demo_data(tmp)[0].read_bytes()
-    api_env = {"IPO_RUN_DISPATCHER": "false", "IPO_RATE_LIMIT_PER_MINUTE": str(RATE_LIMIT_PER_MINUTE)}
+    api_env = {
+        "IPO_RUN_DISPATCHER": "false",
+        "IPO_RATE_LIMIT_PER_MINUTE": str(RATE_LIMIT_PER_MINUTE),
+        "IPO_DB_POOL_SIZE": str(POOL_SIZE),
+    }
     series: dict[tuple[str, str], Series] = {(app, ep): Series() for app in APPS for ep in ENDPOINTS}
     loads: list[float] = [os.getloadavg()[0]]
     with stack("api", api_env=api_env) as st, tempfile.TemporaryDirectory(prefix="ipo-bench-wrk-") as tmp_s:
@@ -238,10 +248,7 @@ def main() -> None:
         probe = httpx.post(f"{st.url}/v1/fine_tuning/jobs", headers=st.headers, json=create_body, timeout=60)
         probe.raise_for_status()
         port = free_port()
-        # The reference's pool holds a connection per thread-pool thread (anyio's default: 40): with fewer, its
-        # sync ``yield`` dependency can stall (every thread waits for a connection while the connections wait
-        # for a thread to commit and return them); seen at 20 in a run of this bench.
-        pool = 40
+        pool = POOL_SIZE
         ref_log = tmp / "ref.log"
         ref = start_process(
             [
