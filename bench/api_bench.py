@@ -6,7 +6,8 @@
 Needs ``wrk`` (Debian: ``apt-get install wrk``) and Postgres. Starts ``ipo serve`` (uvicorn, one process)
 on a fresh Postgres database with every request feature on: API-key auth, tenancy, the per-key rate limit
 (in process, 10^9 per minute so it never refuses but always counts), request ids, the access log (JSON
-lines to a file) and the HTTP metrics; ``IPO_DB_POOL_SIZE=40`` like the reference (``POOL_SIZE``); ``IPO_RUN_DISPATCHER=false`` so created jobs stay queued and the
+lines to a file) and the HTTP metrics; ``IPO_DB_POOL_SIZE=40`` like the reference (``POOL_SIZE``);
+``IPO_RUN_DISPATCHER=false`` so created jobs stay queued and the
 broker is not part of the figures. bench/reference_api.py (one uvicorn process) serves the same database,
 so both answer the same key, project, jobs and events.
 

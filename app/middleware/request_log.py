@@ -10,7 +10,7 @@ responses (SSE) through a queue and runs the app in another task.
 from __future__ import annotations
 
 import logging
-import os
+import random
 import re
 import time
 
@@ -27,10 +27,12 @@ access_log = logging.getLogger("ipo.access")
 
 def request_id_for(incoming: str | None) -> str:
     """The caller's id when it is safe to log and echo (≤128 of ``[A-Za-z0-9._-]``), else a new one: 32
-    random hex digits (128 bits, like a UUID4's hex without its fixed version bits, at a fifth of the cost)."""
+    hex digits, 128 random bits (a UUID4's hex length). An id must be unique, not secret: the process's
+    PRNG (seeded from the OS, reseeded in forked children) costs no system call per request, unlike
+    ``uuid4`` (os.urandom, then the UUID object), which the api_bench profile showed at ~5% of a GET."""
     if incoming is not None and _SANE_ID.fullmatch(incoming):
         return incoming
-    return os.urandom(16).hex()
+    return f"{random.getrandbits(128):032x}"
 
 
 class RequestLogMiddleware:
