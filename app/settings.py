@@ -57,7 +57,8 @@ class Settings(BaseSettings):
     such timeout."""
     rate_limit_per_minute: int = Field(600, ge=0)
     """Requests per minute per API key (token bucket, bursts up to the same number); 0 disables it.
-    Counted in each API process: with N uvicorn workers or replicas a key gets up to N times this."""
+    Shared by every API process and replica through Redis (``IPO_REDIS_URL`` or a Redis broker); without
+    Redis it is counted in each process, so N uvicorn workers or replicas give a key up to N times this."""
     max_active_jobs: int = Field(8, ge=0)
     """Most jobs a project may have validating, queued, running or paused at once (429 above); 0 disables it."""
     db_pool_size: int = Field(10, ge=1)
