@@ -73,7 +73,7 @@ clean:
 screenshot: venv  ## refresh docs/dashboard.png from the headless-browser test
 	IPO_UPDATE_DOCS_SCREENSHOT=1 $(PYTEST) tests/dashboard/test_dashboard_browser.py
 
-bench: bench-train bench-api bench-dispatch bench-sse bench-footprint bench-pages bench-inference
+bench: bench-train bench-api bench-dispatch bench-sse bench-footprint bench-pages bench-inference bench-replicas
 
 bench-train: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.train_throughput
@@ -96,3 +96,9 @@ bench-pages: venv  ## Postgres only: BENCH_DATABASE_URL, default the local serve
 
 bench-footprint: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.footprint
+
+.PHONY: bench-replicas
+bench-replicas: venv  ## API throughput, 1 vs 2 replicas; Postgres + Redis (local servers by default) and wrk
+	BENCH_DATABASE_URL=$${BENCH_DATABASE_URL:-postgresql+psycopg://postgres@127.0.0.1:5432/postgres} \
+	BENCH_REDIS_URL=$${BENCH_REDIS_URL:-redis://127.0.0.1:6379/0} \
+		$(BIN)/python -m bench.replicas_bench

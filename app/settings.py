@@ -57,7 +57,8 @@ class Settings(BaseSettings):
     such timeout."""
     rate_limit_per_minute: int = Field(600, ge=0)
     """Requests per minute per API key (token bucket, bursts up to the same number); 0 disables it.
-    Counted in each API process: with N uvicorn workers or replicas a key gets up to N times this."""
+    Shared by every API process and replica through Redis (``IPO_REDIS_URL`` or a Redis broker); without
+    Redis it is counted in each process, so N uvicorn workers or replicas give a key up to N times this."""
     api_key_cache_seconds: float = Field(2.0, ge=0)
     """How long an API process trusts an API key it has just looked up before looking it up again
     (``app.auth.KeyCache``): a revoked key is refused by every process at most this long after the

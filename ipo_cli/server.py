@@ -7,14 +7,20 @@ local artifact directory under ``./var``, the API (with its dispatcher) and one 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from ipo_cli.processes import stop_group
+
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+"""prometheus_client's own variable: where each process writes its counters and histograms (mmap files)."""
 
 Host = Annotated[str, typer.Option(help="Interface to bind.")]
 Port = Annotated[int, typer.Option(help="TCP port.")]
@@ -40,9 +46,11 @@ def migrate() -> None:
 def serve(
     host: Host = "127.0.0.1",
     port: Port = 8000,
-    workers: Annotated[int, typer.Option(help="uvicorn worker processes.")] = 1,
+    workers: Annotated[int, typer.Option(min=1, help="uvicorn worker processes.")] = 1,
 ) -> None:
-    """Run the API server (uvicorn)."""
+    """Run the API server (uvicorn). With ``--workers N`` the N processes act as one service: one of them
+    leads the dispatcher/reaper/webhook loops, the rate limit is shared through Redis, and ``/metrics``
+    sums every process's counters (``PROMETHEUS_MULTIPROC_DIR``, made here when unset)."""
     import uvicorn
 
     from app.settings import Settings
@@ -52,17 +60,47 @@ def serve(
     settings = Settings()
     ready_database_url(settings)  # a one-line reason now, not a traceback at the first request
     configure_logging(settings.log_level, settings.log_format)
-    uvicorn.run(
-        "app.main:create_app",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        # Applied again in each worker process: uvicorn's lines go through our formatter too.
-        log_config=logging_config(settings.log_level, settings.log_format),
-        access_log=False,  # app.middleware.request_log writes the access log, with the request id
-        timeout_graceful_shutdown=10,
-    )
+    metrics_dir = prepare_metrics_dir(workers)
+    try:
+        uvicorn.run(
+            "app.main:create_app",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            # Applied again in each worker process: uvicorn's lines go through our formatter too.
+            log_config=logging_config(settings.log_level, settings.log_format),
+            access_log=False,  # app.middleware.request_log writes the access log, with the request id
+            timeout_graceful_shutdown=10,
+        )
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def prepare_metrics_dir(workers: int) -> Path | None:
+    """Make ``PROMETHEUS_MULTIPROC_DIR`` ready before ``workers`` API processes start.
+
+    Set: its ``*.db`` files (a previous run's counts, under pids that may be reused) are deleted, and the
+    directory is created if missing. Unset with ``workers > 1``: a fresh temporary directory is made and
+    exported, so ``/metrics`` sums every process's counters whichever process answers the scrape. Returns
+    the directory it made (the caller removes it when the server exits), else None.
+
+    Runs before anything in this process imports ``prometheus_client`` (``app.services.metrics`` creates
+    its metrics' files at import): with one worker, uvicorn serves from this very process.
+    """
+    current = os.environ.get(METRICS_DIR_ENV)
+    if current:
+        directory = Path(current)
+        directory.mkdir(parents=True, exist_ok=True)
+        for stale in directory.glob("*.db"):
+            stale.unlink(missing_ok=True)
+        return None
+    if workers <= 1:
+        return None
+    made = Path(tempfile.mkdtemp(prefix="ipo-prometheus-"))
+    os.environ[METRICS_DIR_ENV] = str(made)
+    return made
 
 
 def inference(host: Host = "127.0.0.1", port: Port = 8001) -> None:

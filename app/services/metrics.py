@@ -3,8 +3,9 @@
 Gauges (jobs by status, queue depth, per-worker tokens/s and GPU memory, pending webhook deliveries)
 are computed from the database on every scrape, so they are right whatever the number of API
 processes or replicas. Histograms and counters live in the process that observed them: with several
-uvicorn workers, set ``PROMETHEUS_MULTIPROC_DIR`` (an empty directory, wiped at each start) so
-``prometheus_client`` aggregates them across processes; without it each scrape sees one process.
+uvicorn workers ``prometheus_client`` sums them across processes through ``PROMETHEUS_MULTIPROC_DIR``, which
+``ipo serve --workers N`` prepares (``ipo_cli/server.py`` ``prepare_metrics_dir``). Separate replicas are
+separate scrape targets: Prometheus scrapes each and ``sum()`` adds them up.
 
 Everything here is aggregate: no job ids, no project ids, no user data (``/metrics`` is unauthenticated).
 Observations made on a request's session are recorded only once that session commits.

@@ -25,7 +25,9 @@ DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 CI_RUN = ROOT / ".ci" / "run"
 
-IPO_SERVICES = ("migrate", "api", "worker")
+IPO_SERVICES = ("migrate", "api-1", "api-2", "worker", "worker-multi")
+API_REPLICAS = ("api-1", "api-2")
+HAPROXY_CFG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -95,7 +97,7 @@ def test_compose_has_no_obsolete_version_key(compose: dict[str, Any]) -> None:
 
 
 def test_required_services_present(services: dict[str, dict[str, Any]]) -> None:
-    assert {"postgres", "redis", "migrate", "api", "worker"} <= services.keys()
+    assert {"postgres", "redis", "minio", "minio-init", "migrate", "lb", "worker", *API_REPLICAS} <= services.keys()
 
 
 def test_shared_env_anchor_reaches_every_ipo_service(compose: dict[str, Any], services: dict[str, Any]) -> None:
@@ -123,13 +125,18 @@ def test_worker_token_has_no_default(compose: dict[str, Any]) -> None:
 
 def test_only_api_side_gets_ledger_credentials(services: dict[str, dict[str, Any]]) -> None:
     # docs/design.md: app/ is the only process that writes the database; a worker needs no DB credentials.
-    for name in ("migrate", "api"):
+    for name in ("migrate", *API_REPLICAS):
         url = services[name]["environment"]["IPO_DATABASE_URL"]
         assert url.startswith("postgresql+psycopg://") and "@postgres:5432/" in url
         assert "${POSTGRES_PASSWORD:-" in url  # from the environment, with a local default
-    assert "IPO_DATABASE_URL" not in services["worker"]["environment"]
-    assert services["api"]["environment"]["IPO_STORAGE_URL"].endswith("file:///data/storage}")
-    assert services["api"]["environment"]["IPO_BROKER_URL"].startswith("redis://redis:6379")
+    for name in ("worker", "worker-multi"):
+        assert not {k for k in services[name]["environment"] if k.startswith(("IPO_DATABASE", "IPO_STORAGE", "AWS_"))}
+    for name in API_REPLICAS:
+        env = services[name]["environment"]
+        # One object store for every replica (MinIO by default), one Redis for the broker and rate limit.
+        assert env["IPO_STORAGE_URL"] == "${IPO_STORAGE_URL:-s3://ipo-artifacts/prod}"
+        assert env["AWS_ENDPOINT_URL"].endswith("http://minio:9000}")
+        assert env["IPO_BROKER_URL"].startswith("redis://redis:6379")
 
 
 def test_postgres_and_redis_have_healthchecks_and_postgres_a_volume(services: dict[str, dict[str, Any]]) -> None:
@@ -148,24 +155,62 @@ def test_migrate_is_a_one_shot(services: dict[str, dict[str, Any]]) -> None:
     assert "ports" not in migrate
 
 
-def test_api_service(services: dict[str, dict[str, Any]]) -> None:
-    api = services["api"]
+def test_two_api_replicas_of_one_definition(services: dict[str, dict[str, Any]]) -> None:
+    first, second = (services[name] for name in API_REPLICAS)
+    assert first == second  # the same definition (x-api): any replica serves any request
+    api = first
     assert api["build"]["target"] == "api"
-    assert api["command"] == ["serve", "--host", "0.0.0.0", "--port", "8000", "--workers", "4"]
+    assert api["command"] == ["serve", "--host", "0.0.0.0", "--port", "8000", "--workers", "${IPO_API_WORKERS:-2}"]
     deps = _depends_on(api)
     assert deps["migrate"] == "service_completed_successfully"
-    assert deps["redis"] == "service_healthy"
+    assert deps["minio-init"] == "service_completed_successfully"  # the bucket exists before the first upload
+    assert deps["redis"] == "service_healthy" and deps["postgres"] == "service_healthy"
     assert "/healthz" in _healthcheck_text(api)
-    assert any(str(p).endswith(":8000") for p in api["ports"])
-    assert any(v == "storage:/data/storage" for v in api["volumes"])
+    assert "ports" not in api  # reached through the load balancer only
+    assert "adapters:/data/adapters" in api["volumes"]  # unpacked adapters, shared with the inference server
     assert any(str(v).endswith(":/models:ro") for v in api["volumes"])
+
+
+def _haproxy_servers() -> list[str]:
+    """The ``server NAME "${VAR}"`` lines of the balancer's config, as the env var names they read."""
+    return re.findall(r'^\s*server\s+\S+\s+"\$\{(\w+)\}"', HAPROXY_CFG.read_text(), flags=re.MULTILINE)
+
+
+def test_load_balancer_fronts_every_replica(compose: dict[str, Any], services: dict[str, dict[str, Any]]) -> None:
+    lb = services["lb"]
+    assert lb["image"].startswith("haproxy:")
+    assert "./deploy/haproxy/haproxy.cfg:/usr/local/etc/haproxy/haproxy.cfg:ro" in lb["volumes"]
+    assert any(str(p).endswith(":8000") for p in lb["ports"]) and lb["environment"]["IPO_LB_PORT"] == "8000"
+    # Every server line of the config is given a replica, and every replica is a server.
+    targets = {lb["environment"][var] for var in _haproxy_servers()}
+    assert targets == {f"{name}:8000" for name in API_REPLICAS}
+    assert set(_depends_on(lb)) == set(API_REPLICAS)  # started, not healthy: it routes around a dead one
+    # Workers report through the balancer, so any live replica takes their reports.
+    assert compose["x-ipo-env"]["IPO_API_URL"] == "http://lb:8000"
+    cfg = HAPROXY_CFG.read_text()
+    assert "option httpchk GET /readyz" in cfg  # a dead or unready replica leaves the rotation
+    assert "http-buffer-request" not in cfg  # bodies and event streams pass unbuffered
+
+
+needs_haproxy = pytest.mark.skipif(
+    shutil.which("haproxy") is None, reason="no haproxy binary (apt-get install haproxy)"
+)
+
+
+@needs_haproxy
+def test_haproxy_accepts_the_config() -> None:
+    env = {**os.environ, "IPO_LB_PORT": "8000", **{var: "127.0.0.1:8000" for var in _haproxy_servers()}}
+    done = subprocess.run(
+        ["haproxy", "-c", "-f", str(HAPROXY_CFG)], capture_output=True, text=True, env=env, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_worker_service(services: dict[str, dict[str, Any]]) -> None:
     worker = services["worker"]
     assert worker["build"]["target"] == "worker"
     assert worker["command"] == ["worker"]
-    assert _depends_on(worker)["api"] == "service_healthy"
+    assert _depends_on(worker)["lb"] == "service_started"
     env = worker["environment"]
     assert env["CUDA_VISIBLE_DEVICES"] == "0"
     assert env["HF_HUB_OFFLINE"] == "1"
@@ -178,9 +223,9 @@ def test_worker_reserves_exactly_one_gpu(services: dict[str, dict[str, Any]]) ->
     assert _gpu_devices(services["worker"]) == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
 
 
-def test_every_worker_reserves_one_distinct_gpu(services: dict[str, dict[str, Any]]) -> None:
+def test_workers_for_one_and_for_several_gpus_never_share_a_gpu(services: dict[str, dict[str, Any]]) -> None:
     workers = {n: s for n, s in services.items() if s.get("build", {}).get("target") == "worker"}
-    assert "worker-gpu1" in workers, "the second-GPU example is missing"
+    assert {"worker", "worker-multi"} <= workers.keys()
     claimed: list[str] = []
     for name, svc in workers.items():
         (device,) = _gpu_devices(svc)
@@ -188,21 +233,28 @@ def test_every_worker_reserves_one_distinct_gpu(services: dict[str, dict[str, An
         # Docker rejects count together with device_ids; count N means device indices 0..N-1.
         assert ("count" in device) != ("device_ids" in device), name
         ids = [str(i) for i in range(device["count"])] if "count" in device else device["device_ids"]
-        assert len(ids) == 1, f"{name}: one container per GPU"
+        env = svc["environment"]
+        # The container sees its reserved GPUs as 0..n-1, and declares that many (its job queues follow).
+        assert env["CUDA_VISIBLE_DEVICES"] == ",".join(str(i) for i in range(len(ids))), name
+        assert int(env.get("IPO_WORKER_GPUS", "1")) == len(ids), name
         claimed += ids
         if name != "worker":
             assert svc.get("profiles"), f"{name} must be opt-in (a profile), not start on 1-GPU hosts"
     assert len(claimed) == len(set(claimed)), f"two workers share a GPU: {claimed}"
+    assert len(_gpu_devices(workers["worker-multi"])[0]["device_ids"]) >= 2
 
 
-def test_minio_is_optional(services: dict[str, dict[str, Any]]) -> None:
+def test_minio_is_the_default_store_and_its_bucket_is_made_first(services: dict[str, dict[str, Any]]) -> None:
     for name in ("minio", "minio-init"):
-        assert services[name]["profiles"] == ["s3"]
+        assert "profiles" not in services[name], name
+    assert _depends_on(services["minio-init"]) == {"minio": "service_healthy"}
+    assert "mc mb --ignore-existing local/ipo-artifacts" in " ".join(services["minio-init"]["command"])
+    assert services["minio-init"]["restart"] == "no"
 
 
 def test_named_volumes_declared(compose: dict[str, Any], services: dict[str, dict[str, Any]]) -> None:
     declared = set(compose["volumes"])
-    assert {"pg-data", "storage", "hf-cache"} <= declared
+    assert {"pg-data", "adapters", "hf-cache", "minio-data"} <= declared
     for name, svc in services.items():
         for volume in svc.get("volumes", []):
             source = str(volume).split(":", 1)[0]
@@ -244,11 +296,17 @@ def _run_compose_config(extra_env: dict[str, str], *args: str) -> subprocess.Com
 
 @needs_compose
 def test_compose_config_accepts_file_with_all_profiles() -> None:
-    done = _run_compose_config({"IPO_WORKER_TOKEN": "test-token"}, "--profile", "s3", "--profile", "multi-gpu")
+    done = _run_compose_config({"IPO_WORKER_TOKEN": "test-token"}, "--profile", "multi-gpu")
     assert done.returncode == 0, done.stderr
     rendered = yaml.safe_load(done.stdout)
-    assert {"postgres", "redis", "migrate", "api", "worker", "worker-gpu1", "minio"} <= rendered["services"].keys()
-    assert rendered["services"]["api"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    expected = {"postgres", "redis", "minio", "minio-init", "migrate", "lb", "worker", "worker-multi", *API_REPLICAS}
+    assert expected <= rendered["services"].keys()
+    for name in API_REPLICAS:
+        api = rendered["services"][name]
+        assert api["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+        assert api["command"][-2:] == ["--workers", "2"]
+        assert api["environment"]["IPO_STORAGE_URL"] == "s3://ipo-artifacts/prod"
+    assert rendered["services"]["worker-multi"]["environment"]["IPO_WORKER_TOKEN"] == "test-token"
 
 
 @needs_compose
@@ -350,7 +408,7 @@ def test_ci_script_uses_the_makefile_entry_points() -> None:
 def test_vllm_serves_chat_completions_with_runtime_lora_from_the_shared_adapter_store(
     services: dict[str, dict[str, Any]],
 ) -> None:
-    vllm, api = services["vllm"], services["api"]
+    vllm, api = services["vllm"], services["api-1"]
     assert vllm["profiles"] == ["vllm"]  # opt-in: a CPU host does not start it
     assert "--enable-lora" in vllm["command"] and vllm["environment"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
     (device,) = _gpu_devices(vllm)

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 _PATH = re.compile(r"`((?:app|worker|contracts|ipo_cli|tests|bench|docs|migrations|tools|constraints)/[\w./-]+)`")
 
 
-@pytest.mark.parametrize("doc", ["AGENTS.md", "docs/design.md", "README.md"])
+@pytest.mark.parametrize("doc", ["AGENTS.md", "docs/design.md", "docs/scaling.md", "README.md"])
 def test_every_cited_path_exists(doc: str) -> None:
     text = (ROOT / doc).read_text()
     cited = {m.group(1).rstrip(".") for m in _PATH.finditer(text)}
@@ -47,8 +47,9 @@ def test_nothing_points_outside_the_repository() -> None:
 
 def test_readme_links_the_design_and_reliability_docs() -> None:
     text = (ROOT / "README.md").read_text()
-    for link in ["docs/design.md", "docs/reliability.md", "AGENTS.md"]:
+    for link in ["docs/design.md", "docs/reliability.md", "docs/scaling.md", "AGENTS.md"]:
         assert f"({link})" in text, f"README does not link {link}"
+    assert "(docs/scaling.md)" in (ROOT / "AGENTS.md").read_text(), "AGENTS.md does not link docs/scaling.md"
 
 
 def test_every_setting_has_a_row_in_the_readme_configuration_table() -> None:
