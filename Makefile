@@ -81,8 +81,9 @@ bench-train: venv
 bench-inference: venv  ## the inference server's tok/s vs a plain generate loop; streamed first-token latency
 	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.inference
 
-bench-api: venv
-	$(BIN)/python -m bench.api_bench
+bench-api: venv  ## wrk (apt-get install wrk) + Postgres: BENCH_DATABASE_URL, default the local server
+	BENCH_DATABASE_URL=$${BENCH_DATABASE_URL:-postgresql+psycopg://postgres@127.0.0.1:5432/postgres} \
+		$(BIN)/python -m bench.api_bench
 
 bench-dispatch: venv
 	$(BIN)/python -m bench.dispatch_latency
