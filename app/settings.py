@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     """How long an API process trusts an API key it has just looked up before looking it up again
     (``app.auth.KeyCache``): a revoked key is refused by every process at most this long after the
     revocation. 0 looks every request's key up in the database."""
+    max_gpus_per_job: int = Field(8, ge=1)
+    """Largest ``n_gpus`` a job may ask for (400 above it): 8, the GPUs of the largest common single host
+    (DGX/HGX nodes); a job is never spread over several hosts (docs/multi-gpu.md)."""
     max_active_jobs: int = Field(8, ge=0)
     """Most jobs a project may have validating, queued, running or paused at once (429 above); 0 disables it."""
     db_pool_size: int = Field(20, ge=1)

@@ -63,6 +63,9 @@ class JobSpec(_Body):
     warm_start: ParentAdapter | None = None
     """``from_checkpoint``: initialise the new adapter from this checkpoint's adapter weights (optimiser and
     learning-rate schedule start fresh). A resume of the job's own checkpoint (``resume_from``) wins."""
+    n_gpus: int = Field(1, ge=1)
+    """Devices to train on at once: the worker reserves that many and starts one trainer process on each
+    (``accelerate launch``, data-parallel; docs/multi-gpu.md)."""
 
 
 class ResumeFrom(_Body):
@@ -178,3 +181,18 @@ class TrainerReport(_Body):
 TASK_NAME = "ipo.run_job"
 DEFAULT_QUEUE = "ipo.jobs"
 """Overridden on both sides by ``IPO_QUEUE`` (tests give each run its own)."""
+
+
+def queue_for(base_queue: str, n_gpus: int) -> str:
+    """The Celery queue of a job that trains on ``n_gpus`` devices: ``base_queue`` itself for one (every
+    worker consumes it), ``{base_queue}.gpus-{n}`` for more, consumed only by workers that declare at least
+    ``n`` devices (``worker_queues``). Raises ``ValueError`` for ``n_gpus`` < 1."""
+    if n_gpus < 1:
+        raise ValueError(f"n_gpus must be at least 1, got {n_gpus}")
+    return base_queue if n_gpus == 1 else f"{base_queue}.gpus-{n_gpus}"
+
+
+def worker_queues(base_queue: str, n_devices: int) -> list[str]:
+    """Every queue a worker with ``n_devices`` devices consumes: ``queue_for(base_queue, n)`` for n = 1..n_devices
+    (a 4-GPU worker takes 1-, 2-, 3- and 4-GPU jobs; a 1-device worker only ``base_queue``)."""
+    return [queue_for(base_queue, n) for n in range(1, max(1, n_devices) + 1)]

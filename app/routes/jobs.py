@@ -57,6 +57,7 @@ def create_job(
             models_dir=ctx.settings.resolved_models_dir,
             storage=ctx.storage,
             max_active=ctx.settings.max_active_jobs,
+            max_gpus=ctx.settings.max_gpus_per_job,
         )
         session.flush()
         return job_view(job)

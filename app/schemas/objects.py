@@ -133,6 +133,8 @@ class JobObject(BaseModel):
     lineage: JobLineage | None = None
     step: int | None = None
     total_steps: int | None = None
+    n_gpus: int = 1
+    """Devices the job trains on at once (data-parallel; docs/multi-gpu.md)."""
 
 
 class EventObject(BaseModel):

@@ -38,6 +38,11 @@ class JobCreate(BaseModel):
     """ipo-align extension (Together's name): warm-start from a checkpoint (id or ``fine_tuned_model_checkpoint``
     name) of a finished, failed or cancelled job of the same method and model: its adapter weights are the
     starting point, the optimiser state is not reused (``app/services/lineage.py``)."""
+    n_gpus: StrictInt | None = Field(None, ge=1, le=1024)
+    """ipo-align extension: devices one job trains on (data-parallel, ``accelerate launch``; docs/multi-gpu.md).
+    Omitted or null means 1. At most ``IPO_MAX_GPUS_PER_JOB`` (checked in ``app/services/jobs.py``, 400 naming
+    ``n_gpus``). ``batch_size`` stays per device: each optimiser step sees ``batch_size *
+    gradient_accumulation_steps * n_gpus`` pairs."""
 
     @model_validator(mode="before")
     @classmethod

@@ -26,13 +26,15 @@ from app.services.jobs import add_event, enqueue_dispatch
 from app.services.leader import Leadership
 from app.services.worker_protocol import fail_attempt, release
 from app.settings import Settings
-from contracts.internal import TASK_NAME
+from contracts.internal import TASK_NAME, queue_for
 
 log = logging.getLogger(__name__)
 
 
 class Doorbell(Protocol):
-    def ring(self, job_id: str) -> None: ...
+    def ring(self, job_id: str, n_gpus: int = 1) -> None:
+        """Tell a worker with at least ``n_gpus`` devices that ``job_id`` may be claimed."""
+        ...
 
 
 class CeleryDoorbell:
@@ -50,11 +52,12 @@ class CeleryDoorbell:
             broker_connection_retry_on_startup=True,
         )
 
-    def ring(self, job_id: str) -> None:
+    def ring(self, job_id: str, n_gpus: int = 1) -> None:
+        """Send the doorbell to ``queue_for(IPO_QUEUE, n_gpus)``: the queue of workers with that many devices."""
         self.celery.send_task(
             TASK_NAME,
             kwargs={"job_id": job_id},
-            queue=self.queue,
+            queue=queue_for(self.queue, n_gpus),
             retry=True,
             retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
         )
@@ -73,15 +76,15 @@ def send_pending(session: Session, doorbell: Doorbell, batch: int = 100) -> int:
     sent = 0
     for row in rows:
         row.attempts += 1
+        job = session.get(Job, row.payload["job_id"])
         try:
-            doorbell.ring(str(row.payload["job_id"]))
+            doorbell.ring(str(row.payload["job_id"]), n_gpus=(job.n_gpus or 1) if job is not None else 1)
         except Exception as exc:  # broker down: keep the row, try again next tick
             row.last_error = f"{type(exc).__name__}: {exc}"[:1000]
             log.warning("dispatch of %s failed: %s", row.payload, row.last_error)
             break
         now = utcnow()
         row.sent_at = now
-        job = session.get(Job, row.payload["job_id"])
         if job is not None:
             job.dispatched_at = now
         sent += 1

@@ -293,6 +293,19 @@ def check_active_jobs(session: Session, project_id: str, max_active: int) -> Non
         )
 
 
+def check_n_gpus(n_gpus: int | None, max_gpus: int) -> int:
+    """The devices a job asks for (None: 1); raises ``InvalidRequest`` (400, param ``n_gpus``) above
+    ``max_gpus`` (``IPO_MAX_GPUS_PER_JOB``). The lower bound (>= 1) and the type are the schema's."""
+    n = 1 if n_gpus is None else n_gpus
+    if n > max_gpus:
+        raise InvalidRequest(
+            f"n_gpus is {n}, but a job may use at most {max_gpus} devices on this service (IPO_MAX_GPUS_PER_JOB).",
+            param="n_gpus",
+            code="invalid_n_gpus",
+        )
+    return n
+
+
 def create_job(
     session: Session,
     *,
@@ -301,8 +314,10 @@ def create_job(
     models_dir: Path,
     storage: Storage,
     max_active: int = 0,
+    max_gpus: int = 8,
 ) -> Job:
     method = _merge_legacy_hyperparameters(body)
+    n_gpus = check_n_gpus(body.n_gpus, max_gpus)
     warm = None
     if body.from_checkpoint is not None:
         warm = resolve_warm_start(session, project_id, body.from_checkpoint, model=body.model, method_type=method.type)
@@ -341,6 +356,7 @@ def create_job(
         job_metadata=body.metadata,
         method=method.model_dump(mode="json"),
         integrations=dump_integrations(body.integrations or []),
+        n_gpus=n_gpus,
         created_at=utcnow(),
     )
     job.queued_at = job.created_at
@@ -366,6 +382,10 @@ def create_job(
         )
     for note in notes:
         add_event(session, job, note)
+    if n_gpus > 1:
+        add_event(
+            session, job, f"Trains on {n_gpus} devices at once: waits for a worker that declares {n_gpus} or more"
+        )
     add_event(session, job, "Files validated, job queued")
     enqueue_dispatch(session, job)
     return job

@@ -113,6 +113,7 @@ def job_object(row: Job) -> dict[str, Any]:
         },
         "step": row.step,
         "total_steps": row.total_steps,
+        "n_gpus": row.n_gpus or 1,
     }
 
 
@@ -137,6 +138,7 @@ def spec_of_job(row: Job) -> JobSpec:
         method=Method.model_validate(row.method),
         integrations=parse_integrations(row.integrations) or None,
         from_checkpoint=row.from_checkpoint_id,
+        n_gpus=row.n_gpus if (row.n_gpus or 1) > 1 else None,  # the default stays implicit, as it was created
     )
 
 

@@ -121,6 +121,7 @@ def claim(session: Session, settings: Settings, job_id: str, worker_id: str) -> 
             seed=job.seed,
             method=Method.model_validate(job.method),
             integrations=parse_integrations(job.integrations),
+            n_gpus=job.n_gpus or 1,
         ),
         resume_from=resume,
     )

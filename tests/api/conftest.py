@@ -24,9 +24,12 @@ from app.settings import Settings
 class RecordingDoorbell:
     def __init__(self) -> None:
         self.rung: list[str] = []
+        self.devices: dict[str, int] = {}
+        """The ``n_gpus`` each job's last doorbell asked for (which queue it went to)."""
 
-    def ring(self, job_id: str) -> None:
+    def ring(self, job_id: str, n_gpus: int = 1) -> None:
         self.rung.append(job_id)
+        self.devices[job_id] = n_gpus
 
 
 @pytest.fixture(scope="session")
