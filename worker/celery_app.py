@@ -86,20 +86,17 @@ def make_celery(
     return celery
 
 
-def run_worker(extra_args: list[str] | None = None) -> None:
-    """``ipo worker``: one Celery worker process consuming ``IPO_QUEUE``, one job at a time.
-
-    prefork with one warm child that supervises one job at a time; each job trains in a fresh trainer
-    process, so no CUDA context or allocator state leaks from one job into the next.
-    """
-    settings = WorkerSettings()
+def worker_argv(settings: WorkerSettings, extra_args: list[str] | None = None) -> list[str]:
+    """The ``celery worker`` arguments of ``ipo worker``: the queues of every job size the worker's declared
+    devices fit (``WorkerSettings.queues``: ``IPO_QUEUE`` and ``IPO_QUEUE.gpus-N`` up to ``IPO_WORKER_GPUS``),
+    one job at a time in one warm prefork child."""
     # No ASCII-art banner on stdout when the logs are JSON: log collectors read both streams.
     quiet = ["--quiet"] if resolve_format(settings.log_format) == "json" else []
-    argv = [
+    return [
         *quiet,
         "worker",
         f"--loglevel={settings.log_level.upper()}",
-        f"--queues={settings.queue}",
+        f"--queues={','.join(settings.queues)}",
         "--concurrency=1",
         "--pool=prefork",
         "--without-gossip",
@@ -107,7 +104,16 @@ def run_worker(extra_args: list[str] | None = None) -> None:
         f"--hostname=ipo-{settings.worker_id.replace(':', '-')}@%h",
         *(extra_args or []),
     ]
-    app.worker_main(argv)
+
+
+def run_worker(extra_args: list[str] | None = None) -> None:
+    """``ipo worker``: one Celery worker process consuming ``IPO_QUEUE`` (and, when it declares N devices,
+    the queues of 2- to N-device jobs), one job at a time (:func:`worker_argv`).
+
+    prefork with one warm child that supervises one job at a time; each job trains in a fresh trainer
+    process, so no CUDA context or allocator state leaks from one job into the next.
+    """
+    app.worker_main(worker_argv(WorkerSettings(), extra_args))
 
 
 app = make_celery(include_tasks=True, create_dirs=False)

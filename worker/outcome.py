@@ -47,6 +47,10 @@ class AttemptFacts:
     """An upload was refused because the job is no longer running: the user cancelled or paused it."""
     log_tail: str = ""
     """The end of the trainer's output, appended to crash messages (`` Last output:\\n...`` or empty)."""
+    lost_ranks: tuple[int, ...] = ()
+    """Ranks of a run on several devices that died without recording an exit (killed, crashed; see
+    ``worker/training/distributed.py``). Empty for a single-process trainer."""
+    n_processes: int = 1
 
 
 def decide(facts: AttemptFacts) -> Outcome:
@@ -56,8 +60,10 @@ def decide(facts: AttemptFacts) -> Outcome:
     - ``stopped`` (with the stop reason) when a stop was asked for or the trainer exited
       ``EXIT_STOPPED``, including a trainer killed after the grace period (its last complete checkpoint
       stands) and one that finished while the job was being cancelled or paused (no upload warning);
-    - ``failed`` otherwise: the trainer's reported error, an adapter that could not be uploaded, a
-      protocol error (exit 0 without an adapter), a crash (exit status) or a kill (signal).
+    - ``failed`` otherwise: a rank of a run on several devices that died without a word (``rank_died``,
+      retryable, ahead of rank 0's error, which it caused), the trainer's reported error, an adapter that
+      could not be uploaded, a protocol error (exit 0 without an adapter), a crash (exit status) or a kill
+      (signal).
     """
     rc, reason, error = facts.returncode, facts.stop_reason, facts.error
     if rc == EXIT_OK and facts.done is not None:
@@ -73,6 +79,15 @@ def decide(facts: AttemptFacts) -> Outcome:
     if reason == "cancelled" or rc == EXIT_STOPPED or (reason is not None and error is None):
         # Killed after the grace period still counts as stopped: the last complete checkpoint stands.
         return Outcome("stopped", rc, reason or "shutdown")
+    if facts.lost_ranks and rc != EXIT_OK:
+        # A rank killed or crashed under it; rank 0's own error, if any, is the consequence (a collective
+        # that lost its peer). The attempt may succeed again from the last checkpoint.
+        lost = ", ".join(str(r) for r in facts.lost_ranks)
+        message = (
+            f"Rank {lost} of {facts.n_processes} training processes died without reporting (killed or crashed); "
+            "the other ranks were stopped. A new attempt resumes from the last checkpoint."
+        )
+        return Outcome("failed", rc, "rank_died", message + facts.log_tail)
     if error is not None:
         return Outcome("failed", rc, error.code or "training_error", error.message or "Training failed.")
     if rc < 0:
@@ -83,5 +98,5 @@ def decide(facts: AttemptFacts) -> Outcome:
 
 def is_retryable(outcome: Outcome, facts: AttemptFacts) -> bool:
     """Whether a failed attempt may succeed if run again: a reported error code (bad data, OOM, NaN,
-    config) will fail again; a crash, a kill or an upload failure may not."""
-    return facts.error is None or outcome.reason == "upload_failed"
+    config) will fail again; a crash, a kill, a dead rank or an upload failure may not."""
+    return facts.error is None or outcome.reason in ("upload_failed", "rank_died")

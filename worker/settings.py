@@ -15,8 +15,9 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contracts.broker import FILESYSTEM_BROKER, filesystem_transport_options
-from contracts.internal import DEFAULT_QUEUE
+from contracts.internal import DEFAULT_QUEUE, worker_queues
 from contracts.logs import LogFormat
+from worker.launcher import parse_devices
 
 WORKER_TOKEN_FILE = "worker_token"
 
@@ -58,6 +59,22 @@ class WorkerSettings(BaseSettings):
     """How long a trainer asked to stop (cancel/pause/shutdown) may take before its process group is killed."""
     device: str = "auto"
     """``auto`` (cuda when available), ``cuda`` or ``cpu``: passed to the trainer."""
+    worker_gpus: str | None = None
+    """The devices this worker may train on, as CUDA indices or UUIDs (``0,1,2,3``) or a count (``4`` = 0..3);
+    unset: one device and no reservation (one worker per GPU, as before). A worker that declares N consumes
+    the queues of 1- to N-device jobs (``contracts.internal.worker_queues``) and reserves each job's devices
+    from the host's pool (``worker/launcher.py``), its ``CUDA_VISIBLE_DEVICES``. On a CPU worker (``IPO_DEVICE=cpu``)
+    the ids only count processes."""
+    device_lock_dir: Path | None = None
+    """The host's device pool: one ``flock`` file per device, shared by every worker process on the host that
+    declares devices. Default ``{var_dir}/devices``."""
+    device_wait_seconds: float = Field(default=600.0, ge=0)
+    """How long a claimed job waits for its devices while other jobs on the host hold them (its lease kept
+    alive by heartbeats) before the attempt fails as ``devices_busy`` (retryable)."""
+    accelerate_config: Path | None = None
+    """An ``accelerate config`` file used for jobs on several devices instead of plain DDP (``--multi_gpu``):
+    FSDP for models that do not fit one device (docs/multi-gpu.md). The job's ``n_gpus`` still sets
+    ``--num_processes``."""
     trainer_module: str = "worker.training.run"
     """Started as ``python -m {trainer_module} REQUEST_JSON --report-fd N`` (tests swap in a fake)."""
     worker_id: str = Field(default_factory=_default_worker_id)
@@ -79,7 +96,20 @@ class WorkerSettings(BaseSettings):
             self.work_dir = self.var_dir / "work"
         if self.training_cache_dir is None:
             self.training_cache_dir = self.var_dir / "cache" / "training"
+        if self.device_lock_dir is None:
+            self.device_lock_dir = self.var_dir / "devices"
+        parse_devices(self.worker_gpus)  # a malformed list stops the worker at start, not at its first job
         return self
+
+    @property
+    def devices(self) -> list[str]:
+        """The declared device ids (``IPO_WORKER_GPUS``); empty when none are declared."""
+        return parse_devices(self.worker_gpus)
+
+    @property
+    def queues(self) -> list[str]:
+        """The Celery queues this worker consumes: ``IPO_QUEUE`` and one per job size up to its device count."""
+        return worker_queues(self.queue, max(1, len(self.devices)))
 
     @property
     def models_path(self) -> Path:

@@ -67,6 +67,7 @@ class Supervisor:
         stop_grace_seconds: float = 60.0,
         trainer_argv: Sequence[str] = DEFAULT_TRAINER,
         env: Mapping[str, str] | None = None,
+        n_processes: int = 1,
     ) -> None:
         self.api = api
         self.claim = claim
@@ -81,6 +82,7 @@ class Supervisor:
             stop_grace_seconds=stop_grace_seconds,
             env=env,
             label=self.job_id,
+            n_processes=n_processes,
         )
         self._lease_lost = threading.Event()
         self.relay = Relay(
@@ -261,6 +263,8 @@ class Supervisor:
             upload_failed=relay.upload_failed,
             refused_as_stopped=relay.refused_as_stopped,
             log_tail=self.trainer.log_tail(),
+            lost_ranks=tuple(self.trainer.lost_ranks()),
+            n_processes=self.trainer.n_processes,
         )
 
     def _relay_until_exit(self) -> None:

@@ -8,10 +8,12 @@ the API's reaper when the API itself is unreachable), never re-queued by the wor
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,11 +22,12 @@ from typing import Any
 
 from celery.signals import task_postrun, task_prerun
 
-from contracts.internal import ClaimResponse, DispatchMessage, FailRequest, StoppedRequest
+from contracts.internal import ClaimResponse, DispatchMessage, FailRequest, HeartbeatRequest, StoppedRequest, queue_for
 from contracts.logs import log_context, set_log_context
 from worker.api_client import ApiClient, ApiError, ApiUnavailable, LeaseLost, NotClaimable
 from worker.archive import UnsafeArchive, unzip_safe
 from worker.celery_app import TASK_NAME, app
+from worker.launcher import DevicePool, DevicesBusy, Reservation, free_port, launch_argv
 from worker.settings import WorkerSettings
 from worker.shutdown import request_shutdown, set_current
 from worker.shutdown import requested as _shutdown
@@ -213,6 +216,22 @@ def _execute_job(
         except (ApiError, OSError) as exc:
             _fail(client, claim, "staging_failed", f"Could not prepare the job's inputs: {exc}", retryable=True)
             return Outcome("failed", None, "staging_failed", str(exc))
+        try:
+            reservation = reserve_devices(client, claim, settings)
+        except StartFailure as exc:
+            _fail(client, claim, exc.code, exc.message, retryable=exc.retryable)
+            return Outcome("failed", None, exc.code, exc.message)
+        except LeaseLost:
+            log.warning("job %s: lease lost while waiting for devices", job_id)
+            return Outcome("lease_lost", None)
+        n_gpus = claim.spec.n_gpus
+        if reservation is not None:
+            env = {**(os.environ if env is None else env), "CUDA_VISIBLE_DEVICES": reservation.cuda_visible_devices}
+            log.info("job %s: training on %d device(s): %s", job_id, n_gpus, reservation.cuda_visible_devices)
+        if n_gpus > 1:
+            trainer_argv = launch_argv(
+                trainer_argv, n_gpus, device=settings.device, port=free_port(), config_file=settings.accelerate_config
+            )
         supervisor = Supervisor(
             client,
             claim,
@@ -222,6 +241,7 @@ def _execute_job(
             stop_grace_seconds=settings.stop_grace_seconds,
             trainer_argv=trainer_argv,
             env=env,
+            n_processes=n_gpus,
         )
         set_current(supervisor)
         if on_supervisor is not None:
@@ -232,12 +252,50 @@ def _execute_job(
             outcome = supervisor.run()
         finally:
             set_current(None)
+            if reservation is not None:
+                reservation.release()
         if outcome.status in ("succeeded", "stopped") and not settings.keep_work_dirs:
             shutil.rmtree(attempt_dir, ignore_errors=True)  # everything worth keeping was uploaded
         return outcome
     finally:
         if own_api:
             client.close()
+
+
+def reserve_devices(api: ApiClient, claim: ClaimResponse, settings: WorkerSettings) -> Reservation | None:
+    """The job's ``n_gpus`` devices from this host's pool (``worker/launcher.py``), waiting up to
+    ``IPO_DEVICE_WAIT_SECONDS`` while other jobs hold them, heartbeating meanwhile so the lease holds.
+
+    None for a worker that declares no devices (``IPO_WORKER_GPUS`` unset) and a one-device job: it trains
+    on whatever device the worker has, as before. Raises ``StartFailure`` (retryable: another worker may
+    take the job) when the worker has fewer devices than the job asks for (``not_enough_devices``: a queue
+    consumed by the wrong worker) or they stay busy (``devices_busy``); ``LeaseLost`` from a heartbeat.
+    """
+    n = claim.spec.n_gpus
+    declared = settings.devices
+    if not declared and n == 1:
+        return None
+    if n > len(declared):
+        raise StartFailure(
+            "not_enough_devices",
+            f"The job trains on {n} devices, but worker {settings.worker_id} declares {len(declared)} "
+            f"(IPO_WORKER_GPUS={settings.worker_gpus or ''}); it should not consume queue "
+            f"{queue_for(settings.queue, n)}.",
+            retryable=True,
+        )
+    last_beat = [time.monotonic()]
+
+    def keep_lease() -> None:
+        if time.monotonic() - last_beat[0] >= (settings.heartbeat_seconds or claim.heartbeat_seconds):
+            api.heartbeat(claim.job_id, HeartbeatRequest(lease_token=claim.lease_token), retry_seconds=5)
+            last_beat[0] = time.monotonic()
+
+    assert settings.device_lock_dir is not None  # derived from var_dir
+    pool = DevicePool(declared, settings.device_lock_dir)
+    try:
+        return pool.reserve(n, wait_seconds=settings.device_wait_seconds, while_waiting=keep_lease)
+    except DevicesBusy as exc:
+        raise StartFailure("devices_busy", f"{exc}; the job is queued again.", retryable=True) from exc
 
 
 def _fail(client: ApiClient, claim: ClaimResponse, code: str, message: str, *, retryable: bool) -> None:

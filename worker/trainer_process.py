@@ -4,6 +4,11 @@
 its output appended to ``trainer.log``; a reader thread turns its report lines into
 ``TrainerReport`` objects on :attr:`TrainerProcess.reports` (so the child never blocks on a slow
 upload), then puts :data:`EOF`. See ``worker/training/request.py`` for the child's side of the contract.
+
+A job on several devices runs ``accelerate launch`` as the child (``worker/launcher.py``), which starts one
+rank per device, each in a session of its own (``worker/training/distributed.py``). Then stop signals go
+to rank 0 (the ranks agree on the stop among themselves), every kill reaches each rank's session too, and
+:meth:`TrainerProcess.lost_ranks` names the ranks that died without recording an exit.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from contracts.internal import TrainerReport
+from worker.training.distributed import RANKS_DIR, process_start_time
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +55,11 @@ class TrainerProcess:
         stop_grace_seconds: float,
         env: Mapping[str, str] | None = None,
         label: str = "",
+        n_processes: int = 1,
     ) -> None:
         self.argv = list(argv)
+        self.n_processes = n_processes
+        """Ranks the child starts (> 1: ``argv`` is ``accelerate launch``; see the module doc)."""
         self.request_path = Path(request_path)
         self.attempt_dir = Path(attempt_dir)
         self.log_path = self.attempt_dir / "trainer.log"
@@ -103,11 +112,58 @@ class TrainerProcess:
     # ---- signals ----
 
     def send_signal(self, sig: signal.Signals) -> None:
-        """Send ``sig`` to the trainer only (its helpers, e.g. dataloader workers, would die of SIGUSR1)."""
+        """Send ``sig`` to the trainer only (its helpers, e.g. dataloader workers, would die of SIGUSR1); in a
+        launched run to rank 0, once it has started (until then a thread waits for it, see :meth:`stop`)."""
         proc = self._proc
-        if proc is not None and proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, sig)
+        if proc is None or proc.returncode is not None:
+            return
+        if self.n_processes > 1:
+            self._signal_rank0_when_started(sig)
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, sig)
+
+    def _signal_rank0_when_started(self, sig: signal.Signals) -> None:
+        """Rank 0's pid is known once it recorded it; a stop asked before then is delivered when it has (the
+        launcher itself would die of SIGUSR1, and on SIGTERM would only pass it to every rank)."""
+
+        def deliver() -> None:
+            while not self.has_exited():
+                ranks = self.ranks()
+                if 0 in ranks:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(ranks[0], sig)
+                    return
+                threading.Event().wait(0.2)
+
+        if 0 in self.ranks():
+            deliver()
+        else:
+            threading.Thread(target=deliver, name="signal-rank0", daemon=True).start()
+
+    def ranks(self) -> dict[int, int]:
+        """``{rank: pid}`` of the ranks of a launched run that recorded themselves and are still that process
+        (pid and start time match: a pid the kernel gave to another process is left alone)."""
+        found: dict[int, int] = {}
+        for path in (self.attempt_dir / RANKS_DIR).glob("rank-*.json"):
+            if path.name.endswith(".exit.json"):
+                continue
+            try:
+                record = json.loads(path.read_text(encoding="utf-8"))
+                pid = int(record["pid"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if record.get("start_time") is not None and process_start_time(pid) == record["start_time"]:
+                found[int(record["rank"])] = pid
+        return found
+
+    def lost_ranks(self) -> list[int]:
+        """Ranks of a launched run that did not record an exit (``rank-{R}.exit.json``): killed or crashed.
+        Empty for a single-process trainer."""
+        if self.n_processes <= 1:
+            return []
+        ranks_dir = self.attempt_dir / RANKS_DIR
+        return [r for r in range(self.n_processes) if not (ranks_dir / f"rank-{r}.exit.json").is_file()]
 
     def stop(self, sig: signal.Signals) -> None:
         """Ask the trainer to stop with ``sig``; SIGKILL its group if it is still there after the grace."""
@@ -118,12 +174,17 @@ class TrainerProcess:
             self._kill_timer.start()
 
     def kill_group(self) -> None:
-        """SIGKILL the child's whole process group (the child, if not yet reaped, and every helper)."""
+        """SIGKILL the child's whole process group (the child, if not yet reaped, and every helper), and in a
+        launched run each rank's group (the ranks also die with the launcher: ``PR_SET_PDEATHSIG``)."""
         proc = self._proc
         if proc is None or proc.returncode is not None:
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)  # start_new_session: the group id is the child's pid
+        if self.n_processes > 1:
+            for pid in self.ranks().values():
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGKILL)  # torch starts each rank in a session of its own
 
     def has_exited(self) -> bool:
         """Whether the child exited, without reaping it (WNOWAIT keeps its pid, hence its group id, ours)."""

@@ -26,6 +26,7 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from contracts.internal import StopReason
+from worker.training.distributed import agree_on_stop, barrier
 from worker.training.reporter import Reporter
 
 LOSS_EXPLOSION_FACTOR = 100.0
@@ -231,6 +232,10 @@ class ReportingCallback(TrainerCallback):
         return self._resume_tokens
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        if args.world_size > 1:  # every rank writes its RNG state into the checkpoint; rank 0 renames it when all did
+            barrier()
+            if not state.is_world_process_zero:
+                return
         root = Path(str(args.output_dir))
         written = root / f"checkpoint-{state.global_step}"
         final = root / f"step-{state.global_step}"
@@ -316,7 +321,8 @@ class NonFiniteGuard(TrainerCallback):
 
 
 class StopCallback(TrainerCallback):
-    """Stops at the next step end when ``flag`` is set; on pause, saves a checkpoint first."""
+    """Stops at the next step end when ``flag`` is set; on pause, saves a checkpoint first. In a run of
+    several processes the ranks agree on the stop at every step end (``distributed.agree_on_stop``)."""
 
     def __init__(self, flag: StopFlag) -> None:
         self.flag = flag
@@ -324,6 +330,10 @@ class StopCallback(TrainerCallback):
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         if self.flag.stop_at_step is not None and state.global_step >= self.flag.stop_at_step:
             self.flag.request("paused")
+        if args.world_size > 1:  # the worker signals rank 0 only: every rank stops at the same step
+            agreed = agree_on_stop(self.flag.reason)
+            if agreed is not None:
+                self.flag.request(agreed)
         if self.flag.reason is None:
             return
         if self.flag.reason in ("paused", "shutdown"):

@@ -7,6 +7,7 @@ The equivalent of the model-loading part of TRL's ``scripts/dpo.py`` (``ModelCon
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from worker.training.recipe import ConfigError, TrainingConfig
@@ -38,7 +39,7 @@ def load_tokenizer(model_path: str) -> Any:
 def model_kwargs(cfg: TrainingConfig) -> dict[str, Any]:
     """``from_pretrained`` keyword arguments: bf16 on CUDA / fp32 on CPU, the attention implementation, and
     for ``quantization="nf4"`` the QLoRA paper's 4-bit NF4 with double quantisation and bf16 compute, the
-    whole model on device 0."""
+    whole model on this process's device (``LOCAL_RANK``, 0 without a launcher)."""
     import torch
 
     kwargs: dict[str, Any] = {
@@ -48,13 +49,21 @@ def model_kwargs(cfg: TrainingConfig) -> dict[str, Any]:
     if cfg.quantization == "nf4":
         from transformers import BitsAndBytesConfig
 
+        from worker.training.distributed import fsdp_active
+
+        sharded = fsdp_active()
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=cfg.double_quant,
             bnb_4bit_compute_dtype=torch.bfloat16,
+            # QLoRA + FSDP: 4-bit weights stored as bf16 so FSDP can flatten and shard them with the rest
+            # (the bitsandbytes/PEFT/accelerate recipe, docs/multi-gpu.md); the default uint8 otherwise
+            **({"bnb_4bit_quant_storage": torch.bfloat16} if sharded else {}),
         )
-        kwargs["device_map"] = {"": 0}
+        if not sharded:  # FSDP places the shards itself
+            # the whole model on this process's device: device 0, or LOCAL_RANK under accelerate launch (DDP)
+            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     return kwargs
 
 

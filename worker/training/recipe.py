@@ -128,6 +128,9 @@ class TrainingConfig(BaseModel):
     n_epochs: int = ZEPHYR_IPO["n_epochs"]
     batch_size: int = ZEPHYR_IPO["batch_size"]
     """Per-device pairs per micro-batch (TRL doubles it: chosen + rejected)."""
+    n_processes: int = 1
+    """Training processes, one per device (the job's ``n_gpus``; ``accelerate launch``, data-parallel): each
+    optimiser step sees ``batch_size * gradient_accumulation_steps * n_processes`` pairs."""
     gradient_accumulation_steps: int = ZEPHYR_IPO["gradient_accumulation_steps"]
     max_length: int = ZEPHYR_IPO["max_length"]
     """Tokens of prompt + reply; longer sequences are truncated (keep_start)."""
@@ -227,7 +230,8 @@ class StepPlan:
     """The optimiser-step schedule of a run, derived from the data size and the batch settings."""
 
     total_steps: int
-    """Optimiser steps the run takes: ``max_steps`` when set, else ``n_epochs * ceil(n / (batch * accum))``."""
+    """Optimiser steps the run takes: ``max_steps`` when set, else ``n_epochs * ceil(n / (batch * accum *
+    n_processes))``."""
     checkpoint_every: int
     """Explicit, or a quarter of the run capped at 200 steps (at least 1): four resumable points per run."""
     logging_steps: int
@@ -248,9 +252,11 @@ def plan_steps(
     max_steps: int,
     checkpoint_every: int | None,
     has_validation: bool,
+    n_processes: int = 1,
 ) -> StepPlan:
-    """Derive the step schedule; ``max_steps`` -1 means "n_epochs over the data" (transformers' convention)."""
-    pairs_per_step = batch_size * gradient_accumulation_steps
+    """Derive the step schedule; ``max_steps`` -1 means "n_epochs over the data" (transformers' convention).
+    ``n_processes`` data-parallel processes each take ``batch_size * gradient_accumulation_steps`` pairs a step."""
+    pairs_per_step = batch_size * gradient_accumulation_steps * n_processes
     steps_per_epoch = max(1, math.ceil(n_train_examples / pairs_per_step))
     total_steps = max_steps if max_steps > 0 else steps_per_epoch * n_epochs
     return StepPlan(
@@ -318,6 +324,7 @@ def resolve_config(
     seed: int = 42,
     has_validation: bool = False,
     model_dir: Path | None = None,
+    n_processes: int = 1,
 ) -> TrainingConfig:
     """Resolve every ``"auto"`` in ``method`` for this dataset size, model and device: preset, then the step
     plan, then the checks.
@@ -352,6 +359,7 @@ def resolve_config(
         max_steps=max_steps,
         checkpoint_every=None if hp.checkpoint_every == "auto" else int(hp.checkpoint_every),
         has_validation=has_validation,
+        n_processes=n_processes,
     )
 
     quantization = lora.quantization if lora.quantization != "auto" else ("nf4" if device == "cuda" else "none")
@@ -371,6 +379,7 @@ def resolve_config(
         learning_rate=float(learning_rate),
         n_epochs=n_epochs,
         batch_size=batch_size,
+        n_processes=n_processes,
         gradient_accumulation_steps=grad_accum,
         max_length=max_length,
         warmup_ratio=float(_pick(hp.warmup_ratio, preset, "warmup_ratio")),

@@ -18,6 +18,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from contracts.logs import configure_logging, log_context
+from worker.training.distributed import (
+    NullReporter,
+    current_rank,
+    fsdp_active,
+    open_report_fd,
+    record_exit,
+    start_rank,
+)
 from worker.training.reporter import JsonLinesReporter, Reporter
 from worker.training.request import EXIT_OK, EXIT_STOPPED, TrainRequest
 
@@ -48,7 +56,8 @@ def train(request: TrainRequest, reporter: Reporter, stop: Any | None = None) ->
     from worker.training.trackers import TrackingReporter, tracking_reporter
 
     flag = stop if stop is not None else StopFlag()
-    reporter = tracking_reporter(request, reporter)
+    if current_rank().is_main:  # the other ranks of a launched run report nothing, so track nothing either
+        reporter = tracking_reporter(request, reporter)
     try:
         return _train(request, reporter, flag)
     except TrainingFailed as e:
@@ -84,8 +93,9 @@ def _train(request: TrainRequest, reporter: Reporter, flag: Any) -> int:
     out = Path(request.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(request.device)
-    if device == "cpu":
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    rank = current_rank()
+    if device == "cpu":  # the host's cores shared by this host's processes of the run
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // rank.world_size))
 
     # 1. configuration: every "auto" resolved for this data, model and device
     specials = special_tokens(Path(request.model_path))
@@ -101,7 +111,8 @@ def _train(request: TrainRequest, reporter: Reporter, flag: Any) -> int:
             request, reporter, flag, cfg, template, tokenizer, out, device, specials
         )
     unit = "examples" if cfg.loss_type == "sft" else "pairs"
-    reporter.event(f"training {cfg.loss_type} LoRA on {n_examples} {unit} for {cfg.total_steps} steps on {device}")
+    where = f"{rank.world_size} x {device} (data-parallel)" if rank.distributed else device
+    reporter.event(f"training {cfg.loss_type} LoRA on {n_examples} {unit} for {cfg.total_steps} steps on {where}")
 
     if request.init_adapter and not request.resume_from:
         try:
@@ -124,9 +135,11 @@ def _train(request: TrainRequest, reporter: Reporter, flag: Any) -> int:
         reporter.event(f"stopped on request ({flag.reason}) at step {trainer.state.global_step}")
         return EXIT_STOPPED
 
-    # 6. final evaluation, samples and outputs
+    # 6. final evaluation (every rank: it is collective), samples and outputs (rank 0 alone)
     if trainer.eval_dataset is not None:
         trainer.evaluate()
+    if not rank.is_main:
+        return EXIT_OK
     _final_samples(trainer, reporter, started)
     _save_outputs(trainer, tokenizer, out, reporting, reporter)
     reporter.event(f"training finished in {time.monotonic() - started:.1f}s")
@@ -162,6 +175,8 @@ def _preference_trainer(
             special_tokens=specials,
         )
     cfg = cfg.model_copy(update={"text_rows": train_data.text_mode, "chat_template": template})
+    if fsdp_active():  # no reference pass outside the sharded model (distributed.fsdp_active)
+        cfg = cfg.model_copy(update={"precompute_ref_log_probs": False})
     reporter.resolved(cfg.resolved_dict())
     for prepared, name in ((train_data, "training file"), (eval_data, "validation file")):
         if prepared is not None and prepared.text_rows:
@@ -173,11 +188,13 @@ def _preference_trainer(
     # 3. model, and the cached tokenized pairs + reference log-probs of an earlier run, if any
     model = load_model(request.model_path, cfg, request.parent_adapters)
     cached = PreparedInputs(request, cfg, tokenizer, device)
-    precompute = cached.load(cfg.precompute_ref_log_probs)
+    # FSDP: TRL's per-step reference forward inside the sharded model instead (distributed.fsdp_active)
+    precompute = cached.load(cfg.precompute_ref_log_probs) if not fsdp_active() else False
 
     # 4. trainer
     reporting = ReportingCallback(reporter, total_steps=cfg.total_steps, beta=cfg.beta, loss_type=cfg.loss_type)
-    samples = _samples_callback(request, cfg, tokenizer, out, reporter, reporting)
+    # samples are rank 0's alone (generation is not collective; the others would only repeat them)
+    samples = _samples_callback(request, cfg, tokenizer, out, reporter, reporting) if current_rank().is_main else None
     trainer = _build_trainer(
         model,
         tokenizer,
@@ -189,7 +206,8 @@ def _preference_trainer(
         flag=flag,
         extra_callbacks=[samples] if samples is not None else [],
     )
-    cached.report_and_store(trainer, reporter)
+    if current_rank().is_main:  # every rank computed the same scores; one writes them to the cache
+        cached.report_and_store(trainer, reporter)
     return trainer, reporting, train_data.n_examples
 
 
@@ -269,6 +287,7 @@ def _resolve(request: TrainRequest, device: str, specials: tuple[str, ...]) -> T
         seed=request.seed,
         has_validation=request.validation_file is not None,
         model_dir=Path(request.model_path),
+        n_processes=current_rank().world_size,
     )
 
 
@@ -471,21 +490,30 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    reporter = JsonLinesReporter(args.report_fd)
     from worker.training.callbacks import StopFlag
 
     flag = StopFlag()
     flag.install_signal_handlers()
+    rank = current_rank()  # rank 0 of 1 unless started by accelerate launch (worker/training/distributed.py)
+    reporter: JsonLinesReporter | NullReporter = (
+        JsonLinesReporter(open_report_fd(args.report_fd, rank)) if rank.is_main else NullReporter()
+    )
     try:
         request = TrainRequest.model_validate(json.loads(Path(args.request_json).read_text(encoding="utf-8")))
     except (OSError, ValueError) as e:
         reporter.error("invalid_request", f"cannot read {args.request_json}: {e}")
         return EXIT_BAD_INPUT
+    if rank.distributed:
+        start_rank(rank, Path(request.output_dir))
     # This process's stderr is the attempt's trainer.log, whose tail goes into failure messages: text
     # lines (readable there), each carrying the job id and attempt like the worker's own lines.
     configure_logging(os.environ.get("IPO_LOG_LEVEL", "INFO"), "text")
     with log_context(job_id=request.job_id, attempt=request.attempt):
-        return train(request, reporter, flag)
+        code = train(request, reporter, flag)
+    if rank.distributed:
+        errors = reporter.errors if isinstance(reporter, NullReporter) else []
+        record_exit(rank, Path(request.output_dir), code, errors[0] if errors else None)
+    return code
 
 
 if __name__ == "__main__":

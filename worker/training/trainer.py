@@ -113,7 +113,9 @@ class IpoDPOTrainer(DPOTrainer):
             return super()._get_train_sampler(train_dataset)
         return SeededLengthGroupedSampler(
             pair_lengths(dataset, self._max_length),
-            batch_size=self.args.train_batch_size * self.args.gradient_accumulation_steps,
+            # the global batch: every process draws from the same order, so a step sees the pairs one process
+            # would see with n times the batch (accelerate hands each process every n-th micro-batch)
+            batch_size=self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size,
             seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
         )
 
