@@ -14,7 +14,9 @@ Each 2-process attempt starts 3 Python processes that import torch: about 40 s o
 from __future__ import annotations
 
 import io
+import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -44,12 +46,13 @@ STEPS = 8
 HP: dict[str, Any] = {"max_steps": STEPS, "checkpoint_every": 2, "beta": 0.5}
 """Eight steps over 16 pairs at 4 pairs a step: two epochs, so the seeded order is crossed at an epoch end."""
 
-LOSS_RTOL = 1e-3
-"""How close the 2-process losses must be to the 1-process ones. The two runs compute the same thing in
-float32 with different reduction orders (a mean over 4 pairs vs the mean of two 2-pair means, gradients
-averaged by an all-reduce): measured differences were below 1e-5 relative (docs/multi-gpu.md); 1e-3 leaves
-a wide margin for other CPUs while a wrong batch split (another pair order, a rank's data dropped,
-gradients summed instead of averaged) moves the loss by several per cent from step 2 on."""
+LOSS_RTOL = 1e-4
+"""How close the 2-process losses and adapter must be to the 1-process ones. The two runs compute the same
+thing in float32 in another reduction order (a mean over 4 pairs vs the mean of two 2-pair means, the
+gradients averaged by an all-reduce): the largest difference measured over the 8 steps was 1.5e-7
+relative (docs/multi-gpu.md). 1e-4, the bound of the single-process resume test, leaves about 700 times
+that for other CPUs and BLAS builds, while one step's loss differs from the next by 0.6-6% in this run,
+so a step trained on other pairs, a rank's data dropped or gradients summed instead of averaged fail it."""
 
 
 def _method(batch_size: int, quantization: str = "none") -> dict[str, Any]:
@@ -59,6 +62,15 @@ def _method(batch_size: int, quantization: str = "none") -> dict[str, Any]:
         "type": "ipo",
         "ipo": {"hyperparameters": {**HP, "batch_size": batch_size}, "lora": lora, "samples": {"n_prompts": 0}},
     }
+
+
+@pytest.fixture(scope="module")
+def models_dir(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model as a worker's models directory: a copy (a few MB), since the worker refuses a model
+    directory that resolves outside it (``IPO_TEST_TINY_MODEL`` makes a link)."""
+    models = tmp_path_factory.mktemp("models")
+    shutil.copytree((tiny_models_dir / "tiny-mistral").resolve(), models / "tiny-mistral")
+    return models
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +116,7 @@ def _attempt(
     worker_gpus: str = "2",
     resume: tuple[int, bytes] | None = None,
     during: Any = None,
+    holder: dict[str, State] | None = None,
 ) -> Attempt:
     claim = claim_body(attempt=2 if resume else 1)
     claim["spec"].update(validation_file=None, n_gpus=n_gpus, method=_method(4 // n_gpus))
@@ -114,6 +127,8 @@ def _attempt(
         path = "/internal/v1/checkpoints/ckpt-last/content"
         claim["resume_from"] = {"checkpoint_id": "ckpt-last", "step": step, "download_path": path}
         state.files[path] = content
+    if holder is not None:
+        holder["state"] = state
     server = FakeApi(state)
     server.start()
     settings = WorkerSettings(
@@ -153,8 +168,8 @@ def _one_process_run(models_dir: Path, train_file: Path, out: Path) -> ListRepor
 
 
 @pytest.fixture(scope="module")
-def two_process_run(tiny_models_dir: Path, train_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Attempt:
-    return _attempt(tmp_path_factory.mktemp("u2"), "work", tiny_models_dir, train_file)
+def two_process_run(models_dir: Path, train_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Attempt:
+    return _attempt(tmp_path_factory.mktemp("u2"), "work", models_dir, train_file)
 
 
 def _alive(pid: int) -> bool:
@@ -183,9 +198,9 @@ def test_two_processes_run_the_job_and_only_rank_0_reports(two_process_run: Atte
 
 
 def test_two_processes_learn_what_one_process_learns_at_the_same_global_batch(
-    two_process_run: Attempt, tiny_models_dir: Path, train_file: Path, tmp_path: Path
+    two_process_run: Attempt, models_dir: Path, train_file: Path, tmp_path: Path
 ) -> None:
-    one = _one_process_run(tiny_models_dir, train_file, tmp_path / "one")
+    one = _one_process_run(models_dir, train_file, tmp_path / "one")
     single = {r.data["step"]: r.data["train_loss"] for r in one.of_kind("metrics") if r.data and "train_loss" in r.data}
     double = two_process_run.losses()
     assert sorted(single) == sorted(double) == list(range(1, STEPS + 1))
@@ -202,13 +217,15 @@ def test_two_processes_learn_what_one_process_learns_at_the_same_global_batch(
 
 
 def test_a_dead_rank_fails_the_attempt_and_the_next_one_resumes_to_the_same_end(
-    two_process_run: Attempt, tiny_models_dir: Path, train_file: Path, tmp_path: Path
+    two_process_run: Attempt, models_dir: Path, train_file: Path, tmp_path: Path
 ) -> None:
     killed: dict[int, int] = {}
 
     def kill_rank_1_after_a_checkpoint(supervisor: Supervisor) -> None:
         def watch() -> None:
             checkpoints = supervisor.attempt_dir / "checkpoints"
+            while supervisor.pid is None:  # called before the supervisor starts the launcher
+                time.sleep(0.02)
             while not supervisor.trainer.has_exited():
                 ranks = supervisor.trainer.ranks()
                 if 1 in ranks and checkpoints.is_dir() and any(checkpoints.glob("step-*")):
@@ -219,7 +236,7 @@ def test_a_dead_rank_fails_the_attempt_and_the_next_one_resumes_to_the_same_end(
 
         threading.Thread(target=watch, daemon=True).start()
 
-    first = _attempt(tmp_path, "first", tiny_models_dir, train_file, during=kill_rank_1_after_a_checkpoint)
+    first = _attempt(tmp_path, "first", models_dir, train_file, during=kill_rank_1_after_a_checkpoint)
     assert killed, "rank 1 was never seen"
     assert first.outcome is not None and first.outcome.status == "failed", first.outcome
     ((status, body),) = first.state.terminal
@@ -233,7 +250,7 @@ def test_a_dead_rank_fails_the_attempt_and_the_next_one_resumes_to_the_same_end(
     # the API hands the next attempt the last uploaded checkpoint
     last = max(first.state.checkpoints, key=lambda c: int(c.fields["step"]))
     step = int(last.fields["step"])
-    second = _attempt(tmp_path, "second", tiny_models_dir, train_file, resume=(step, last.content))
+    second = _attempt(tmp_path, "second", models_dir, train_file, resume=(step, last.content))
     assert second.outcome is not None and second.outcome.status == "succeeded", (second.outcome, second.state.terminal)
     resumed = second.losses()
     assert sorted(resumed) == list(range(step + 1, STEPS + 1))
@@ -245,10 +262,40 @@ def test_a_dead_rank_fails_the_attempt_and_the_next_one_resumes_to_the_same_end(
         torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-5)
 
 
+def test_a_pause_reaches_every_rank_and_saves_one_checkpoint(
+    models_dir: Path, train_file: Path, tmp_path: Path
+) -> None:
+    """The worker signals rank 0 only; the ranks agree at the next step end, save together and exit."""
+    holder: dict[str, State] = {}
+
+    def pause_after_the_first_step(supervisor: Supervisor) -> None:
+        def watch() -> None:
+            while supervisor.pid is None:  # called before the supervisor starts the launcher
+                time.sleep(0.02)
+            while not supervisor.trainer.has_exited():
+                state = holder.get("state")
+                if state is not None and any(e["type"] == "metrics" for e in state.events):
+                    state.action = "pause"  # as the API answers once the user paused the job
+                    return
+                time.sleep(0.02)
+
+        threading.Thread(target=watch, daemon=True).start()
+
+    run = _attempt(tmp_path, "pause", models_dir, train_file, during=pause_after_the_first_step, holder=holder)
+    assert run.outcome is not None and (run.outcome.status, run.outcome.reason) == ("stopped", "paused"), run.outcome
+    assert [status for status, _ in run.state.terminal] == ["stopped"]
+    (step,) = run.checkpoint_steps()[-1:]
+    assert 1 <= step < STEPS and not run.state.artifacts
+    with zipfile.ZipFile(io.BytesIO(run.state.checkpoints[-1].content)) as zf:
+        assert {"rng_state_0.pth", "rng_state_1.pth", "adapter_model.safetensors"} <= set(zf.namelist())
+    exits = {json.loads(p.read_text())["exit_code"] for p in (run.work / "ranks").glob("rank-*.exit.json")}
+    assert exits == {75}  # both ranks stopped on request (EXIT_STOPPED), neither was killed
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
-def test_two_cuda_devices_run_the_job_with_nccl(tiny_models_dir: Path, train_file: Path, tmp_path: Path) -> None:
-    run = _attempt(tmp_path, "cuda", tiny_models_dir, train_file, device="cuda", worker_gpus="0,1")
+def test_two_cuda_devices_run_the_job_with_nccl(models_dir: Path, train_file: Path, tmp_path: Path) -> None:
+    run = _attempt(tmp_path, "cuda", models_dir, train_file, device="cuda", worker_gpus="0,1")
     assert run.outcome is not None and run.outcome.status == "succeeded", (run.outcome, run.state.terminal)
     assert sorted(run.losses()) == list(range(1, STEPS + 1))
     metrics = [e["data"] for e in run.state.events if e["type"] == "metrics" and "train_loss" in e["data"]]

@@ -375,6 +375,9 @@ def dpo_args(cfg: TrainingConfig, out: Path, *, precompute: bool, evaluate: bool
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
+        # several processes (DDP): every LoRA weight takes part in every forward, so DDP need not search the
+        # graph for unused ones each step (transformers' default for a model without gradient checkpointing)
+        ddp_find_unused_parameters=False,
         save_total_limit=None,
     )
 

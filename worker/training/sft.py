@@ -194,6 +194,9 @@ def sft_args(cfg: TrainingConfig, out: Path, *, evaluate: bool) -> Any:
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
+        # several processes (DDP): every LoRA weight takes part in every forward, so DDP need not search the
+        # graph for unused ones each step (transformers' default for a model without gradient checkpointing)
+        ddp_find_unused_parameters=False,
         dataset_num_proc=None,
         save_total_limit=None,
     )
