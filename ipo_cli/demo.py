@@ -192,7 +192,10 @@ def _real_demo(name: str) -> int:
             "training_file": train["id"],
             "suffix": "answer",
             "seed": 0,
-            "method": {"type": "ipo", "ipo": {"hyperparameters": answer_format.IPO_HYPERPARAMETERS}},
+            "method": {
+                "type": "ipo",
+                "ipo": {"hyperparameters": answer_format.IPO_HYPERPARAMETERS, "samples": answer_format.NO_SAMPLES},
+            },
         }
         adapter = _train(
             client, body, var / "demo-real" / "adapter", var / "demo-server.log", "downloading the adapter"

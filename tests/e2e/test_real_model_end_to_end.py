@@ -94,7 +94,10 @@ def test_ipo_teaches_a_real_model_the_answer_format_without_losing_correctness(
         tmp_path,
         "ipo",
         model=MODEL,
-        method={"type": "ipo", "ipo": {"hyperparameters": answer_format.IPO_HYPERPARAMETERS}},
+        method={
+            "type": "ipo",
+            "ipo": {"hyperparameters": answer_format.IPO_HYPERPARAMETERS, "samples": answer_format.NO_SAMPLES},
+        },
     )
     seconds = time.monotonic() - started
     assert job.fine_tuned_model.startswith(f"ft:{MODEL}:ipo:")
@@ -130,7 +133,10 @@ def test_supervised_then_ipo_on_a_real_model(
         tmp_path,
         "sft",
         model=MODEL,
-        method={"type": "supervised", "supervised": {"hyperparameters": answer_format.SFT_HYPERPARAMETERS}},
+        method={
+            "type": "supervised",
+            "supervised": {"hyperparameters": answer_format.SFT_HYPERPARAMETERS, "samples": answer_format.NO_SAMPLES},
+        },
     )
     sft_seconds = time.monotonic() - started
     ipo = _run(
@@ -140,7 +146,10 @@ def test_supervised_then_ipo_on_a_real_model(
         tmp_path,
         "sft-ipo",
         model=sft.fine_tuned_model,
-        method={"type": "ipo", "ipo": {"hyperparameters": answer_format.IPO_HYPERPARAMETERS}},
+        method={
+            "type": "ipo",
+            "ipo": {"hyperparameters": answer_format.IPO_HYPERPARAMETERS, "samples": answer_format.NO_SAMPLES},
+        },
     )
     ipo_seconds = time.monotonic() - started - sft_seconds
     assert (ipo.model_extra or {})["lineage"]["parent_job_id"] == sft.id

@@ -60,6 +60,11 @@ SFT_HYPERPARAMETERS: dict[str, Any] = {
     "max_length": 128,
 }
 
+NO_SAMPLES: dict[str, Any] = {"n_prompts": 0}
+"""The jobs' ``method.<type>.samples``: off. By default a job generates replies for 16 prompts, policy and
+reference, greedy and sampled, at every evaluation; on 2 CPU cores that costs more than these short trainings
+themselves, and the replies are measured afterwards anyway (``worker/training/behaviour.py``)."""
+
 
 @dataclass(frozen=True)
 class Fact:
