@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,11 +93,11 @@ def measure(
     )
 
 
-def load_chain(model_dir: str | Path, adapters: list[str | Path] | None = None) -> tuple[Any, PreTrainedTokenizerBase]:
+def load_chain(model_dir: str | Path, adapters: Sequence[str | Path] = ()) -> tuple[Any, PreTrainedTokenizerBase]:
     """The base model with each adapter applied in turn (all but the last merged in, as the worker starts a
     job on a fine-tuned model: ``app/services/lineage.py``); the tokenizer of the last adapter (it carries
     the chat template the job trained with), else the base model's."""
-    adapters = list(adapters or [])
+    adapters = list(adapters)
     tokenizer = AutoTokenizer.from_pretrained(str(adapters[-1] if adapters else model_dir))
     model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     if adapters:
