@@ -1,11 +1,11 @@
-"""Proof on a real pretrained model (issue 12 section 4, issue 15 section 4): SmolLM2-135M-Instruct, made by
+"""Proof on a real pretrained model (issue 12 section 4): SmolLM2-135M-Instruct, made by
 the real ``ipo models fetch``, trained through the API and a real Celery worker with the unchanged openai
 SDK, then measured on held-out questions that no training file contains (``worker.training.behaviour``:
 greedy and sampled replies from the base and from base + the downloaded adapter(s), applied with PEFT).
 
 The behaviour (``worker.training.answer_format``): replies that open with ``Answer:``. The base model never
 does; correctness is measured too and must not fall (a one-word format would trade it away on this model).
-Figures, settings and timings are in the helpers' notes (real-proof).
+The rates before and after and every reply are printed (pytest -s).
 """
 
 from __future__ import annotations
@@ -114,65 +114,3 @@ def test_ipo_teaches_a_real_model_the_answer_format_without_losing_correctness(
     assert after.prefix_rate >= 0.8 and after.sampled_prefix_rate >= 0.6
     # without trading correctness away (at most one held-out answer lost)
     assert after.correct_rate >= base_report.correct_rate - 1 / base_report.n_prompts
-
-
-def test_supervised_then_ipo_on_a_real_model(
-    real_stack: Stack, smollm2_models_dir: Path, base_report: Any, tmp_path: Path
-) -> None:
-    """The two-stage recipe on the real model: a supervised job teaches the ``Answer:`` format (half its
-    replies trail a filler sentence), then an IPO job on its ``fine_tuned_model`` prefers the concise reply.
-    Format: base < SFT; conciseness (the format and one sentence, nothing after): SFT+IPO above SFT."""
-    from worker.training.behaviour import load_chain, measure
-
-    client = _client(real_stack)
-    started = time.monotonic()
-    sft = _run(
-        real_stack,
-        client,
-        answer_format.supervised_rows(),
-        tmp_path,
-        "sft",
-        model=MODEL,
-        method={
-            "type": "supervised",
-            "supervised": {"hyperparameters": answer_format.SFT_HYPERPARAMETERS, "samples": answer_format.NO_SAMPLES},
-        },
-    )
-    sft_seconds = time.monotonic() - started
-    ipo = _run(
-        real_stack,
-        client,
-        answer_format.concise_preference_rows(),
-        tmp_path,
-        "sft-ipo",
-        model=sft.fine_tuned_model,
-        method={
-            "type": "ipo",
-            "ipo": {"hyperparameters": answer_format.IPO_HYPERPARAMETERS, "samples": answer_format.NO_SAMPLES},
-        },
-    )
-    ipo_seconds = time.monotonic() - started - sft_seconds
-    assert (ipo.model_extra or {})["lineage"]["parent_job_id"] == sft.id
-    sft_adapter = _adapter(client, sft, tmp_path / "sft-adapter")
-    ipo_adapter = _adapter(client, ipo, tmp_path / "ipo-adapter")
-    reports = {"base": base_report}
-    for label, chain in (("SFT", [sft_adapter]), ("SFT + IPO", [sft_adapter, ipo_adapter])):
-        model, tokenizer = load_chain(smollm2_models_dir / MODEL, chain)
-        reports[label] = measure(model, tokenizer, samples=4, seed=0)
-        del model
-    print("\n" + "\n".join(_summary(label, r) for label, r in reports.items()))
-    print(f"jobs: SFT {sft_seconds:.0f}s, IPO {ipo_seconds:.0f}s")
-    for i, fact in enumerate(answer_format.HELD_OUT_FACTS):
-        print(f"  {fact.question}")
-        for label, r in reports.items():
-            print(f"    {label}: {r.examples[i]['reply']}")
-
-    base, sft_r, final = reports["base"], reports["SFT"], reports["SFT + IPO"]
-    # SFT taught the format the base model lacks
-    assert sft_r.prefix_rate >= 0.8 and sft_r.sampled_prefix_rate > base.sampled_prefix_rate + 0.5
-    # IPO on top kept it and made the replies concise more often than SFT alone
-    assert final.prefix_rate >= 0.8
-    assert final.sampled_concise_rate >= sft_r.sampled_concise_rate + 0.15
-    assert final.concise_rate >= sft_r.concise_rate
-    # neither stage traded correctness away (at most one held-out answer lost)
-    assert min(sft_r.correct_rate, final.correct_rate) >= base.correct_rate - 1 / base.n_prompts
