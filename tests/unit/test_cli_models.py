@@ -191,3 +191,11 @@ def test_paths_and_names_that_are_not_models(
     assert not models.exists() or not list(models.iterdir())
     code, _, err = ipo(capsys, monkeypatch, models, "models", "fetch", "gpt-5")
     assert code == 2 and "unknown model 'gpt-5': ipo models fetch knows smollm2-135m-instruct" in err
+
+
+def test_demo_names_the_models_it_knows(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    code, _, err = ipo(capsys, monkeypatch, tmp_path / "models", "demo", "--model", "gpt-5")
+    assert code == 2, err
+    assert "no demo for 'gpt-5': ipo demo knows tiny-mistral (default), smollm2-135m-instruct" in err
