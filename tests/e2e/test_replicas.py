@@ -35,6 +35,7 @@ import psutil
 import pytest
 from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
@@ -58,7 +59,10 @@ T = TypeVar("T")
 def wait_for(what: str, check: Callable[[], T | Literal[False] | None], timeout: float = 120) -> T:
     deadline = time.monotonic() + timeout
     while True:
-        value = check()
+        try:
+            value = check()
+        except OperationalError:  # the shared database server is busy (e.g. out of connections): ask again
+            value = None
         if value:
             return value
         if time.monotonic() > deadline:
