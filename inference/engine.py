@@ -155,11 +155,12 @@ class TextAssembler:
 
     def finish(self) -> str:
         """The text still held back, once generation has ended."""
+        tail = ""
         if not self.stopped:
             grown = self._decode_new(final=True)
             if grown:
-                self._append(grown)
-        return self._flush()
+                tail = self._append(grown)
+        return tail + self._flush()
 
 
 class _Streamer:
