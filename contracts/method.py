@@ -11,6 +11,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, model_validator
 
+from contracts.graders import Grader
+
 Auto = Literal["auto"]
 PositiveFloat = Annotated[StrictFloat, Field(gt=0)]
 
@@ -56,38 +58,12 @@ class Lora(_Strict):
     """``nf4`` = QLoRA (CUDA only); ``none`` = plain LoRA; ``auto`` = nf4 on CUDA, none on CPU."""
 
 
-GraderName = Annotated[str, Field(min_length=1, max_length=40, pattern=r"^[A-Za-z0-9_-]+$")]
-
-
-class StringCheckGrader(_Strict):
-    """OpenAI's ``string_check`` grader with its input fixed to the sampled reply and its reference fixed to
-    the pair's chosen reply: ``eq``/``ne`` compare them exactly, ``like`` (case-sensitive) and ``ilike``
-    (case-insensitive) pass when the reply contains the chosen reply. Scores 1 or 0."""
-
-    type: Literal["string_check"]
-    name: GraderName = "string_check"
-    """Metric key: ``samples/<name>`` (policy) and ``samples/<name>_reference`` (reference model)."""
-    operation: Literal["eq", "ne", "like", "ilike"]
-
-
-class TextSimilarityGrader(_Strict):
-    """OpenAI's ``text_similarity`` grader (reply against the chosen reply), scores in [0, 1]. Only
-    ``fuzzy_match`` is implemented (``difflib.SequenceMatcher`` ratio, Python's standard library); OpenAI's
-    other metrics (bleu, rouge_*, meteor, cosine, ...) are refused rather than approximated."""
-
-    type: Literal["text_similarity"]
-    name: GraderName = "text_similarity"
-    evaluation_metric: Literal["fuzzy_match"]
-
-
-Grader = Annotated[StringCheckGrader | TextSimilarityGrader, Field(discriminator="type")]
-
-
 class Samples(_Strict):
     """Replies generated during training, at each evaluation and at the end (``worker/training/samples.py``):
-    for ``n_prompts`` prompts of the validation file (else the first of the training file), the reply of
-    the policy and of the reference (adapter disabled), greedy and sampled with the job's seed, plus the
-    log-probability of each pair's chosen and rejected reply under both. ``n_prompts=0`` turns it off.
+    for ``n_prompts`` prompts of the validation file (else prompts held out of the training file, see
+    ``holdout``), the reply of the policy and of the reference (adapter disabled), greedy and sampled with the
+    job's seed, plus the log-probability of each pair's chosen and rejected reply under both. ``n_prompts=0``
+    turns it off. Graders (``contracts/graders.py``) score the greedy replies.
 
     Defaults are kept small so sampling stays a small share of a run (bench/RESULTS.md)."""
 
@@ -97,6 +73,12 @@ class Samples(_Strict):
     """Of the sampled replies (the greedy ones have none); top_p/top_k are off."""
     graders: Annotated[list[Grader], Field(max_length=8)] = Field(default_factory=list)
     """Scores of the greedy replies against the chosen reply, reported as metrics per evaluation."""
+    holdout: Annotated[StrictInt, Field(ge=0, le=64)] | Auto = "auto"
+    """Only without a validation file: how many training prompts (each with all its pairs) are held out of
+    training and sampled instead, chosen at random with the job's seed (the job's events name the lines).
+    ``auto`` = ``n_prompts``, but at most a tenth of the file's distinct prompts (so at least 10 are needed
+    to hold one out); ``0`` = none, and samples then come from prompts the policy trains on. A number must
+    leave at least one pair to train on. Ignored, with an event, when a validation file is given."""
 
     @model_validator(mode="after")
     def _unique_grader_names(self) -> Samples:

@@ -89,33 +89,56 @@ def _model_not_found(model: str) -> EngineError:
 
 class TextAssembler:
     """Turns the growing list of generated token ids into text deltas, holding back what could still be the
-    start of a stop sequence (OpenAI never returns the stop sequence) or half of a multi-byte character."""
+    start of a stop sequence (OpenAI never returns the stop sequence) or half of a multi-byte character.
+
+    Decoding is incremental (the prefix/read offsets of vLLM's and TGI's detokenizers): each step decodes a
+    few tokens from ``prefix_offset`` twice, with and without the newest ones, and appends the difference,
+    so a step costs the same at token 500 as at token 5 (decoding every id each step is quadratic). Decoding
+    from a few tokens back keeps what a tokenizer does at a word start (SentencePiece's leading space) right."""
 
     def __init__(self, tokenizer: Any, stop: list[str], lock: threading.Lock | None = None) -> None:
         self.tokenizer = tokenizer
         self.lock = lock or threading.Lock()
         self.stop = stop
+        self.longest_stop = max((len(s) for s in stop), default=0)
         self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
         self.emitted = 0
         self.stopped = False
         self.text = ""
+
+    def _decode_new(self, *, final: bool = False) -> str:
+        """The text the ids after ``read_offset`` add: empty while they end inside a multi-byte character,
+        unless ``final`` (then the replacement character stays, as a whole decode would give it)."""
+        if self.read_offset >= len(self.ids):
+            return ""
+        with self.lock:
+            before = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
+            after = self.tokenizer.decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
+        if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return after[len(before) :]
 
     def add(self, new_ids: list[int]) -> str:
         """Take new token ids; return the text now safe to send (maybe empty)."""
         if self.stopped:
             return ""
         self.ids.extend(new_ids)
-        with self.lock:
-            text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        grown = self._decode_new()
+        return self._append(grown) if grown else ""
+
+    def _append(self, grown: str) -> str:
+        searched_from = max(0, len(self.text) - self.longest_stop + 1)  # earlier text was searched already
+        text = self.text + grown
+        cut = min((i for i in (text.find(s, searched_from) for s in self.stop) if i >= 0), default=-1)
         if cut >= 0:
             self.stopped = True
             self.text = text[:cut]
             return self._flush()
         self.text = text
         safe = len(text)
-        if text.endswith("\ufffd"):  # a character split across tokens: wait for the rest
-            safe -= 1
         for s in self.stop:  # the longest tail that is a prefix of a stop sequence stays back
             for k in range(min(len(s) - 1, len(text)), 0, -1):
                 if text.endswith(s[:k]):
@@ -132,7 +155,12 @@ class TextAssembler:
 
     def finish(self) -> str:
         """The text still held back, once generation has ended."""
-        return self._flush()
+        tail = ""
+        if not self.stopped:
+            grown = self._decode_new(final=True)
+            if grown:
+                tail = self._append(grown)
+        return tail + self._flush()
 
 
 class _Streamer:
@@ -315,7 +343,9 @@ class Engine:
 
         tokenizer = prepared.tokenizer
         assembler = TextAssembler(tokenizer, request.stop_list, self.tokenizer_lock)
-        streamer = _Streamer(assembler, on_text)
+        # Text is needed while generating only to stream it or to find a stop sequence; otherwise the reply
+        # is decoded once at the end (no per-token work beyond transformers' own loop).
+        streamer = _Streamer(assembler, on_text) if on_text is not None or request.stop_list else None
 
         class _Stop(StoppingCriteria):
             def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
@@ -349,24 +379,31 @@ class Engine:
         input_ids = torch.tensor([prepared.input_ids], device=self.device)
         started = time.monotonic()
         with torch.inference_mode():
+            mask = torch.ones_like(input_ids)
             if prepared.adapter is None:
                 if self.model is self.base:
-                    self.base.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+                    out = self.base.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
                 else:
                     with self.model.disable_adapter():
-                        self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+                        out = self.model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
             else:
                 self.model.set_adapter(prepared.adapter)
-                self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+                out = self.model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
+        if streamer is not None:
+            count, last_id = streamer.count, streamer.last_id
+        else:
+            new_ids = [int(i) for i in out[0, input_ids.shape[1] :].tolist()]
+            count, last_id = len(new_ids), (new_ids[-1] if new_ids else None)
+            assembler.add(new_ids)
         tail = assembler.finish()
         if tail and on_text is not None:
             on_text(tail)
         if cancel is not None and cancel.is_set():
             reason = "cancelled"
-        elif assembler.stopped or streamer.last_id == tokenizer.eos_token_id:
+        elif assembler.stopped or last_id == tokenizer.eos_token_id:
             reason = "stop"
-        elif streamer.count >= prepared.max_new_tokens or (max_time and time.monotonic() - started >= max_time):
+        elif count >= prepared.max_new_tokens or (max_time and time.monotonic() - started >= max_time):
             reason = "length"
         else:
             reason = "stop"
-        return Generation(assembler.text, streamer.count, reason)
+        return Generation(assembler.text, count, reason)

@@ -264,7 +264,10 @@ def jobs_samples(
             "(reference -> policy)"
         )
         if s.get("scores"):
-            typer.echo("    scores:    " + ", ".join(f"{k}={v:.2f}" for k, v in s["scores"].items()))
+            shown = (f"{k}={v:.2f}" if isinstance(v, int | float) else f"{k}=null" for k, v in s["scores"].items())
+            typer.echo("    scores:    " + ", ".join(shown))
+            for k, reason in (s.get("score_reasons") or {}).items():
+                typer.echo(f"      {k}: {reason}")
 
 
 @jobs.command("watch")

@@ -83,6 +83,13 @@ class WorkerSettings(BaseSettings):
     """How long a transient API failure (connect error, 5xx, 429) is retried before giving up."""
     keep_work_dirs: bool = False
     """Keep per-attempt directories after the attempt ends (they are always kept after a failure)."""
+    grader_base_url: str | None = None
+    """OpenAI-compatible API that ``score_model`` graders call (``{url}/chat/completions``), e.g. this service's
+    own ``http://api:8000/v1`` or any provider's. Unset: such graders' scores are null, with a warning event."""
+    grader_api_key: SecretStr | None = None
+    """Bearer key for ``grader_base_url`` (an API key of this service when it grades itself)."""
+    grader_timeout_seconds: float = Field(default=60.0, gt=0)
+    """Per grader request (one retry after a connection error or 5xx, the ``openai`` client's)."""
     log_level: str = "INFO"
     """Root log level (``DEBUG``, ``INFO``, ``WARNING``, ``ERROR``)."""
     log_format: LogFormat = "auto"

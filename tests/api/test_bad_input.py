@@ -154,6 +154,47 @@ def test_unknown_fields_wrong_types_and_nul(client, auth, upload, unchanged) -> 
     lora = {"lora": {"target_modules": ["q\x00"]}}
     nul = {"model": "tiny-mistral", "training_file": "file-x", "method": {"type": "ipo", "ipo": lora}}
     assert "NUL" in str(_error(client.post("/v1/fine_tuning/jobs", headers=auth, json=nul), 400)["message"])
+    # graders of the samples block: the field named (with the grader's type), and why a metric is not offered
+    judge = {"type": "score_model", "model": "m", "input": [{"role": "user", "content": "{{sample.output_text}}"}]}
+    graders = [
+        (
+            {"type": "text_similarity", "evaluation_metric": "meteor"},
+            "graders.0.text_similarity.evaluation_metric",
+            "WordNet",
+        ),
+        (
+            {"type": "text_similarity", "evaluation_metric": "cosine"},
+            "graders.0.text_similarity.evaluation_metric",
+            "embeddings",
+        ),
+        (
+            {"type": "text_similarity", "evaluation_metric": "rouge_9"},
+            "graders.0.text_similarity.evaluation_metric",
+            "rouge_l",
+        ),
+        (
+            {**judge, "input": [{"role": "user", "content": "{{item.answer}}"}]},
+            "graders.0.score_model.input.0.content",
+            "item.answer",
+        ),
+        ({**judge, "range": [5, 1]}, "graders.0.score_model.range", "low < high"),
+        ({**judge, "api_key": "sk-x"}, "graders.0.score_model.api_key", "xtra"),
+    ]
+    for grader, field, needle in graders:
+        samples = {"graders": [grader]}
+        body = {
+            "model": "tiny-mistral",
+            "training_file": "file-x",
+            "method": {"type": "ipo", "ipo": {"samples": samples}},
+        }
+        err = _error(client.post("/v1/fine_tuning/jobs", headers=auth, json=body), 400, f"method.ipo.samples.{field}")
+        assert needle in str(err["message"]), err
+    body = {
+        "model": "tiny-mistral",
+        "training_file": "file-x",
+        "method": {"type": "ipo", "ipo": {"samples": {"holdout": 99}}},
+    }
+    _error(client.post("/v1/fine_tuning/jobs", headers=auth, json=body), 400, "method.ipo.samples.holdout")
     for raw in ("", "null", "[]", '"x"', "{", '{"model": }'):
         r = client.post("/v1/fine_tuning/jobs", headers={**auth, "Content-Type": "application/json"}, content=raw)
         _error(r, 400)

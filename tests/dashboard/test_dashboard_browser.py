@@ -65,6 +65,20 @@ def browser() -> Iterator[Browser]:
             chromium.close()
 
 
+JUDGE = {
+    "type": "score_model",
+    "name": "quality",
+    "model": "tiny-mistral",
+    "input": [{"role": "user", "content": "Rate 0-1: {{sample.output_text}}"}],
+}
+SAMPLES = {
+    "max_new_tokens": 8,
+    # a rouge_l grader charts a score per sample step; the score_model one has no endpoint on this worker
+    # (IPO_GRADER_BASE_URL unset): a warning and null scores, which must not break the chart
+    "graders": [{"type": "text_similarity", "name": "overlap", "evaluation_metric": "rouge_l"}, JUDGE],
+}
+
+
 def _create_jobs(stack: Stack, tmp_path: Path) -> tuple[str, str]:
     """A short IPO job with validation (trains first) and a second one queued behind it."""
     train, valid = write_demo_data(tmp_path / "data", n_train=48, n_valid=8, seed=2)
@@ -86,7 +100,7 @@ def _create_jobs(stack: Stack, tmp_path: Path) -> tuple[str, str]:
             "validation_file": files[1],
             "suffix": suffix,
             "seed": 5,
-            "method": {"type": "ipo", "ipo": {"hyperparameters": hyper, "samples": {"max_new_tokens": 8}}},
+            "method": {"type": "ipo", "ipo": {"hyperparameters": hyper, "samples": SAMPLES}},
         }
         r = http.post("/v1/fine_tuning/jobs", json=body)
         assert r.status_code == 200, r.text
@@ -193,6 +207,8 @@ def test_dashboard_in_a_browser(stack: Stack, browser: Browser, artifacts: Path,
     assert page.locator("#samples-table img, #samples-table script").count() == 0
     assert page.evaluate("() => window.__xss === undefined")
     assert int(page.get_attribute("#chart-sample-logps", "data-points") or 0) >= 4
+    assert page.is_visible("#figure-graders") and int(page.get_attribute("#chart-graders", "data-points") or 0) >= 4
+    assert "quality (reference)" in page.inner_text("#figure-graders")  # the score_model series, empty
     page.mouse.move(0, 0)  # no hover underline in the pictures
     page.screenshot(path=str(artifacts / "job-succeeded.png"), full_page=True)
     page.screenshot(path=str(artifacts / "dashboard.png"))  # the first screen: facts, results and charts

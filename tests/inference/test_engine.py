@@ -88,6 +88,32 @@ def test_assembler_holds_back_a_possible_stop_prefix() -> None:
     assert a.stopped and a.text == "aEx"
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_incremental_decoding_gives_what_decoding_everything_gives(tiny_model_dir: Path, seed: int) -> None:
+    """Random token ids, added a few at a time: the deltas join to ``decode(all ids)`` (multi-byte characters
+    split across tokens, special tokens and word-start spaces included), with and without a stop sequence."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    rng = torch.Generator().manual_seed(seed)
+    text = "Héllo wörld, naïve café 日本語 🙂 — the moon is 384400 km away. "
+    ids = tokenizer(text * 3, add_special_tokens=False)["input_ids"]
+    ids += torch.randint(0, len(tokenizer), (120,), generator=rng).tolist()
+    whole = tokenizer.decode(ids, skip_special_tokens=True)
+    a, deltas, i = TextAssembler(tokenizer, []), [], 0
+    while i < len(ids):
+        step = int(torch.randint(1, 4, (1,), generator=rng))
+        deltas.append(a.add(ids[i : i + step]))
+        i += step
+    deltas.append(a.finish())
+    assert "".join(deltas) == whole == a.text
+
+    stop = whole[len(whole) // 2 : len(whole) // 2 + 3]
+    b = TextAssembler(tokenizer, [stop])
+    sent = "".join(b.add([t]) for t in ids) + b.finish()
+    assert b.stopped and sent == b.text == whole[: whole.index(stop)]
+
+
 def test_generation_is_bounded_in_time_and_cancellable(engine: Engine) -> None:
     req = _request("tiny-mistral", max_tokens=400, min_tokens=400, temperature=0)
     prepared = engine.prepare(req, 1000)

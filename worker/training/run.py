@@ -30,6 +30,7 @@ from worker.training.reporter import JsonLinesReporter, Reporter
 from worker.training.request import EXIT_OK, EXIT_STOPPED, TrainRequest
 
 if TYPE_CHECKING:
+    from worker.training.holdout import Holdout
     from worker.training.recipe import TrainingConfig
 
 EXIT_FAILED = 1
@@ -97,8 +98,9 @@ def _train(request: TrainRequest, reporter: Reporter, flag: Any) -> int:
     if device == "cpu":  # the host's cores shared by this host's processes of the run
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // rank.world_size))
 
-    # 1. configuration: every "auto" resolved for this data, model and device
+    # 1. configuration: every "auto" resolved for this data, model and device (after samples' held-out prompts)
     specials = special_tokens(Path(request.model_path))
+    request, held_out = _hold_out(request, reporter, specials, out)
     cfg = _resolve(request, device, specials)
 
     # 2-4. tokenizer, data, model and trainer: TRL's DPOTrainer (ipo, dpo) or SFTTrainer (supervised)
@@ -108,7 +110,7 @@ def _train(request: TrainRequest, reporter: Reporter, flag: Any) -> int:
         trainer, reporting, n_examples = _supervised_trainer(request, reporter, flag, cfg, template, tokenizer, out)
     else:
         trainer, reporting, n_examples = _preference_trainer(
-            request, reporter, flag, cfg, template, tokenizer, out, device, specials
+            request, reporter, flag, cfg, template, tokenizer, out, device, specials, held_out
         )
     unit = "examples" if cfg.loss_type == "sft" else "pairs"
     where = f"{rank.world_size} x {device} (data-parallel)" if rank.distributed else device
@@ -157,8 +159,10 @@ def _preference_trainer(
     out: Path,
     device: str,
     specials: tuple[str, ...],
+    held_out: Holdout | None,
 ) -> tuple[Any, Any, int]:
-    """Steps 2-4 for IPO/DPO: the preference data, the model, cached reference log-probs, ``IpoDPOTrainer``."""
+    """Steps 2-4 for IPO/DPO: the preference data, the model, cached reference log-probs, ``IpoDPOTrainer``;
+    samples from the prompts ``held_out`` of the training file when there are."""
     from worker.training.callbacks import ReportingCallback
     from worker.training.data import describe_skipped, load_preference_data
     from worker.training.loading import load_model
@@ -194,7 +198,11 @@ def _preference_trainer(
     # 4. trainer
     reporting = ReportingCallback(reporter, total_steps=cfg.total_steps, beta=cfg.beta, loss_type=cfg.loss_type)
     # samples are rank 0's alone (generation is not collective; the others would only repeat them)
-    samples = _samples_callback(request, cfg, tokenizer, out, reporter, reporting) if current_rank().is_main else None
+    samples = (
+        _samples_callback(request, cfg, tokenizer, out, reporter, reporting, held_out)
+        if current_rank().is_main
+        else None
+    )
     trainer = _build_trainer(
         model,
         tokenizer,
@@ -301,24 +309,75 @@ def _final_samples(trainer: Any, reporter: Reporter, started: float) -> None:
             reporter.event(f"sampling took {callback.seconds:.1f}s of {time.monotonic() - started:.1f}s")
 
 
+def _hold_out(
+    request: TrainRequest, reporter: Reporter, specials: tuple[str, ...], out: Path
+) -> tuple[TrainRequest, Holdout | None]:
+    """Without a validation file, the request training on the training file less the prompts held out for
+    samples (``worker/training/holdout.py``), and the file of those prompts; else the request unchanged and
+    None. An invalid training file is left for ``_resolve`` to report."""
+    from contracts.data_formats import parse_preference_file
+    from worker.training.holdout import hold_out
+
+    config = request.method.params().samples
+    if not request.method.is_preference or config.n_prompts == 0:
+        return request, None
+    if request.validation_file:
+        if isinstance(config.holdout, int) and config.holdout > 0:
+            reporter.event("samples.holdout is ignored: samples come from the validation file")
+        return request, None
+    examples, report = parse_preference_file(request.train_file, special_tokens=specials)
+    if not report.ok:
+        return request, None
+    held = hold_out(request.train_file, examples, config, seed=request.seed, out_dir=out / "holdout")
+    if held is None:
+        return request, None
+    reporter.event(
+        held.describe(),
+        data={"samples_holdout": {"prompts": held.n_prompts, "pairs": len(held.lines), "lines": held.lines}},
+    )
+    return request.model_copy(update={"train_file": str(held.train_file)}), held
+
+
 def _samples_callback(
-    request: TrainRequest, cfg: TrainingConfig, tokenizer: Any, out: Path, reporter: Reporter, reporting: Any
+    request: TrainRequest,
+    cfg: TrainingConfig,
+    tokenizer: Any,
+    out: Path,
+    reporter: Reporter,
+    reporting: Any,
+    held_out: Holdout | None = None,
 ) -> Any:
     """``SamplesCallback`` for the method's ``samples`` block, or None when ``n_prompts`` is 0. Samples at the
     evaluation cadence (``eval_every``; without a validation file the same rule, a quarter of the run)."""
+    from worker.settings import WorkerSettings
+    from worker.training.graders import GraderEndpoint, Graders
     from worker.training.samples import SamplesCallback, choose_prompts
 
     config = request.method.params().samples
     if config.n_prompts == 0:
         return None
+    settings = WorkerSettings()  # the worker's environment, inherited by this child: the grader endpoint
+    endpoint = None
+    if settings.grader_base_url:
+        key = settings.grader_api_key.get_secret_value() if settings.grader_api_key else None
+        endpoint = GraderEndpoint(settings.grader_base_url, key, settings.grader_timeout_seconds)
+    graders = Graders(config.graders, endpoint)
+    if warning := graders.startup_warning():
+        reporter.event(warning, level="warn")
     prompts, source = choose_prompts(
         tokenizer,
         validation_file=request.validation_file,
         train_file=request.train_file,
+        held_out_file=str(held_out.samples_file) if held_out else None,
+        held_out_lines=held_out.lines if held_out else (),
         n_prompts=config.n_prompts,
         max_length=cfg.max_length,
     )
-    note = "" if request.validation_file else " (no validation file: these prompts are also trained on)"
+    note = (
+        ""
+        if request.validation_file or held_out
+        else " (no validation file and none held out, see samples.holdout: these prompts are also trained on)"
+    )
     reporter.event(f"samples: {len(prompts)} prompts from the {source}{note}")
     return SamplesCallback(
         reporter,
@@ -331,6 +390,7 @@ def _samples_callback(
         out_path=out / "samples.jsonl",
         total_steps=cfg.total_steps,
         metrics_rows=reporting.rows,
+        graders=graders,
     )
 
 

@@ -10,7 +10,9 @@ and once at the end, ``SamplesCallback`` takes the model (a PEFT model) out of t
   a run, so its replies and log-probabilities are computed once (at the first round) and reused;
 - computes the summed log-probability (nats) of the pair's chosen and rejected reply under both, so a
   falling chosen log-probability (likelihood displacement) shows while the margin still grows;
-- scores the greedy replies with the configured graders against the chosen reply.
+- scores the greedy replies with the configured graders (``worker/training/graders.py``: scores may be
+  null, with a reason in the row; an unavailable ``score_model`` endpoint is a warning event, never a
+  failure). The reference's scores are computed once, like its replies.
 
 It reports a compact ``samples`` event (type ``message``, ``data.samples``: texts cut to
 ``EVENT_TEXT_CHARS``), a ``metrics`` report with the means (``samples/...`` keys), and appends the full
@@ -19,7 +21,6 @@ rows to ``samples.jsonl`` (reported as the ``samples`` artifact at the end, a re
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 import time
@@ -32,9 +33,10 @@ import torch
 from transformers import PreTrainedTokenizerBase, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from contracts.data_formats import PreferenceExample, parse_preference_file
-from contracts.method import Grader, Samples, StringCheckGrader
+from contracts.method import Samples
 from contracts.pair_tokens import split_pair
 from worker.training.data import chat_token_ids, tokenizer_special_tokens
+from worker.training.graders import Graders
 from worker.training.reporter import Reporter
 
 log = logging.getLogger(__name__)
@@ -86,21 +88,6 @@ def _pair_ids(tokenizer: PreTrainedTokenizerBase, ex: PreferenceExample) -> tupl
     )
 
 
-def grade(grader: Grader, reply: str, chosen: str) -> float:
-    """Score of one reply against the chosen reply, in [0, 1] (OpenAI grader semantics, see
-    ``contracts.method``): ``string_check`` 1.0 or 0.0, ``text_similarity`` fuzzy_match the
-    ``difflib.SequenceMatcher`` ratio of the two stripped strings."""
-    if isinstance(grader, StringCheckGrader):
-        if grader.operation == "eq":
-            return float(reply == chosen)
-        if grader.operation == "ne":
-            return float(reply != chosen)
-        if grader.operation == "like":
-            return float(chosen in reply)
-        return float(chosen.lower() in reply.lower())
-    return difflib.SequenceMatcher(None, reply.strip(), chosen.strip(), autojunk=False).ratio()
-
-
 def choose_prompts(
     tokenizer: PreTrainedTokenizerBase,
     *,
@@ -108,12 +95,24 @@ def choose_prompts(
     train_file: str,
     n_prompts: int,
     max_length: int,
+    held_out_file: str | None = None,
+    held_out_lines: Sequence[int] = (),
 ) -> tuple[list[SamplePrompt], str]:
-    """The first ``n_prompts`` pairs with distinct prompts of the validation file, else of the training file,
-    leaving out prompts that fill ``max_length`` tokens; and which file they came from (``"validation
-    file"`` or ``"training file"``). Both files were validated before (``run._resolve``)."""
-    path, source = (validation_file, "validation file") if validation_file else (train_file, "training file")
+    """The first ``n_prompts`` pairs with distinct prompts of the validation file, else of the prompts held out
+    of the training file (``worker/training/holdout.py``), else of the training file, leaving out prompts
+    that fill ``max_length`` tokens; and where they came from (``"validation file"``, ``"held-out training
+    prompts"`` or ``"training file"``). The files were validated before (``run._resolve``). Line ``k`` of
+    ``held_out_file`` is line ``held_out_lines[k - 1]`` of the training file: rows name that one."""
+    path, source = (
+        (validation_file, "validation file")
+        if validation_file
+        else (held_out_file, "held-out training prompts")
+        if held_out_file
+        else (train_file, "training file")
+    )
     examples, _ = parse_preference_file(path, special_tokens=tokenizer_special_tokens(tokenizer))
+    if path == held_out_file and held_out_lines:
+        examples = [ex.model_copy(update={"line": held_out_lines[ex.line - 1]}) for ex in examples]
     chosen: list[SamplePrompt] = []
     seen: set[str] = set()
     for ex in examples:
@@ -148,6 +147,7 @@ class SamplesCallback(TrainerCallback):
         out_path: Path,
         total_steps: int,
         metrics_rows: list[dict[str, Any]] | None = None,
+        graders: Graders | None = None,
     ) -> None:
         self.reporter = reporter
         self.tokenizer = tokenizer
@@ -163,6 +163,8 @@ class SamplesCallback(TrainerCallback):
         self.seconds = 0.0
         self.disabled = False
         self._reference: tuple[list[str], list[str], list[tuple[float, float]]] | None = None
+        self.graders = graders if graders is not None else Graders(config.graders, None)
+        self._reference_scores: tuple[list[dict[str, float | None]], list[dict[str, str]]] | None = None
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         # After NonFiniteGuard and StopCallback: no samples from NaN weights, none delaying a pause or cancel.
@@ -216,6 +218,23 @@ class SamplesCallback(TrainerCallback):
                     self._logps(model),
                 )
         reference_greedy, reference_sampled, reference_logps = self._reference
+        items = [dict(zip(("prompt", "chosen", "rejected"), p.texts, strict=True)) for p in self.prompts]
+        scores: list[dict[str, float | None]] = [{} for _ in self.prompts]
+        reasons: list[dict[str, str]] = [{} for _ in self.prompts]
+        if self.config.graders:
+            scores, reasons, warnings = self.graders.score(policy_greedy, items)
+            if self._reference_scores is not None:
+                reference_scores, reference_reasons = self._reference_scores
+            else:  # kept once complete (an endpoint that was down is asked again next round)
+                reference_scores, reference_reasons, more = self.graders.score(reference_greedy, items)
+                if not more:
+                    self._reference_scores = (reference_scores, reference_reasons)
+                warnings += more
+            for warning in warnings:
+                self.reporter.event(f"Samples at step {step}: {warning}"[:4000], level="warn")
+            for i in range(len(self.prompts)):
+                scores[i].update({f"{k}_reference": v for k, v in reference_scores[i].items()})
+                reasons[i].update({f"{k}_reference": v for k, v in reference_reasons[i].items()})
         rows = []
         for i, p in enumerate(self.prompts):
             prompt, chosen, rejected = p.texts
@@ -236,10 +255,9 @@ class SamplesCallback(TrainerCallback):
                 "reference_logp_rejected": reference_logps[i][1],
             }
             if self.config.graders:
-                row["scores"] = {
-                    **{g.name: grade(g, policy_greedy[i], chosen) for g in self.config.graders},
-                    **{f"{g.name}_reference": grade(g, reference_greedy[i], chosen) for g in self.config.graders},
-                }
+                row["scores"] = scores[i]
+                if reasons[i]:
+                    row["score_reasons"] = reasons[i]
             rows.append(row)
         return rows
 
@@ -308,6 +326,11 @@ class SamplesCallback(TrainerCallback):
                 "policy_reply": cut(row["policy_reply"]),
                 **{k: row[k] for k in LOGP_KEYS},
                 **({"scores": row["scores"]} if "scores" in row else {}),
+                **(
+                    {"score_reasons": {k: cut(v) for k, v in row["score_reasons"].items()}}
+                    if "score_reasons" in row
+                    else {}
+                ),
             }
             for row in rows
         ]
@@ -325,8 +348,9 @@ class SamplesCallback(TrainerCallback):
             "samples/changed_fraction": round(changed / n, 4),
             "samples/seconds": round(seconds, 3),
         }
-        for key in rows[0].get("scores", {}):
-            metrics[f"samples/{key}"] = round(sum(row["scores"][key] for row in rows) / n, 4)
+        for key in rows[0].get("scores", {}):  # the mean of the replies that got a score; null when none did
+            values = [row["scores"][key] for row in rows if row["scores"][key] is not None]
+            metrics[f"samples/{key}"] = round(sum(values) / len(values), 4) if values else None
         if self.metrics_rows is not None:
             self.metrics_rows.append({"split": "samples", **metrics})
         self.reporter.metrics(metrics)

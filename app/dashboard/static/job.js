@@ -90,7 +90,9 @@
       series.push([k, label, colour], [k + "_reference", label + " (reference)", colour, true]);
     });
     document.getElementById("figure-graders").hidden = false;
-    graderChart = makeChart({ id: "chart-graders", range: [0, 1], series });
+    // [0, 1] at least; wider when a score_model grader's range is (its scores are clamped to that range)
+    const range = (u, min, max) => [Math.min(0, min === null ? 0 : min), Math.max(1, max === null ? 1 : max)];
+    graderChart = makeChart({ id: "chart-graders", range, series });
     charts.push(graderChart);
   }
 
