@@ -57,6 +57,7 @@ def create_job(
             models_dir=ctx.settings.resolved_models_dir,
             storage=ctx.storage,
             max_active=ctx.settings.max_active_jobs,
+            allowed_tracking_uris=ctx.settings.mlflow_allowed_uris,
         )
         session.flush()
         return job_view(job)

@@ -40,7 +40,7 @@ from contracts.chat_templates import (
     describe_template_refusals,
     resolve_chat_template,
 )
-from contracts.integrations import dump_integrations
+from contracts.integrations import MlflowBlock, WandbBlock, dump_integrations, tracking_uri_allowed
 from contracts.max_length import MaxLengthError, resolve_max_length
 from contracts.method import PREFERENCE_ONLY, Method
 from contracts.model_info import ModelInfoError, read_config, unknown_target_modules
@@ -293,6 +293,21 @@ def check_active_jobs(session: Session, project_id: str, max_active: int) -> Non
         )
 
 
+def check_tracking_uris(integrations: list[WandbBlock | MlflowBlock], allowed: list[str]) -> None:
+    """400 naming ``integrations[i].mlflow.tracking_uri`` when it is outside ``IPO_MLFLOW_ALLOWED_URIS``
+    (the worker would send requests there: server-side request forgery on a shared service)."""
+    for i, block in enumerate(integrations):
+        uri = block.mlflow.tracking_uri if isinstance(block, MlflowBlock) else None
+        if uri is not None and not tracking_uri_allowed(uri, allowed):
+            raise InvalidRequest(
+                f"integrations[{i}].mlflow.tracking_uri: {uri!r} is not an allowed MLflow tracking server on "
+                f"this service (IPO_MLFLOW_ALLOWED_URIS: {', '.join(allowed) or 'none'}). Leave it out to use "
+                "the worker's MLFLOW_TRACKING_URI, or ask the operator to allow it.",
+                param=f"integrations[{i}].mlflow.tracking_uri",
+                code="tracking_uri_not_allowed",
+            )
+
+
 def create_job(
     session: Session,
     *,
@@ -301,8 +316,16 @@ def create_job(
     models_dir: Path,
     storage: Storage,
     max_active: int = 0,
+    allowed_tracking_uris: list[str] | None = None,
 ) -> Job:
+    """Create a queued job (and its outbox row) from a validated body.
+
+    ``allowed_tracking_uris``: ``IPO_MLFLOW_ALLOWED_URIS`` (None: no restriction). Raises ``InvalidRequest``
+    (400 naming the field) for a model, file, method or tracking URI that cannot be used, ``Conflict`` when
+    the project has ``max_active`` jobs running or queued."""
     method = _merge_legacy_hyperparameters(body)
+    if allowed_tracking_uris is not None:
+        check_tracking_uris(body.integrations or [], allowed_tracking_uris)
     warm = None
     if body.from_checkpoint is not None:
         warm = resolve_warm_start(session, project_id, body.from_checkpoint, model=body.model, method_type=method.type)
