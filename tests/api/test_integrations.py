@@ -103,7 +103,13 @@ def test_malformed_integrations_are_a_400_naming_the_field(
         ({"type": "wandb", "api_key": "k", "wandb": {"project": "p"}}, "integrations[0].api_key"),
         ({"type": "mlflow", "mlflow": {"MLFLOW_TRACKING_TOKEN": "t"}}, "integrations[0].mlflow.MLFLOW_TRACKING_TOKEN"),
         ({"type": "mlflow", "mlflow": {"tags": {"db_password": "hunter2"}}}, "integrations[0].mlflow.tags.db_password"),
+        (
+            {"type": "wandb", "wandb": {"project": "p", "settings": {"auth": [{"Bearer-Token": "hunter2"}]}}},
+            "integrations[0].wandb.settings.auth[0].Bearer-Token",
+        ),
+        ({"type": "mlflow", "mlflow": {"Client_Secret": "hunter2"}}, "integrations[0].mlflow.Client_Secret"),
         ({"type": "mlflow", "mlflow": {"tracking_uri": "https://bob:hunter2@mlflow.example"}}, None),
+        ({"type": "mlflow", "mlflow": {"tracking_uri": "https://:hunter2@127.0.0.1:5000"}}, None),
         ({"type": "mlflow", "mlflow": {"tracking_uri": "https://token@mlflow.example"}}, None),
         ({"type": "mlflow", "mlflow": {"tracking_uri": "https://mlflow.example/?access_token=x"}}, None),
     ],
