@@ -57,12 +57,12 @@ def mlflow_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
 
 
-def _wait(what: str, check: Callable[[], T | None], timeout: float = 600) -> T:
+def _wait(what: str, check: Callable[[], T | None], timeout: float = 1500) -> T:
     deadline = time.monotonic() + timeout
     while (value := check()) is None or value is False:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.2)
+        time.sleep(1)  # well under the API key's rate limit (IPO_RATE_LIMIT_PER_MINUTE)
     return value
 
 
@@ -71,7 +71,11 @@ def _events(http: httpx.Client, job_id: str) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     after = None
     while True:
-        page = http.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100, "after": after}).json()
+        r = http.get(
+            f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100, **({"after": after} if after else {})}
+        )
+        assert r.status_code == 200, r.text
+        page = r.json()
         out.extend(page["data"])
         if not page["has_more"]:
             return sorted(out, key=lambda e: int(e["id"].removeprefix("ftevent-")))
@@ -96,13 +100,14 @@ def _param_text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+@pytest.mark.timeout(1800)  # two attempts of real training: a busy shared machine needs far more than 15 min
 def test_trackers_hold_what_the_dashboard_shows_across_a_pause_and_a_tracker_that_is_down(
     stack: Stack, mlflow_url: str, wandb_dir: Path, tmp_path: Path
 ) -> None:
     from mlflow.tracking import MlflowClient
 
     http = httpx.Client(base_url=stack.url, headers=stack.headers, timeout=30)
-    train, valid = write_demo_data(tmp_path / "data", n_train=64, n_valid=16, seed=1)
+    train, valid = write_demo_data(tmp_path / "data", n_train=64, n_valid=8, seed=1)
     file_ids = []
     for path in (train, valid):
         with path.open("rb") as fh:
@@ -123,7 +128,7 @@ def test_trackers_hold_what_the_dashboard_shows_across_a_pause_and_a_tracker_tha
         {"type": "wandb", "wandb": {"project": "e2e", "name": "e2e run", "tags": ["e2e"]}},
         {"type": "mlflow", "mlflow": {"tracking_uri": down}},
     ]
-    total = 20
+    total = 12
     body = {
         "model": "tiny-mistral",
         "training_file": file_ids[0],

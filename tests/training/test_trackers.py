@@ -306,7 +306,8 @@ def test_a_worker_does_not_contact_a_tracking_uri_outside_its_allow_list(
     (warning,) = inner.reports
     assert warning.level == "warn" and "'http://10.0.0.7:5000' is not allowed on this worker" in (warning.message or "")
 
-    request.mlflow_allowed_uris = ["http://10.0.0.7:5000"]
+    request.mlflow_allowed_uris = ["http://10.0.0.7:5000", "http://127.0.0.1"]  # as the worker's setting says
     inner = ListReporter()
     wrapped = tracking_reporter(request, inner)
-    assert isinstance(wrapped, TrackingReporter) and len(wrapped.sinks) == 1 and not inner.reports
+    assert isinstance(wrapped, TrackingReporter) and [s.key for s in wrapped.sinks] == ["mlflow", "mlflow-2"]
+    assert not inner.reports
