@@ -15,6 +15,7 @@ from pydantic import Field, IPvAnyNetwork, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from contracts.broker import filesystem_transport_options
+from contracts.integrations import DEFAULT_ALLOWED_TRACKING_URIS, parse_allowed_uris
 from contracts.internal import DEFAULT_QUEUE
 from contracts.logs import LogFormat
 
@@ -105,6 +106,13 @@ class Settings(BaseSettings):
     """CIDRs that webhook targets may resolve to besides global addresses, e.g. ``10.0.8.0/24`` where
     your receivers live; comma-separated in ``IPO_WEBHOOK_ALLOWED_NETWORKS``. Empty by default: private,
     link-local and other non-global ranges are refused (``app.services.webhook_targets``)."""
+    mlflow_allowed_uris: Annotated[list[str], NoDecode] = list(DEFAULT_ALLOWED_TRACKING_URIS)
+    """Where a job's ``integrations[].mlflow.tracking_uri`` may point: comma-separated ``*`` or
+    ``http(s)://host[:port][/path]`` prefixes (``*.corp.example`` for subdomains; no port = any port) in
+    ``IPO_MLFLOW_ALLOWED_URIS``. Default: an MLflow server on loopback (``http://127.0.0.1``, ``localhost``,
+    ``[::1]``, any port), so local use works and a tenant cannot make workers call internal hosts (SSRF);
+    list your tracking servers on a shared service. Others are a 400 at creation; the worker checks again
+    with its own setting (``contracts.integrations.tracking_uri_allowed``)."""
     webhook_timeout_seconds: float = Field(5.0, gt=0)
     """Per-attempt timeout of a webhook delivery (connect + response)."""
     webhook_retry_base_seconds: float = Field(5.0, gt=0)
@@ -126,6 +134,11 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("mlflow_allowed_uris", mode="before")
+    @classmethod
+    def _allowed_uris(cls, value: Any) -> Any:
+        return parse_allowed_uris(value)
 
     @property
     def resolved_database_url(self) -> str:

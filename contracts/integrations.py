@@ -179,6 +179,61 @@ def parse_integrations(raw: Any, field: str = "integrations") -> list[WandbBlock
     return parsed
 
 
+DEFAULT_ALLOWED_TRACKING_URIS = ("http://127.0.0.1", "http://localhost", "http://[::1]")
+"""``IPO_MLFLOW_ALLOWED_URIS``'s default: an MLflow server on the worker's own machine (``mlflow server`` on a
+laptop, any port). A ``tracking_uri`` in a job body makes the worker send HTTP requests to that host, and
+the server's error replies come back in the job's warning events: on a shared service, naming an internal
+host is server-side request forgery. Operators list their tracking servers (or ``*``) instead. A job that
+names no ``tracking_uri`` uses the worker's ``MLFLOW_TRACKING_URI``, which is always allowed."""
+
+
+def parse_allowed_uris(value: Any) -> list[str]:
+    """``IPO_MLFLOW_ALLOWED_URIS`` (comma-separated, or a list) as a list of entries, each ``*`` or
+    ``http(s)://host[:port][/path]`` (``host`` may start with ``*.``). Raises ``ValueError`` on any other entry."""
+    parts = [p.strip() for p in value.split(",")] if isinstance(value, str) else [str(p).strip() for p in value]
+    entries = [p for p in parts if p]
+    for entry in entries:
+        if entry == "*":
+            continue
+        split = urlsplit(entry)
+        if split.scheme not in ("http", "https") or not split.hostname or split.query or split.username:
+            raise ValueError(f"{entry!r} is not '*' or an http(s)://host[:port][/path] prefix")
+        split.port  # noqa: B018 - raises ValueError on a bad port
+    return entries
+
+
+def tracking_uri_allowed(uri: str, allowed: list[str] | tuple[str, ...]) -> bool:
+    """Whether ``uri`` (an ``http(s)://`` URL) matches an entry of ``allowed`` (``parse_allowed_uris``).
+
+    An entry matches when the scheme is the same, the host is the same (case-insensitive; ``*.corp`` matches
+    any subdomain of ``corp``, not ``corp`` itself), the port is the same (an entry without a port matches
+    every port) and the URL's path starts with the entry's path, segment by segment. ``*`` matches all."""
+    parts = urlsplit(uri)
+    host = (parts.hostname or "").lower()
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return False
+    path = parts.path.rstrip("/") + "/"
+    for entry in allowed:
+        if entry == "*":
+            return True
+        rule = urlsplit(entry)
+        rule_host = (rule.hostname or "").lower()
+        if rule.scheme != parts.scheme:
+            continue
+        if rule_host.startswith("*."):
+            if not host.endswith(rule_host[1:]):
+                continue
+        elif rule_host != host:
+            continue
+        if rule.port is not None and rule.port != port:
+            continue
+        if path.startswith(rule.path.rstrip("/") + "/"):
+            return True
+    return False
+
+
 def dump_integrations(blocks: list[WandbBlock | MlflowBlock]) -> list[dict[str, Any]]:
     """The stored / echoed JSON form: each block with its unset optional fields left out."""
     return [block.model_dump(mode="json", exclude_none=True) for block in blocks]

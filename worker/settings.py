@@ -9,12 +9,13 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from contracts.broker import FILESYSTEM_BROKER, filesystem_transport_options
+from contracts.integrations import DEFAULT_ALLOWED_TRACKING_URIS, parse_allowed_uris
 from contracts.internal import DEFAULT_QUEUE, worker_queues
 from contracts.logs import LogFormat
 from worker.launcher import parse_devices
@@ -90,10 +91,18 @@ class WorkerSettings(BaseSettings):
     """Bearer key for ``grader_base_url`` (an API key of this service when it grades itself)."""
     grader_timeout_seconds: float = Field(default=60.0, gt=0)
     """Per grader request (one retry after a connection error or 5xx, the ``openai`` client's)."""
+    mlflow_allowed_uris: Annotated[list[str], NoDecode] = list(DEFAULT_ALLOWED_TRACKING_URIS)
+    """MLflow servers a job's ``tracking_uri`` may name, as the API's ``IPO_MLFLOW_ALLOWED_URIS`` (same
+    format and default: loopback only); checked again here because the worker is what connects."""
     log_level: str = "INFO"
     """Root log level (``DEBUG``, ``INFO``, ``WARNING``, ``ERROR``)."""
     log_format: LogFormat = "auto"
     """``json`` (one object per line), ``text`` (for people), or ``auto``: text when stderr is a terminal."""
+
+    @field_validator("mlflow_allowed_uris", mode="before")
+    @classmethod
+    def _allowed_uris(cls, value: Any) -> Any:
+        return parse_allowed_uris(value)
 
     @model_validator(mode="after")
     def _derive_paths(self) -> WorkerSettings:

@@ -133,6 +133,7 @@ def stage_attempt(api: ApiClient, claim: ClaimResponse, settings: WorkerSettings
         seed=spec.seed,
         method=spec.method,
         integrations=spec.integrations,
+        mlflow_allowed_uris=settings.mlflow_allowed_uris,
         lineage=_lineage(claim),
         device=settings.device,
         cache_dir=str(settings.training_cache_dir.resolve()) if settings.training_cache_dir else None,

@@ -58,6 +58,7 @@ def create_job(
             storage=ctx.storage,
             max_active=ctx.settings.max_active_jobs,
             max_gpus=ctx.settings.max_gpus_per_job,
+            allowed_tracking_uris=ctx.settings.mlflow_allowed_uris,
         )
         session.flush()
         return job_view(job)

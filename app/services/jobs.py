@@ -40,7 +40,7 @@ from contracts.chat_templates import (
     describe_template_refusals,
     resolve_chat_template,
 )
-from contracts.integrations import dump_integrations
+from contracts.integrations import MlflowBlock, WandbBlock, dump_integrations, tracking_uri_allowed
 from contracts.max_length import MaxLengthError, resolve_max_length
 from contracts.method import PREFERENCE_ONLY, Method
 from contracts.model_info import ModelInfoError, read_config, unknown_target_modules
@@ -306,6 +306,21 @@ def check_n_gpus(n_gpus: int | None, max_gpus: int) -> int:
     return n
 
 
+def check_tracking_uris(integrations: list[WandbBlock | MlflowBlock], allowed: list[str]) -> None:
+    """400 naming ``integrations[i].mlflow.tracking_uri`` when it is outside ``IPO_MLFLOW_ALLOWED_URIS``
+    (the worker would send requests there: server-side request forgery on a shared service)."""
+    for i, block in enumerate(integrations):
+        uri = block.mlflow.tracking_uri if isinstance(block, MlflowBlock) else None
+        if uri is not None and not tracking_uri_allowed(uri, allowed):
+            raise InvalidRequest(
+                f"integrations[{i}].mlflow.tracking_uri: {uri!r} is not an allowed MLflow tracking server on "
+                f"this service (IPO_MLFLOW_ALLOWED_URIS: {', '.join(allowed) or 'none'}). Leave it out to use "
+                "the worker's MLFLOW_TRACKING_URI, or ask the operator to allow it.",
+                param=f"integrations[{i}].mlflow.tracking_uri",
+                code="tracking_uri_not_allowed",
+            )
+
+
 def create_job(
     session: Session,
     *,
@@ -315,9 +330,17 @@ def create_job(
     storage: Storage,
     max_active: int = 0,
     max_gpus: int = 8,
+    allowed_tracking_uris: list[str] | None = None,
 ) -> Job:
+    """Create a queued job (and its outbox row) from a validated body.
+
+    ``allowed_tracking_uris``: ``IPO_MLFLOW_ALLOWED_URIS`` (None: no restriction). Raises ``InvalidRequest``
+    (400 naming the field) for a model, file, method or tracking URI that cannot be used, ``Conflict`` when
+    the project has ``max_active`` jobs running or queued."""
     method = _merge_legacy_hyperparameters(body)
     n_gpus = check_n_gpus(body.n_gpus, max_gpus)
+    if allowed_tracking_uris is not None:
+        check_tracking_uris(body.integrations or [], allowed_tracking_uris)
     warm = None
     if body.from_checkpoint is not None:
         warm = resolve_warm_start(session, project_id, body.from_checkpoint, model=body.model, method_type=method.type)

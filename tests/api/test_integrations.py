@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from app.settings import Settings
 from tests.api.conftest import WORKER
 
 WANDB = {"type": "wandb", "wandb": {"project": "align", "name": "run-1", "entity": "ml-team", "tags": ["ipo"]}}
@@ -22,6 +23,12 @@ MLFLOW = {
         "register_model_as": "zephyr-ipo-adapter",
     },
 }
+
+
+@pytest.fixture(autouse=True)
+def _allow_the_test_servers(settings: Settings) -> None:
+    """``IPO_MLFLOW_ALLOWED_URIS`` as an operator sets it: loopback, the internal server, a corporate domain."""
+    settings.mlflow_allowed_uris = ["http://127.0.0.1", "http://mlflow.internal:5000", "https://*.corp.example/ml"]
 
 
 def _create(client: TestClient, auth: dict[str, str], train: str, integrations: Any) -> Any:
@@ -96,7 +103,13 @@ def test_malformed_integrations_are_a_400_naming_the_field(
         ({"type": "wandb", "api_key": "k", "wandb": {"project": "p"}}, "integrations[0].api_key"),
         ({"type": "mlflow", "mlflow": {"MLFLOW_TRACKING_TOKEN": "t"}}, "integrations[0].mlflow.MLFLOW_TRACKING_TOKEN"),
         ({"type": "mlflow", "mlflow": {"tags": {"db_password": "hunter2"}}}, "integrations[0].mlflow.tags.db_password"),
+        (
+            {"type": "wandb", "wandb": {"project": "p", "settings": {"auth": [{"Bearer-Token": "hunter2"}]}}},
+            "integrations[0].wandb.settings.auth[0].Bearer-Token",
+        ),
+        ({"type": "mlflow", "mlflow": {"Client_Secret": "hunter2"}}, "integrations[0].mlflow.Client_Secret"),
         ({"type": "mlflow", "mlflow": {"tracking_uri": "https://bob:hunter2@mlflow.example"}}, None),
+        ({"type": "mlflow", "mlflow": {"tracking_uri": "https://:hunter2@127.0.0.1:5000"}}, None),
         ({"type": "mlflow", "mlflow": {"tracking_uri": "https://token@mlflow.example"}}, None),
         ({"type": "mlflow", "mlflow": {"tracking_uri": "https://mlflow.example/?access_token=x"}}, None),
     ],
@@ -115,3 +128,66 @@ def test_the_published_schema_describes_integrations(client: TestClient) -> None
     schema = client.get("/schemas/job-spec.v1.json").json()
     assert "integrations" in schema["properties"]
     assert {"WandbBlock", "MlflowBlock"} <= set(schema["$defs"])
+
+
+@pytest.mark.parametrize(
+    ("uri", "allowed"),
+    [
+        ("http://mlflow.internal:5000", True),
+        ("http://mlflow.internal:5000/", True),
+        ("http://MLflow.Internal:5000/mlflow", True),
+        ("http://127.0.0.1:41234", True),  # an entry without a port allows every port
+        ("https://eu.corp.example/ml", True),
+        ("https://eu.corp.example/ml/tracking", True),
+        ("http://mlflow.internal:5001", False),  # another port
+        ("https://mlflow.internal:5000", False),  # another scheme
+        ("http://169.254.169.254/latest", False),  # cloud metadata
+        ("http://10.0.0.7:5000", False),
+        ("https://corp.example/ml", False),  # *.corp.example is its subdomains only
+        ("https://eu.corp.example/mlx", False),  # path prefixes match whole segments
+        ("https://eu.corp.example/", False),
+        ("http://mlflow.internal.evil.example:5000", False),
+    ],
+)
+def test_a_tracking_uri_outside_the_allow_list_is_a_400(
+    client: TestClient, upload, auth, uri: str, allowed: bool
+) -> None:
+    train = upload().json()["id"]
+    r = _create(client, auth, train, [WANDB, {"type": "mlflow", "mlflow": {"tracking_uri": uri}}])
+    if allowed:
+        assert r.status_code == 200, r.text
+        return
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "integrations[1].mlflow.tracking_uri" and error["code"] == "tracking_uri_not_allowed"
+    assert "IPO_MLFLOW_ALLOWED_URIS" in error["message"] and uri in error["message"], error
+    assert client.get("/v1/fine_tuning/jobs", headers=auth).json()["data"] == []
+
+
+def test_the_default_allow_list_is_the_local_machine() -> None:
+    from contracts.integrations import tracking_uri_allowed
+    from worker.settings import WorkerSettings
+
+    for allowed in (Settings().mlflow_allowed_uris, WorkerSettings().mlflow_allowed_uris):
+        assert tracking_uri_allowed("http://127.0.0.1:5000", allowed)
+        assert tracking_uri_allowed("http://localhost:8080/mlflow", allowed)
+        assert tracking_uri_allowed("http://[::1]:5000", allowed)
+        assert not tracking_uri_allowed("http://mlflow.internal:5000", allowed)
+        assert not tracking_uri_allowed("https://127.0.0.1:5000", allowed)
+        assert not tracking_uri_allowed("http://localhost.evil.example", allowed)
+
+
+def test_the_allow_list_setting_is_parsed_and_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    from contracts.integrations import tracking_uri_allowed
+
+    monkeypatch.setenv("IPO_MLFLOW_ALLOWED_URIS", " https://mlflow.corp:443 , *")
+    assert Settings().mlflow_allowed_uris == ["https://mlflow.corp:443", "*"]
+    assert tracking_uri_allowed("http://10.1.2.3", ["*"])
+    monkeypatch.setenv("IPO_MLFLOW_ALLOWED_URIS", "")
+    assert Settings().mlflow_allowed_uris == []  # nothing allowed: jobs use the worker's MLFLOW_TRACKING_URI
+    for bad in ("mlflow.corp", "ftp://mlflow.corp", "https://user@mlflow.corp", "https://mlflow.corp:99999"):
+        monkeypatch.setenv("IPO_MLFLOW_ALLOWED_URIS", bad)
+        with pytest.raises(ValidationError, match="mlflow_allowed_uris"):
+            Settings()

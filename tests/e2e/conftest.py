@@ -60,7 +60,9 @@ def _stack(
     queue_name: str,
     tiny_models_dir: Path,
     tmp_path_factory: pytest.TempPathFactory,
+    extra_env: dict[str, str] | None = None,
 ) -> Iterator[Stack]:
+    """The stack on ``database_url``; ``extra_env`` is added to the API's and the worker's environment."""
     upgrade(database_url)
     var = tmp_path_factory.mktemp("var")
     logs = tmp_path_factory.mktemp("logs")
@@ -79,6 +81,7 @@ def _stack(
         "IPO_DEVICE": "cpu",
         "HF_HUB_OFFLINE": "1",
         "PYTHONUNBUFFERED": "1",
+        **(extra_env or {}),
     }
     if redis_url:
         env["IPO_BROKER_URL"] = redis_url

@@ -5,12 +5,8 @@ is compared with what the job itself reported (the reports that become its metri
 from __future__ import annotations
 
 import json
-import os
-import struct
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +14,9 @@ import pytest
 
 from contracts.integrations import parse_integrations
 from contracts.method import Method
-from ipo_cli.processes import free_port, stop_group, wait_http_ok
+from ipo_cli.processes import free_port
+from tests.tracking_readback import mlflow_history, read_wandb
+from tests.tracking_readback import mlflow_server as start_mlflow_server
 from worker.training.callbacks import StopFlag
 from worker.training.reporter import ListReporter
 from worker.training.request import EXIT_OK, EXIT_STOPPED, TrainRequest
@@ -32,9 +30,16 @@ LOGGED = ("train_loss", "ipo_margin", "ipo_margin_target", "preference_accuracy"
 LOGGED_VALID = ("valid_loss", "valid_preference_accuracy", "valid_ipo_margin")
 
 
-def _request(model: Path, data: tuple[Path, Path], out: Path, integrations: list[Any], **hp: Any) -> TrainRequest:
+def _request(
+    model: Path,
+    data: tuple[Path, Path],
+    out: Path,
+    integrations: list[Any],
+    job_id: str = "ftjob-track1",
+    **hp: Any,
+) -> TrainRequest:
     return TrainRequest(
-        job_id="ftjob-track1",
+        job_id=job_id,
         attempt=1,
         model_path=str(model),
         train_file=str(data[0]),
@@ -60,40 +65,30 @@ def _reported(*reporters: ListReporter) -> dict[str, dict[int, float]]:
     return out
 
 
+def _same_history(logged: list[tuple[int, float]], reported: dict[int, float], key: str) -> None:
+    """The tracker holds each reported step of ``key`` once, with the reported value."""
+    assert [step for step, _ in logged] == sorted(reported), (key, logged, reported)  # no step twice, none missing
+    assert [value for _, value in logged] == pytest.approx([reported[s] for s in sorted(reported)]), key
+
+
+class HookedReporter(ListReporter):
+    """A ``ListReporter`` that calls ``on_warning(message)`` (synchronously, in the trainer's thread) at each
+    warning event: the test brings a tracker up at a known point of the run."""
+
+    def __init__(self, on_warning: Any) -> None:
+        super().__init__()
+        self.on_warning = on_warning
+
+    def event(self, message: str, level: Any = "info", data: dict[str, Any] | None = None) -> None:
+        super().event(message, level, data)
+        if level == "warn":
+            self.on_warning(message)
+
+
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    root = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = (root / "server.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{root / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(root / "artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-    )
-    try:
-        wait_http_ok(f"{url}/health", [proc], timeout=120)
+    with start_mlflow_server(tmp_path_factory.mktemp("mlflow")) as url:
         yield url
-    finally:
-        stop_group(proc)
-        log.close()
 
 
 @pytest.mark.slow
@@ -113,7 +108,7 @@ def test_mlflow_gets_the_jobs_metrics_params_tags_artifacts_and_a_model_version_
             },
         }
     ]
-    hp = {"max_steps": 4, "batch_size": 4, "checkpoint_every": 2, "beta": 0.5}
+    hp: dict[str, Any] = {"max_steps": 4, "batch_size": 4, "checkpoint_every": 2, "beta": 0.5}
     flag = StopFlag()
     flag.stop_at_step = 2  # attempt 1 pauses after step 2, attempt 2 resumes from its checkpoint
     first = ListReporter()
@@ -138,8 +133,7 @@ def test_mlflow_gets_the_jobs_metrics_params_tags_artifacts_and_a_model_version_
     reported = _reported(first, second)
     assert sorted(reported["train_loss"]) == [1, 2, 3, 4]
     for key in (*LOGGED, *LOGGED_VALID, "tokens_per_second"):
-        history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
-        assert history == pytest.approx(reported[key]), key  # same steps, same values
+        _same_history(mlflow_history(client, run.info.run_id, key), reported[key], key)
 
     resolved = second.of_kind("resolved")[0].data or {}
     assert run.data.params["beta"] == "0.5" and run.data.params["total_steps"] == "4"
@@ -176,12 +170,7 @@ def test_wandb_offline_run_holds_the_jobs_metrics_and_config(
     assert not [r for r in reporter.reports if r.level == "warn" and "wandb" in (r.message or "")]
 
     (run_file,) = (tmp_path / "wandb-dir").glob("wandb/offline-run-*/run-ftjob-track1.wandb")
-    deadline = time.monotonic() + 120
-    while True:  # wandb-core (its own process) may still be writing the last records when finish() returns
-        history, config, run = _read_wandb(run_file)
-        if run.get("exited") or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
+    history, config, run = read_wandb(run_file)
     assert run["run_id"] == "ftjob-track1" and run["display_name"] == "tiny run" and "ci" in run["tags"]
     reported = _reported(reporter)
     for key in (*LOGGED, *LOGGED_VALID, "tokens_per_second"):
@@ -190,64 +179,6 @@ def test_wandb_offline_run_holds_the_jobs_metrics_and_config(
     resolved = reporter.of_kind("resolved")[0].data or {}
     assert config["beta"] == resolved["beta"] and config["total_steps"] == 3
     assert config["ipo"]["ipo.job_id"] == "ftjob-track1"
-
-
-def _read_wandb(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
-    """History rows, the final config and the run record of an offline W&B run file."""
-    from wandb.proto import wandb_internal_pb2
-
-    history: list[dict[str, Any]] = []
-    config: dict[str, Any] = {}
-    run: dict[str, Any] = {}
-    for data in _wandb_records(path):
-        record = wandb_internal_pb2.Record()  # type: ignore[attr-defined]
-        record.ParseFromString(data)
-        kind = record.WhichOneof("record_type")
-        if kind == "history":
-            history.append({_key(item): json.loads(item.value_json) for item in record.history.item})
-        elif kind == "config":
-            config.update({_key(item): json.loads(item.value_json) for item in record.config.update})
-        elif kind == "run":
-            run = {"run_id": record.run.run_id, "display_name": record.run.display_name, "tags": list(record.run.tags)}
-            config.update({_key(item): json.loads(item.value_json) for item in record.run.config.update})
-        elif kind == "exit":
-            run["exited"] = True
-    return history, config, run
-
-
-def _key(item: Any) -> str:
-    return str(item.key or "/".join(item.nested_key))
-
-
-WANDB_BLOCK = 32768
-"""A ``.wandb`` file is a LevelDB-style log (W&B's ``core/pkg/leveldb``): a 7-byte header (``:W&B``, magic
-0xBEE1, version), then 32 KiB blocks of records, each ``crc32 (4) | length (2) | type (1) | payload``;
-types 1 full, 2 first, 3 middle, 4 last chunk of a record; a block's tail under 7 bytes is padding."""
-
-
-def _wandb_records(path: Path) -> Iterator[bytes]:
-    data = path.read_bytes()
-    assert data[:4] == b":W&B", data[:7]
-    pos, pending = 7, b""
-    while pos + 7 <= len(data):
-        left = WANDB_BLOCK - pos % WANDB_BLOCK
-        if left < 7:
-            pos += left
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        payload = data[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind == 0:  # zero fill at the end of a block or the file
-            pos += WANDB_BLOCK - pos % WANDB_BLOCK if pos % WANDB_BLOCK else 0
-            continue
-        if kind == 1:
-            yield payload
-        elif kind == 2:
-            pending = payload
-        elif kind == 3:
-            pending += payload
-        elif kind == 4:
-            yield pending + payload
 
 
 def test_a_tracker_that_is_down_never_fails_the_training(
@@ -266,3 +197,117 @@ def test_a_tracker_that_is_down_never_fails_the_training(
     assert "logged to it once more at the end" in mlflow_warnings[0]
     assert "failed again at the end" in mlflow_warnings[1]
     assert len(_reported(reporter)["train_loss"]) == 2  # the job's own metrics are all there
+
+
+@pytest.mark.slow
+def test_a_tracker_that_comes_back_gets_the_whole_run_at_the_end(
+    tiny_model_dir: Path, demo_files: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Down at the first report (refused connection), up before the end: the retry at the end logs the
+    whole run (metrics, params, artifacts, model version) and the job has exactly one warning."""
+    from mlflow.tracking import MlflowClient
+
+    port = free_port()
+    servers = ExitStack()
+    urls: list[str] = []
+
+    def bring_it_up(message: str) -> None:
+        if message.startswith("mlflow tracking failed") and not urls:  # blocks training until it answers
+            urls.append(servers.enter_context(start_mlflow_server(tmp_path / "mlflow", port)))
+
+    integrations = [
+        {"type": "mlflow", "mlflow": {"tracking_uri": f"http://127.0.0.1:{port}", "register_model_as": "late"}}
+    ]
+    reporter = HookedReporter(bring_it_up)
+    request = _request(
+        tiny_model_dir, demo_files, tmp_path / "run", integrations, "ftjob-late", max_steps=3, batch_size=4
+    )
+    with servers:
+        assert train(request, reporter) == EXIT_OK
+        assert urls, "the tracker never failed"
+        warnings = [r.message or "" for r in reporter.reports if r.level == "warn"]
+        assert len(warnings) == 1 and "logged to it once more at the end" in warnings[0], warnings
+        recovered = [r.message or "" for r in reporter.of_kind("event") if "recovered" in (r.message or "")]
+        assert len(recovered) == 1 and "logged at the end" in recovered[0], recovered
+        assert reporter.reports[-1].kind == "done"
+
+        client = MlflowClient(tracking_uri=urls[0])
+        experiment = client.get_experiment_by_name("ipo-align")  # the default experiment
+        assert experiment is not None
+        (run,) = client.search_runs([experiment.experiment_id])
+        assert run.info.status == "FINISHED" and run.data.tags["ipo.job_id"] == "ftjob-late"
+        reported = _reported(reporter)
+        for key in (*LOGGED, *LOGGED_VALID, "tokens_per_second"):
+            _same_history(mlflow_history(client, run.info.run_id, key), reported[key], key)
+        assert set(run.data.params) == set(reporter.of_kind("resolved")[0].data or {})
+        assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"adapter", "metrics"}
+        (version,) = client.search_model_versions("name='late'")
+        assert version.run_id == run.info.run_id and version.tags["base_model"] == "tiny-mistral"
+
+
+@pytest.mark.slow
+def test_what_a_paused_attempt_could_not_log_is_logged_by_the_attempt_that_resumes(
+    tiny_model_dir: Path, demo_files: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Down for all of attempt 1 (paused at step 2: its retry at the end fails too), up for attempt 2: the
+    checkpoint carries attempt 1's backlog, attempt 2 logs it first, and the run holds every step once."""
+    from mlflow.tracking import MlflowClient
+
+    port = free_port()
+    integrations = [{"type": "mlflow", "mlflow": {"tracking_uri": f"http://127.0.0.1:{port}"}}]
+    hp: dict[str, Any] = {"max_steps": 4, "batch_size": 4, "checkpoint_every": 2}
+    flag = StopFlag()
+    flag.stop_at_step = 2
+    first = ListReporter()
+    request = _request(tiny_model_dir, demo_files, tmp_path / "a1", integrations, "ftjob-backlog", **hp)
+    assert train(request, first, flag) == EXIT_STOPPED
+    warnings = [r.message or "" for r in first.reports if r.level == "warn"]
+    assert len(warnings) == 2 and "failed again at the end" in warnings[1], warnings
+    assert "up to step 2 travels with that checkpoint" in warnings[1], warnings
+    (checkpoint,) = [c for c in first.of_kind("checkpoint") if c.step == 2]
+    saved = json.loads((Path(str(checkpoint.path)) / RUN_IDS_FILE).read_text())
+    assert "mlflow" not in saved and saved["pending"]["mlflow"][0]["op"] == "params"
+
+    with start_mlflow_server(tmp_path / "mlflow", port) as url:
+        second = ListReporter()
+        request = _request(tiny_model_dir, demo_files, tmp_path / "a2", integrations, "ftjob-backlog", **hp)
+        request.attempt, request.resume_from = 2, checkpoint.path
+        assert train(request, second) == EXIT_OK
+        assert not [r for r in second.reports if r.level == "warn"], second.reports
+        recovered = [r.message or "" for r in second.of_kind("event") if "recovered" in (r.message or "")]
+        assert len(recovered) == 1 and "an earlier attempt could not log" in recovered[0], recovered
+
+        client = MlflowClient(tracking_uri=url)
+        experiment = client.get_experiment_by_name("ipo-align")
+        assert experiment is not None
+        (run,) = client.search_runs([experiment.experiment_id])
+        assert run.info.status == "FINISHED" and run.data.tags["ipo.attempt"] == "2"
+        reported = _reported(first, second)
+        assert sorted(reported["train_loss"]) == [1, 2, 3, 4]
+        for key in (*LOGGED, *LOGGED_VALID, "tokens_per_second"):
+            _same_history(mlflow_history(client, run.info.run_id, key), reported[key], key)
+
+
+def test_a_worker_does_not_contact_a_tracking_uri_outside_its_allow_list(
+    tiny_model_dir: Path, demo_files: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from worker.training.trackers import TrackingReporter, tracking_reporter
+
+    integrations = [
+        {"type": "mlflow", "mlflow": {"tracking_uri": "http://10.0.0.7:5000"}},
+        {"type": "mlflow", "mlflow": {"tracking_uri": "http://127.0.0.1:5000"}},
+    ]
+    request = _request(tiny_model_dir, demo_files, tmp_path / "run", integrations)
+    assert request.mlflow_allowed_uris == ["http://127.0.0.1", "http://localhost", "http://[::1]"]  # the default
+    inner = ListReporter()
+    wrapped = tracking_reporter(request, inner)
+    assert isinstance(wrapped, TrackingReporter)
+    assert [s.tracker.config.tracking_uri for s in wrapped.sinks] == ["http://127.0.0.1:5000"]  # type: ignore[attr-defined]
+    (warning,) = inner.reports
+    assert warning.level == "warn" and "'http://10.0.0.7:5000' is not allowed on this worker" in (warning.message or "")
+
+    request.mlflow_allowed_uris = ["http://10.0.0.7:5000", "http://127.0.0.1"]  # as the worker's setting says
+    inner = ListReporter()
+    wrapped = tracking_reporter(request, inner)
+    assert isinstance(wrapped, TrackingReporter) and [s.key for s in wrapped.sinks] == ["mlflow", "mlflow-2"]
+    assert not inner.reports

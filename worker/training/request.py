@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from contracts.integrations import Integration
+from contracts.integrations import DEFAULT_ALLOWED_TRACKING_URIS, Integration
 from contracts.method import Method
 
 EXIT_OK = 0
@@ -46,6 +46,9 @@ class TrainRequest(BaseModel):
     method: Method
     integrations: list[Integration] = Field(default_factory=list)
     """Experiment trackers to log the run to (``worker/training/trackers.py``)."""
+    mlflow_allowed_uris: list[str] = Field(default_factory=lambda: list(DEFAULT_ALLOWED_TRACKING_URIS))
+    """The worker's ``IPO_MLFLOW_ALLOWED_URIS``: a job's ``tracking_uri`` outside it is not contacted (a
+    warning event says so); the API refuses such jobs at creation already."""
     lineage: dict[str, str] = Field(default_factory=dict)
     """Where the run comes from, for the trackers' tags: ``parent_jobs`` (the jobs whose adapters it starts
     from, root first), ``parent_checkpoint``, ``training_file``, ``validation_file`` (file ids), ``suffix``,

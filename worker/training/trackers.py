@@ -21,11 +21,20 @@ raises out of ``on_log`` and fails the training. The libraries' own client APIs 
 
 A resumed attempt continues the same runs: their ids are written into every checkpoint directory
 (``trackers.json``, uploaded and restored with it); an attempt without one looks the MLflow run up by its
-``ipo.job_id`` tag, and the W&B run id is derived from the job id.
+``ipo.job_id`` tag, and the W&B run id is derived from the job id. Steps continue: an attempt resumed
+from step N reports N+1 onwards, and an MLflow value the run already holds (same key, step and value, as
+a replay logs) is not logged twice. An attempt killed after its last checkpoint has reported steps the
+next attempt reports again (the dashboard keeps the newer value): MLflow then holds both values of those
+steps, the newer one last; a W&B server keeps the first (it drops steps a run has seen).
 
 A tracker that fails (down, refused, misconfigured) never fails the training: the job gets one warning
 event, what was to be logged is kept in memory, and the whole run is replayed once at the end; if that
-fails too, a second warning says so (the job's own events still hold every metric).
+fails too, a second warning says so (the job's own events still hold every metric). An attempt that ends
+with a tracker still down (paused, stopped) writes what it could not log into its checkpoints
+(``trackers.json``, ``pending``): the attempt that resumes logs that backlog first.
+
+A job's ``mlflow.tracking_uri`` is contacted only when the worker's ``IPO_MLFLOW_ALLOWED_URIS`` allows it
+(``TrainRequest.mlflow_allowed_uris``; the API refuses other jobs at creation already).
 
 Credentials come from the worker's environment, inherited by the trainer child: ``WANDB_API_KEY``
 (``WANDB_BASE_URL`` for a self-hosted server), ``MLFLOW_TRACKING_TOKEN`` or
@@ -42,14 +51,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from contracts.integrations import MlflowBlock, MlflowIntegration, WandbIntegration
+from contracts.integrations import MlflowBlock, MlflowIntegration, WandbIntegration, tracking_uri_allowed
 from worker.training.reporter import Level, Reporter
 from worker.training.request import TrainRequest
 
 log = logging.getLogger(__name__)
 
 RUN_IDS_FILE = "trackers.json"
-"""In each checkpoint directory: ``{"mlflow": run_id, "wandb": run_id}`` of the runs this job logs to."""
+"""In each checkpoint directory: ``{"mlflow": run_id, "wandb": run_id, "pending": {"mlflow": [op, ...]}}``:
+the runs this job logs to, and what a tracker that was down could not log yet (params, and metrics up to
+the checkpoint's step; each op ``{"op": "metrics", "args": [step, {name: value}, unix_seconds]}``)."""
 DEFAULT_EXPERIMENT = "ipo-align"
 """The MLflow experiment when neither the job nor the worker's ``MLFLOW_EXPERIMENT_NAME`` names one."""
 MLFLOW_PARAM_MAX = 6000
@@ -60,7 +71,8 @@ MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQ
 """Set in the trainer child unless the worker's environment sets them: MLflow's own defaults (7 retries
 with exponential backoff, 120 s timeout) would hold a step for minutes on a server that is down."""
 WANDB_INIT_TIMEOUT = 30.0
-"""Seconds ``wandb.init`` may take before the tracker counts as down (W&B's default: 90)."""
+"""Seconds ``wandb.init`` may take before the tracker counts as down (W&B's default: 90), unless the worker's
+environment sets W&B's own ``WANDB_INIT_TIMEOUT``."""
 
 Op = tuple[str, tuple[Any, ...]]
 
@@ -101,6 +113,8 @@ class MlflowTracker(Tracker):
         self.run_id: str | None = None
         self._client: Any = None
         self._artifacts: dict[str, str] = {}
+        self._logged: set[tuple[str, int, float]] = set()
+        """``(key, step, value)`` the run already holds: logging them again is skipped (a replay)."""
 
     def _connect(self) -> Any:
         from mlflow.tracking import MlflowClient
@@ -126,6 +140,11 @@ class MlflowTracker(Tracker):
             run_id = run.info.run_id
         else:
             client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+            self._logged = {
+                (key, m.step, m.value)
+                for key in client.get_run(run_id).data.metrics
+                for m in client.get_metric_history(run_id, key)
+            }
         self.run_id = str(run_id)
         for key, value in self.tags.items():
             client.set_tag(self.run_id, key, value)
@@ -143,7 +162,10 @@ class MlflowTracker(Tracker):
         from mlflow.entities import Metric
 
         ms = int(timestamp * 1000)
-        self._client.log_batch(self.run_id, metrics=[Metric(k, v, ms, step) for k, v in values.items()])
+        batch = [Metric(k, v, ms, step) for k, v in values.items() if (k, step, v) not in self._logged]
+        if batch:
+            self._client.log_batch(self.run_id, metrics=batch)
+        self._logged.update((m.key, step, m.value) for m in batch)
 
     def artifact(self, name: str, path: str) -> None:
         if Path(path).is_dir():
@@ -203,7 +225,11 @@ class WandbTracker(Tracker):
             tags=[*(self.config.tags or []), self.request.job_id],
             dir=os.environ.get("WANDB_DIR") or self.request.output_dir,
             reinit="create_new",
-            settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT, console="off", save_code=False),
+            settings=wandb.Settings(
+                init_timeout=float(os.environ.get("WANDB_INIT_TIMEOUT") or WANDB_INIT_TIMEOUT),
+                console="off",
+                save_code=False,
+            ),
         )
         self._run.summary.update({k: v for k, v in self.tags.items()})
         self._run.config.update({"ipo": self.tags}, allow_val_change=True)
@@ -236,16 +262,22 @@ def wandb_run_id(job_id: str) -> str:
 
 
 class _Sink:
-    """One tracker and what it could not log yet."""
+    """One tracker and what it could not log yet. ``key`` names it in ``trackers.json`` and in events: its
+    kind (``mlflow``), or ``mlflow-2`` for a job's second tracker of that kind."""
 
-    def __init__(self, tracker: Tracker) -> None:
+    def __init__(self, tracker: Tracker, key: str) -> None:
         self.tracker = tracker
+        self.key = key
         self.run_id: str | None = None
         self.started = False
         self.down: str | None = None
         """Why the tracker failed (None: working)."""
         self.ops: list[Op] = []
         """Every operation so far, in order: replayed on a fresh start when the tracker was down."""
+        self.backlog: list[Op] = []
+        """What an earlier attempt could not log (``trackers.json``): logged first once the run starts."""
+        self.carried_to_step: int | None = None
+        """The step of the last checkpoint that carries what this tracker could not log (``pending``)."""
 
 
 class TrackingReporter:
@@ -255,10 +287,15 @@ class TrackingReporter:
 
     def __init__(self, inner: Reporter, trackers: list[Tracker], resume_from: str | None = None) -> None:
         self.inner = inner
-        self.sinks = [_Sink(t) for t in trackers]
-        saved = _read_run_ids(resume_from)
+        self.sinks: list[_Sink] = []
+        for tracker in trackers:
+            same = sum(1 for s in self.sinks if s.tracker.kind == tracker.kind)
+            self.sinks.append(_Sink(tracker, tracker.kind if not same else f"{tracker.kind}-{same + 1}"))
+        saved = _read_saved(resume_from)
         for sink in self.sinks:
-            sink.run_id = saved.get(sink.tracker.kind)
+            sink.run_id = saved.run_ids.get(sink.key)
+            sink.backlog = saved.pending.get(sink.key, [])
+            sink.ops = list(sink.backlog)
         self.closed = False
 
     # ---- the Reporter protocol ----
@@ -278,9 +315,14 @@ class TrackingReporter:
         self._each("params", hparams)
 
     def checkpoint(self, step: int, path: str, metrics: dict[str, Any] | None = None) -> None:
-        ids = {s.tracker.kind: s.run_id for s in self.sinks if s.run_id}
-        if ids:  # before the report: the worker zips the directory once it hears of it
-            (Path(path) / RUN_IDS_FILE).write_text(json.dumps(ids), encoding="utf-8")
+        saved: dict[str, Any] = {s.key: s.run_id for s in self.sinks if s.run_id}
+        pending = {s.key: _portable(s.ops, step) for s in self.sinks if s.down is not None or s.backlog}
+        if pending:
+            saved["pending"] = pending
+        for sink in self.sinks:
+            sink.carried_to_step = step if sink.key in pending else None
+        if saved:  # before the report: the worker zips the directory once it hears of it
+            (Path(path) / RUN_IDS_FILE).write_text(json.dumps(saved), encoding="utf-8")
         self.inner.checkpoint(step, path, metrics)
 
     def artifact(self, name: str, path: str) -> None:
@@ -320,50 +362,105 @@ class TrackingReporter:
             getattr(sink.tracker, name)(*args)
         except Exception as exc:  # a tracker must never fail the training
             sink.down = f"{type(exc).__name__}: {exc}"[:500]
-            log.warning("%s tracking failed: %s", sink.tracker.kind, sink.down, exc_info=True)
+            log.warning("%s tracking failed: %s", sink.key, sink.down, exc_info=True)
             self.inner.event(
-                f"{sink.tracker.kind} tracking failed ({sink.down}); training continues, and the run is "
+                f"{sink.key} tracking failed ({sink.down}); training continues, and the run is "
                 "logged to it once more at the end.",
                 level="warn",
-                data={"integration": sink.tracker.kind},
+                data={"integration": sink.tracker.kind, "tracker": sink.key},
             )
 
     def _ensure_started(self, sink: _Sink) -> None:
         if not sink.started:
             sink.run_id = sink.tracker.start(sink.run_id)
             sink.started = True
+            if sink.backlog:
+                for name, args in sink.backlog:
+                    getattr(sink.tracker, name)(*args)
+                self.inner.event(
+                    f"{sink.key} tracking recovered: {len(sink.backlog)} reports an earlier attempt could "
+                    f"not log were logged (run {sink.run_id}).",
+                    data={"integration": sink.tracker.kind, "tracker": sink.key},
+                )
+                sink.backlog = []
 
     def _retry(self, sink: _Sink, succeeded: bool) -> None:
         try:
             sink.started = False
+            sink.backlog = []  # part of ``ops``, replayed below
             self._ensure_started(sink)
             for name, args in sink.ops:
                 getattr(sink.tracker, name)(*args)
             sink.tracker.finish(succeeded)
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"[:500]
-            log.warning("%s tracking failed again at the end: %s", sink.tracker.kind, reason, exc_info=True)
+            log.warning("%s tracking failed again at the end: %s", sink.key, reason, exc_info=True)
+            carried = (
+                f"what it could not log up to step {sink.carried_to_step} travels with that checkpoint and is "
+                "logged when the job resumes"
+                if sink.carried_to_step is not None and not succeeded
+                else "the run is incomplete there"
+            )
             self.inner.event(
-                f"{sink.tracker.kind} tracking failed again at the end ({reason}); the run is incomplete "
-                "there. The job's own events and metrics are complete.",
+                f"{sink.key} tracking failed again at the end ({reason}); {carried}. The job's own events and "
+                "metrics are complete.",
                 level="warn",
-                data={"integration": sink.tracker.kind},
+                data={"integration": sink.tracker.kind, "tracker": sink.key},
             )
         else:
             self.inner.event(
-                f"{sink.tracker.kind} tracking recovered: the run was logged at the end (run {sink.run_id}).",
-                data={"integration": sink.tracker.kind},
+                f"{sink.key} tracking recovered: the run was logged at the end (run {sink.run_id}).",
+                data={"integration": sink.tracker.kind, "tracker": sink.key},
             )
 
 
-def _read_run_ids(checkpoint: str | None) -> dict[str, str]:
+class _Saved:
+    """What a checkpoint's ``trackers.json`` says: run ids by tracker, and what could not be logged yet."""
+
+    def __init__(self, run_ids: dict[str, str], pending: dict[str, list[Op]]) -> None:
+        self.run_ids = run_ids
+        self.pending = pending
+
+
+def _read_saved(checkpoint: str | None) -> _Saved:
+    """``trackers.json`` of ``checkpoint``; empty when there is none or it cannot be read (the runs are then
+    found by their ``ipo.job_id`` tag / job id, and only the backlog is lost)."""
     if not checkpoint:
-        return {}
+        return _Saved({}, {})
     try:
         data = json.loads((Path(checkpoint) / RUN_IDS_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return {}
-    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+        return _Saved({}, {})
+    if not isinstance(data, dict):
+        return _Saved({}, {})
+    ids = {str(k): str(v) for k, v in data.items() if isinstance(v, str)}
+    pending: dict[str, list[Op]] = {}
+    for kind, ops in (data.get("pending") or {}).items():
+        try:
+            pending[str(kind)] = [_op_from_json(op) for op in ops]
+        except (TypeError, ValueError, KeyError):
+            log.warning("unreadable %s backlog in %s; left out", kind, checkpoint)
+    return _Saved(ids, pending)
+
+
+def _portable(ops: list[Op], step: int) -> list[dict[str, Any]]:
+    """``ops`` as JSON for ``trackers.json``: params, and metrics up to ``step`` (the attempt that resumes
+    from this checkpoint reports the later steps itself). Artifacts are left out: they are this attempt's
+    files, and the attempt that finishes reports its own."""
+    out: list[dict[str, Any]] = []
+    for name, args in ops:
+        if name == "params" or (name == "metrics" and args[0] <= step):
+            out.append({"op": name, "args": list(args)})
+    return out
+
+
+def _op_from_json(op: dict[str, Any]) -> Op:
+    name, args = op["op"], op["args"]
+    if name == "params" and isinstance(args[0], dict):
+        return name, (args[0],)
+    if name == "metrics":
+        return name, (int(args[0]), {str(k): float(v) for k, v in args[1].items()}, float(args[2]))
+    raise ValueError(f"unknown tracker operation {name!r}")
 
 
 def _is_number(value: Any) -> bool:
@@ -403,6 +500,15 @@ def tracking_reporter(request: TrainRequest, reporter: Reporter) -> Reporter | T
         except ImportError:
             reporter.event(
                 f"{block.type} tracking is not installed on this worker (pip install 'ipo-align[tracking]'); "
+                "the run is not logged there.",
+                level="warn",
+                data={"integration": block.type},
+            )
+            continue
+        uri = block.mlflow.tracking_uri if isinstance(block, MlflowBlock) else None
+        if uri is not None and not tracking_uri_allowed(uri, request.mlflow_allowed_uris):
+            reporter.event(
+                f"mlflow tracking_uri {uri!r} is not allowed on this worker (IPO_MLFLOW_ALLOWED_URIS); "
                 "the run is not logged there.",
                 level="warn",
                 data={"integration": block.type},
