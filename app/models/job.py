@@ -63,7 +63,7 @@ class Job(Base):
     """The validated ``integrations`` blocks (``contracts.integrations``); None or [] for none."""
     n_gpus: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     """Devices the job trains on at once (one process each, ``accelerate launch``); routes its doorbell to
-    a queue whose workers declare that many (``contracts.internal.queue_for``). 1 on rows from before 0007."""
+    a queue whose workers declare that many (``contracts.internal.queue_for``). 1 on rows from before 0006."""
 
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     """Number of claims so far; the current attempt while running."""
