@@ -29,6 +29,14 @@ import time
 T_START = time.monotonic()
 
 
+def peak_rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/status", encoding="utf-8") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return None
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", required=True)
@@ -113,6 +121,7 @@ def main() -> None:
         "wall_s": time.monotonic() - T_START,
         "train_s": train_s,
         "train_cpu_s": train_cpu_s,
+        "peak_rss_bytes": peak_rss_bytes(),  # VmHWM: this process since exec (measurement only)
         "final_loss": losses[-1] if losses else None,
         "trl_num_tokens": tokens[-1] if tokens else None,
         "steps": trainer.state.global_step,

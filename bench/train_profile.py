@@ -219,8 +219,18 @@ def lora_matmul_share(profiler: Any) -> tuple[float, float]:
 
 
 def top_ops(profiler: Any, n: int = 8) -> list[tuple[str, float]]:
+    """The ``n`` operators with the most self CPU time, each with the input shapes that cost the most."""
     events = sorted(profiler.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    return [(e.key, e.self_cpu_time_total / 1e6) for e in events[:n]]
+    by_shape = sorted(
+        profiler.key_averages(group_by_input_shape=True), key=lambda e: e.self_cpu_time_total, reverse=True
+    )
+    out = []
+    for e in events[:n]:
+        worst = next((x for x in by_shape if x.key == e.key), None)
+        shapes = [s for s in (worst.input_shapes if worst else []) if s][:2]
+        share = worst.self_cpu_time_total / max(e.self_cpu_time_total, 1e-9) if worst else 0.0
+        out.append((f"{e.key} (largest: {shapes} {100 * share:.0f}%)", e.self_cpu_time_total / 1e6))
+    return out
 
 
 def profile(target: str, model: Path, max_steps: int, tmp: Path) -> dict[str, Any]:
@@ -263,8 +273,13 @@ def main() -> None:
     p.add_argument("--model", default=None, help="a local model directory instead of the cached SmolLM2")
     p.add_argument("--no-record", action="store_true", help="print the rows, leave RESULTS.md alone")
     p.add_argument("--json", default=None, help="also write the figures to this file")
+    p.add_argument("--record-from", default=None, help="record the rows of a --json file an earlier run wrote")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.record_from:
+        saved = json.loads(Path(a.record_from).read_text())
+        record_rows(saved if isinstance(saved, list) else [saved], a.max_steps, a.no_record)
+        return
     if a.max_steps < 4:
         p.error("--max-steps must be >= 4 (step 1 is not counted, the middle step is profiled)")
     model = Path(a.model) if a.model else smollm2_model_dir()
@@ -284,6 +299,11 @@ def main() -> None:
             results = [profile(targets[0], model, a.max_steps, Path(tmp))]
     if a.json:
         Path(a.json).write_text(json.dumps(results[0] if len(results) == 1 else results, default=str))
+    record_rows(results, a.max_steps, a.no_record)
+
+
+def record_rows(results: list[dict[str, Any]], max_steps: int, no_record: bool) -> None:
+    """One ``train_profile`` row per target (printed only with ``no_record``)."""
     for r in results:
         steps = max(1, int(r.get("steps", 1)))
         cells = {
@@ -299,10 +319,10 @@ def main() -> None:
                 + ", ".join(f"{k} {v:.2f}s" for k, v in r.get("top_ops", []))
             ),
         }
-        if a.no_record:
+        if no_record:
             print(f"[train_profile] {'; '.join(f'{k}: {v}' for k, v in cells.items())}")
         else:
-            record("train_profile", f"profile smollm2 {r['target']} {a.max_steps}", cells)
+            record("train_profile", f"profile smollm2 {r['target']} {max_steps}", cells)
 
 
 if __name__ == "__main__":

@@ -104,6 +104,17 @@ def switch_off(names: list[str]) -> None:
     recipe.resolve_config = resolve_without  # run._resolve imports it at call time
 
 
+def own_peak_rss_bytes() -> int | None:
+    """This process's peak resident set since its ``exec`` (``VmHWM`` in /proc/self/status; None elsewhere)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
 def count_cpu_seconds() -> dict[str, float]:
     """Wrap the trainer's training loop (``run._train_or_finish``) and its reference pass
     (``IpoDPOTrainer._precompute_ref_logps``) to add up the process's CPU seconds (``time.process_time``,
@@ -171,7 +182,8 @@ def project_child(a: argparse.Namespace) -> None:
         "wall_s": time.monotonic() - t_start,
         "setup_s": started - t_wall,  # imports, data, model, trainer (and its reference pass) until "training"
         "train_s": last.time - started + ref_logps_s,
-        "train_cpu_s": cpu["train"] + cpu["ref_logps"],  # CPU seconds, all threads: the same work as train_s
+        "train_cpu_s": cpu["train"] + cpu["ref_logps"],
+        "peak_rss_bytes": own_peak_rss_bytes(),  # CPU seconds, all threads: the same work as train_s
         "loop_s": last.time - started,
         "ref_logps_s": ref_logps_s,
         "cache_hit": any("loaded from the cache" in (r.message or "") for r in events),
@@ -261,7 +273,8 @@ def full_data_loss(model: Path, data: Path, adapter: Path, hp: dict[str, Any] = 
 def run_child(cmd: list[str], json_out: Path) -> dict[str, Any]:
     """Run one (a) or (b) child to completion; its JSON summary plus ``process_wall_s`` (interpreter start to
     exit), ``process_cpu_s`` and ``peak_rss_bytes`` (the child's own CPU seconds and peak resident set,
-    from ``os.wait4``: that process alone, not its siblings). Raises ``RuntimeError`` with the end of its
+    from ``os.wait4``: that process alone, not its siblings; the peak RSS is the child's own ``VmHWM`` when it
+    reports ``peak_rss_bytes``, see ``own_peak_rss_bytes``). Raises ``RuntimeError`` with the end of its
     stderr when it fails."""
     t0 = time.monotonic()
     with tempfile.TemporaryFile() as err:
@@ -276,7 +289,9 @@ def run_child(cmd: list[str], json_out: Path) -> dict[str, Any]:
     result: dict[str, Any] = json.loads(json_out.read_text())
     result["process_wall_s"] = wall
     result["process_cpu_s"] = usage.ru_utime + usage.ru_stime
-    result["peak_rss_bytes"] = usage.ru_maxrss * 1024  # Linux: KiB
+    # the child's own VmHWM when it reported one: ru_maxrss starts from the parent's RSS at fork (Linux keeps
+    # the high-water mark across fork and exec), so a small child of a large parent reads as large
+    result["peak_rss_bytes"] = result.get("peak_rss_bytes") or usage.ru_maxrss * 1024  # Linux: KiB
     return result
 
 

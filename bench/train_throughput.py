@@ -3,6 +3,11 @@
     python -m bench.train_throughput [--variant demo|varlen|both] [--max-steps 40] [--device cpu|cuda]
                                      [--modes reference,project,warm,e2e] [--repeats 3]
 
+    # a real model on CPU: SmolLM2-135M-Instruct, plain TRL vs the project and each speed-up switched off
+    python -m bench.train_throughput --shape smollm2 [--max-steps 6] [--repeats 2] [--batch-size 2] [--model DIR]
+                                     [--modes reference,project,noprecompute,checkpointing,nogroup,warm,...]
+    # (bench/train_smollm2.py; where one of its steps spends its time: python -m bench.train_profile)
+
     # GPU: a Mistral-7B-shaped model (random weights, built locally), QLoRA IPO at max_length 1024
     python -m bench.train_throughput --device cuda --shape mistral-7b [--max-steps 20] [--batch-size 4]
                                      [--grad-accum 1] [--repeats 1] [--model-cache DIR]
@@ -34,6 +39,10 @@ depends on the batching, so it is not comparable across batchings); "full-data l
 the trained adapter over every training pair (TRL ``DPOTrainer.evaluate``, same code for every mode,
 untimed). The noise scale is its spread over the seeds of (a).
 Targets: (b) >= 1.3x (a) tokens/s with full-data losses within that noise; (c) - (a) wall < 5 s + 3% of (a).
+
+``--shape smollm2``: see bench/train_smollm2.py (rows in the ``train_throughput_smollm2`` table).
+The code is split: bench/train_runs.py (children, command lines, interleaving, full-data loss),
+bench/train_smollm2.py and bench/train_mistral7b.py (those shapes); this module keeps the tiny shape and the CLI.
 
 ``--shape mistral-7b`` (the GPU benchmark; default ``tiny`` is all of the above): the model is
 bench/model_shapes.py's Mistral-7B-v0.1-shaped ``MistralConfig`` with random bf16 weights, built once into

@@ -82,11 +82,14 @@ def test_project_cmd_passes_switches_and_cache() -> None:
 def test_run_child_reports_the_childs_own_peak_rss(tmp_path: Path) -> None:
     out = tmp_path / "r.json"
     big = 200 * 2**20
-    code = f"b = bytearray({big}); b[::4096] = b'x' * len(b[::4096]); open({str(out)!r}, 'w').write('{{}}')"
+    own = "from bench.train_runs import own_peak_rss_bytes as p; import json; "
+    code = f"b = b'x' * {big}; {own}open({str(out)!r}, 'w').write(json.dumps({{'peak_rss_bytes': p()}}))"
     r = train_runs.run_child([sys.executable, "-c", code], out)
-    assert r["peak_rss_bytes"] >= big
-    small = train_runs.run_child([sys.executable, "-c", f"open({str(out)!r}, 'w').write('{{}}')"], out)
-    assert small["peak_rss_bytes"] < big  # that process alone, not the largest child so far
+    assert r["peak_rss_bytes"] >= big and r["process_cpu_s"] > 0
+    small = train_runs.run_child([sys.executable, "-c", code.replace(str(big), "1")], out)
+    assert small["peak_rss_bytes"] < big  # that process alone, not the largest child so far nor this one
+    bare = train_runs.run_child([sys.executable, "-c", f"b = b'x' * {big}; open({str(out)!r}, 'w').write('{{}}')"], out)
+    assert bare["peak_rss_bytes"] >= big  # no report of its own: ru_maxrss from os.wait4
     with pytest.raises(RuntimeError, match="boom"):
         train_runs.run_child([sys.executable, "-c", "raise SystemExit('boom')"], out)
 
