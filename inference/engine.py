@@ -104,22 +104,32 @@ class TextAssembler:
         self.ids: list[int] = []
         self.prefix_offset = 0
         self.read_offset = 0
+        self.window_sent = 0
         self.emitted = 0
         self.stopped = False
         self.text = ""
 
     def _decode_new(self, *, final: bool = False) -> str:
-        """The text the ids after ``read_offset`` add: empty while they end inside a multi-byte character,
-        unless ``final`` (then the replacement character stays, as a whole decode would give it)."""
+        """The text the ids after ``read_offset`` add. A trailing replacement character (maybe a character
+        split across tokens: a lossy UTF-8 decode gives one for an unfinished sequence) stays back until more
+        ids come or ``final``; the text before it goes out at once (invalid bytes before it never turn into a
+        character). ``window_sent`` counts what of this window was sent already."""
         if self.read_offset >= len(self.ids):
             return ""
         with self.lock:
             before = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
             after = self.tokenizer.decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
-        if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
+        new = after[len(before) :] if len(after) > len(before) else ""
+        if not new:
             return ""
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        return after[len(before) :]
+        if new.endswith("\ufffd") and not final:
+            stable = new[:-1]
+            grown = stable[self.window_sent :]
+            self.window_sent = max(self.window_sent, len(stable))
+            return grown
+        grown = new[self.window_sent :]
+        self.prefix_offset, self.read_offset, self.window_sent = self.read_offset, len(self.ids), 0
+        return grown
 
     def add(self, new_ids: list[int]) -> str:
         """Take new token ids; return the text now safe to send (maybe empty)."""

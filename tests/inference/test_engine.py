@@ -114,6 +114,20 @@ def test_incremental_decoding_gives_what_decoding_everything_gives(tiny_model_di
     assert b.stopped and sent == b.text == whole[: whole.index(stop)]
 
 
+def test_assembler_sends_invalid_bytes_at_once_and_waits_only_for_a_split_character() -> None:
+    """A model emitting bytes that never form a character (the tiny model off its training data) streams them
+    as they come; only the last replacement character (maybe a character still arriving) waits."""
+
+    class Bytes:
+        def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    a = TextAssembler(Bytes(), [])
+    sent = [a.add([b]) for b in b"\xff\xff\xffA" + "\u20ac".encode()]
+    assert sent == ["", "\ufffd", "\ufffd", "\ufffdA", "", "", "\u20ac"]
+    assert a.finish() == "" and a.text == "\ufffd\ufffd\ufffdA\u20ac"
+
+
 def test_generation_is_bounded_in_time_and_cancellable(engine: Engine) -> None:
     req = _request("tiny-mistral", max_tokens=400, min_tokens=400, temperature=0)
     prepared = engine.prepare(req, 1000)
