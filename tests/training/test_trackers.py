@@ -240,7 +240,7 @@ def test_a_tracker_that_comes_back_gets_the_whole_run_at_the_end(
         for key in (*LOGGED, *LOGGED_VALID, "tokens_per_second"):
             _same_history(mlflow_history(client, run.info.run_id, key), reported[key], key)
         assert set(run.data.params) == set(reporter.of_kind("resolved")[0].data or {})
-        assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"adapter", "metrics"}
+        assert {"adapter", "metrics"} <= {a.path for a in client.list_artifacts(run.info.run_id)}  # + samples
         (version,) = client.search_model_versions("name='late'")
         assert version.run_id == run.info.run_id and version.tags["base_model"] == "tiny-mistral"
 
