@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator, model_validator
 
@@ -39,7 +39,7 @@ class StringCheckGrader(_Strict):
     operation: Literal["eq", "ne", "like", "ilike"]
 
 
-TEXT_SIMILARITY_METRICS = (
+TextSimilarityMetric = Literal[
     "fuzzy_match",
     "bleu",
     "gleu",
@@ -51,7 +51,8 @@ TEXT_SIMILARITY_METRICS = (
     "rouge_4",
     "rouge_5",
     "rouge_l",
-)
+]
+TEXT_SIMILARITY_METRICS: tuple[str, ...] = get_args(TextSimilarityMetric)
 """OpenAI's ``evaluation_metric`` values (its API reference lists these eleven)."""
 
 REFUSED_METRICS = {
@@ -70,19 +71,7 @@ class TextSimilarityGrader(_Strict):
 
     type: Literal["text_similarity"]
     name: GraderName = "text_similarity"
-    evaluation_metric: Literal[
-        "fuzzy_match",
-        "bleu",
-        "gleu",
-        "meteor",
-        "cosine",
-        "rouge_1",
-        "rouge_2",
-        "rouge_3",
-        "rouge_4",
-        "rouge_5",
-        "rouge_l",
-    ]
+    evaluation_metric: TextSimilarityMetric
 
     @field_validator("evaluation_metric")
     @classmethod
