@@ -54,12 +54,13 @@ def test_cli_flow(stack: Stack, tmp_path: Path) -> None:
 
     watched = ipo(stack, "jobs", "watch", created["id"])
     assert "succeeded" in watched.stdout
-    # Samples (worker/training/samples.py): every 2 steps of 8 (no validation file: training prompts)
+    # Samples (worker/training/samples.py): every 2 steps of 8. No validation file: samples.holdout "auto"
+    # holds out a tenth of the 32 distinct training prompts (3), which are not trained on.
     shown = ipo(stack, "jobs", "samples", created["id"]).stdout
-    assert shown.startswith("step 8: 16 prompts from the training file") and shown.count("policy:") == 16
+    assert shown.startswith("step 8: 3 prompts from the held-out training prompts") and shown.count("policy:") == 3
     assert "reference:" in shown and "log p(chosen)" in shown
     at_4 = json.loads(ipo(stack, "jobs", "samples", created["id"], "--step", "4", "--json").stdout)
-    assert at_4["step"] == 4 and len(at_4["samples"]) == 16 and "policy_logp_rejected" in at_4["samples"][0]
+    assert at_4["step"] == 4 and len(at_4["samples"]) == 3 and "policy_logp_rejected" in at_4["samples"][0]
     missing_step = ipo(stack, "jobs", "samples", created["id"], "--step", "3", check=False)
     assert missing_step.returncode == 2 and "steps sampled: 2, 4, 6, 8" in missing_step.stderr
     job = json.loads(ipo(stack, "jobs", "get", created["id"], "--json").stdout)
