@@ -30,7 +30,10 @@ def _request(model: Path, train_file: Path, out: Path, cache: Path | None = None
         seed=0,
         device="cpu",
         cache_dir=str(cache) if cache else None,
-        method=Method.model_validate({"type": "ipo", "ipo": {"hyperparameters": {"beta": 0.5, **hp}}}),
+        # no samples (so no prompts held out of training): these tests compare training paths on all 16 pairs
+        method=Method.model_validate(
+            {"type": "ipo", "ipo": {"hyperparameters": {"beta": 0.5, **hp}, "samples": {"n_prompts": 0}}}
+        ),
     )
 
 

@@ -64,7 +64,9 @@ def test_reference_log_probs_are_those_of_the_merged_starting_model(
         device="cpu",
         parent_adapters=[str(adapter)],
         cache_dir=str(tmp_path / "cache"),
-        method=Method.model_validate({"type": "ipo", "ipo": {"hyperparameters": {"n_epochs": 1, "batch_size": 8}}}),
+        method=Method.model_validate(
+            {"type": "ipo", "ipo": {"hyperparameters": {"n_epochs": 1, "batch_size": 8}, "samples": {"n_prompts": 0}}}
+        ),
     )
     reporter = ListReporter()
     assert train(request, reporter) == EXIT_OK, reporter.of_kind("error")
