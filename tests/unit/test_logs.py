@@ -177,28 +177,28 @@ def test_threads_keep_the_context_when_started_in_a_copy() -> None:
     }
 
 
-def test_dict_config_routes_uvicorn_and_warnings_through_our_formatter(capsys: pytest.CaptureFixture[str]) -> None:
-    root = logging.getLogger()
-    saved_handlers, saved_level = root.handlers[:], root.level
+def test_dict_config_routes_uvicorn_and_warnings_through_our_formatter(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The handler dictConfig builds writes to sys.stderr as it is then: point that at a stream of this test
+    # which never closes (capsys's closes after the test, and a handler a background thread of an earlier
+    # test still reaches would then fail the whole run with "lost sys.stderr").
+    stderr = io.StringIO()
+    monkeypatch.setattr("sys.stderr", stderr)
     uvicorn_error = logging.getLogger("uvicorn.error")
     uvicorn_error.addHandler(logging.StreamHandler(io.StringIO()))  # as uvicorn's default config would
     uvicorn_error.propagate = False
-    try:
-        logging.config.dictConfig(logging_config("info", "json"))
-        with log_context(request_id="req-u"):
-            uvicorn_error.info("Started server process [%d]", 1, extra={"color_message": "\x1b[36mStarted\x1b[0m"})
-            warnings.warn("careful", UserWarning, stacklevel=1)
-        lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
-    finally:
-        # dictConfig pointed the root logger at capsys's stream, which closes after this test: put back what
-        # was there, so later tests (and background threads of earlier ones) never log to a closed file
-        for handler in root.handlers[:]:
-            root.removeHandler(handler)
-        for handler in saved_handlers:
-            root.addHandler(handler)
-        root.setLevel(saved_level)
-    # only this test's lines: a background thread left by an earlier test may log meanwhile (no request id)
-    ours = [entry for entry in lines if entry.get("request_id") == "req-u"]
+    logging.config.dictConfig(logging_config("info", "json"))  # restore_logging puts the old state back
+    with log_context(request_id="req-u"):
+        uvicorn_error.info("Started server process [%d]", 1, extra={"color_message": "\x1b[36mStarted\x1b[0m"})
+        warnings.warn("careful", UserWarning, stacklevel=1)
+    # only this test's lines: a background thread left by an earlier test may log meanwhile
+    ours = []
+    for line in stderr.getvalue().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(entry, dict) and entry.get("request_id") == "req-u":
+            ours.append(entry)
     assert [entry["logger"] for entry in ours] == ["uvicorn.error", "py.warnings"]
     assert ours[0]["message"] == "Started server process [1]" and "color_message" not in ours[0]
     assert "careful" in ours[1]["message"]
