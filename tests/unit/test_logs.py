@@ -9,8 +9,9 @@ import logging
 import logging.config
 import os
 import re
+import subprocess
+import sys
 import threading
-import warnings
 from collections.abc import Iterator
 
 import pytest
@@ -21,7 +22,6 @@ from contracts.logs import (
     configure_logging,
     current_log_context,
     log_context,
-    logging_config,
     make_handler,
     resolve_format,
     set_log_context,
@@ -177,28 +177,29 @@ def test_threads_keep_the_context_when_started_in_a_copy() -> None:
     }
 
 
-def test_dict_config_routes_uvicorn_and_warnings_through_our_formatter(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The handler dictConfig builds writes to sys.stderr as it is then: point that at a stream of this test
-    # which never closes (capsys's closes after the test, and a handler a background thread of an earlier
-    # test still reaches would then fail the whole run with "lost sys.stderr").
-    stderr = io.StringIO()
-    monkeypatch.setattr("sys.stderr", stderr)
-    uvicorn_error = logging.getLogger("uvicorn.error")
-    uvicorn_error.addHandler(logging.StreamHandler(io.StringIO()))  # as uvicorn's default config would
-    uvicorn_error.propagate = False
-    logging.config.dictConfig(logging_config("info", "json"))  # restore_logging puts the old state back
-    with log_context(request_id="req-u"):
-        uvicorn_error.info("Started server process [%d]", 1, extra={"color_message": "\x1b[36mStarted\x1b[0m"})
-        warnings.warn("careful", UserWarning, stacklevel=1)
-    # only this test's lines: a background thread left by an earlier test may log meanwhile
-    ours = []
-    for line in stderr.getvalue().splitlines():
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(entry, dict) and entry.get("request_id") == "req-u":
-            ours.append(entry)
-    assert [entry["logger"] for entry in ours] == ["uvicorn.error", "py.warnings"]
-    assert ours[0]["message"] == "Started server process [1]" and "color_message" not in ours[0]
-    assert "careful" in ours[1]["message"]
+_DICT_CONFIG_SCRIPT = """
+import io, logging, logging.config, warnings
+from contracts.logs import log_context, logging_config
+
+uvicorn_error = logging.getLogger("uvicorn.error")
+uvicorn_error.addHandler(logging.StreamHandler(io.StringIO()))  # as uvicorn's default config would
+uvicorn_error.propagate = False
+logging.config.dictConfig(logging_config("info", "json"))
+with log_context(request_id="req-u"):
+    uvicorn_error.info("Started server process [%d]", 1, extra={"color_message": "\\x1b[36mStarted\\x1b[0m"})
+    warnings.warn("careful", UserWarning, stacklevel=1)
+"""
+
+
+def test_dict_config_routes_uvicorn_and_warnings_through_our_formatter() -> None:
+    # In a process of its own, as uvicorn applies log_config in each worker process: dictConfig closes every
+    # handler in the process, pytest's own included (in this process that crashed the run: "lost sys.stderr").
+    done = subprocess.run(
+        [sys.executable, "-c", _DICT_CONFIG_SCRIPT], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stderr.splitlines()]
+    assert [entry["logger"] for entry in lines] == ["uvicorn.error", "py.warnings"]
+    assert all(entry["request_id"] == "req-u" for entry in lines)
+    assert lines[0]["message"] == "Started server process [1]" and "color_message" not in lines[0]
+    assert "careful" in lines[1]["message"]
