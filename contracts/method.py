@@ -78,7 +78,8 @@ class Samples(_Strict):
     training and sampled instead, chosen at random with the job's seed (the job's events name the lines).
     ``auto`` = ``n_prompts``, but at most a tenth of the file's distinct prompts (so at least 10 are needed
     to hold one out); ``0`` = none, and samples then come from prompts the policy trains on. A number must
-    leave at least one pair to train on. Ignored, with an event, when a validation file is given."""
+    leave at least one pair to train on. A count above 0 beside a validation file is refused at job
+    creation (400): the validation file's prompts are the ones sampled."""
 
     @model_validator(mode="after")
     def _unique_grader_names(self) -> Samples:

@@ -120,6 +120,29 @@ def test_an_integer_is_still_a_number(client: TestClient, auth: dict[str, str], 
     assert stored["beta"] == 1.0 and stored["n_epochs"] == 2 and isinstance(stored["n_epochs"], int)
 
 
+def test_a_holdout_count_beside_a_validation_file_is_refused(
+    client: TestClient, auth: dict[str, str], upload: Any
+) -> None:
+    """The validation file's prompts are the ones sampled, so holding training prompts out as well would
+    silently train on less: refused, naming the field; 0 (and auto) are accepted."""
+    train, valid = str(upload().json()["id"]), str(upload().json()["id"])
+    base: dict[str, Any] = {"model": "tiny-mistral", "training_file": train, "validation_file": valid}
+    body: dict[str, Any]
+    for kind in ("ipo", "dpo"):
+        body = base | {"method": {"type": kind, kind: {"samples": {"holdout": 3}}}}
+        error = _error(
+            client.post("/v1/fine_tuning/jobs", headers=auth, json=body), 400, f"method.{kind}.samples.holdout"
+        )
+        assert "validation_file" in error["message"]
+    for holdout in (0, "auto"):
+        body = base | {"method": {"type": "ipo", "ipo": {"samples": {"holdout": holdout}}}}
+        r = client.post("/v1/fine_tuning/jobs", headers=auth, json=body)
+        assert r.status_code == 200, r.text
+    without_validation = {"model": "tiny-mistral", "training_file": train}
+    body = without_validation | {"method": {"type": "ipo", "ipo": {"samples": {"holdout": 3}}}}
+    assert client.post("/v1/fine_tuning/jobs", headers=auth, json=body).status_code == 200
+
+
 # ---- error bodies name the field, header or line ------------------------------------------------------
 
 
