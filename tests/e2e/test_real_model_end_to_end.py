@@ -50,6 +50,10 @@ def _client(stack: Stack) -> Any:
     return OpenAI(base_url=stack.url + "/v1", api_key=stack.api_key, max_retries=5, timeout=120)
 
 
+def _method(kind: str, hyperparameters: dict[str, Any]) -> dict[str, Any]:
+    return {"type": kind, kind: {"hyperparameters": hyperparameters, "samples": answer_format.NO_SAMPLES}}
+
+
 def _run(stack: Stack, client: Any, rows: list[Any], tmp_path: Path, name: str, **create: Any) -> Any:
     """Upload ``rows``, create the job, wait for it to succeed; returns the finished job."""
     path = answer_format.write_jsonl(rows, tmp_path / f"{name}.jsonl")
@@ -78,16 +82,6 @@ def _summary(label: str, report: Any) -> str:
     )
 
 
-@pytest.mark.xfail(
-    run=False,
-    strict=True,
-    reason=(
-        "open (issue 12 section 4): its one complete run (2026-11-30, 18 steps, lr 2e-4, beta 0.1, sft_weight 1.0) "
-        "left the format unlearned (greedy 0/13) and correctness at 2/13 from 13/13; in process, lr 5e-4 learned "
-        "the format (13/13) but kept 8/13 correct. Not run until settings that pass are found (each run is "
-        "about 45 min on the shared 2 cores)"
-    ),
-)
 def test_ipo_teaches_a_real_model_the_answer_format_without_losing_correctness(
     real_stack: Stack, smollm2_models_dir: Path, base_report: Any, tmp_path: Path
 ) -> None:
@@ -104,10 +98,7 @@ def test_ipo_teaches_a_real_model_the_answer_format_without_losing_correctness(
         tmp_path,
         "ipo",
         model=MODEL,
-        method={
-            "type": "ipo",
-            "ipo": {"hyperparameters": answer_format.IPO_HYPERPARAMETERS, "samples": answer_format.NO_SAMPLES},
-        },
+        method=_method("ipo", answer_format.IPO_HYPERPARAMETERS),
     )
     seconds = time.monotonic() - started
     assert job.fine_tuned_model.startswith(f"ft:{MODEL}:ipo:")
@@ -124,3 +115,56 @@ def test_ipo_teaches_a_real_model_the_answer_format_without_losing_correctness(
     assert after.prefix_rate >= 0.8 and after.sampled_prefix_rate >= 0.6
     # without trading correctness away (at most one held-out answer lost)
     assert after.correct_rate >= base_report.correct_rate - 1 / base_report.n_prompts
+
+
+def test_supervised_then_ipo_on_a_real_model(
+    real_stack: Stack, smollm2_models_dir: Path, base_report: Any, tmp_path: Path
+) -> None:
+    """Issue 15's proof on the real model: a supervised job teaches the format (half its replies end with the
+    filler ``TAIL``, so imitation cannot tell which ending is preferred); an IPO job on its
+    ``fine_tuned_model`` (reference: the SFT model) then prefers the concise reply."""
+    from worker.training.behaviour import load_chain, measure
+
+    client = _client(real_stack)
+    started = time.monotonic()
+    sft = _run(
+        real_stack,
+        client,
+        answer_format.supervised_rows(),
+        tmp_path,
+        "sft",
+        model=MODEL,
+        method=_method("supervised", answer_format.SFT_HYPERPARAMETERS),
+    )
+    ipo = _run(
+        real_stack,
+        client,
+        answer_format.concise_preference_rows(),
+        tmp_path,
+        "sft-ipo",
+        model=sft.fine_tuned_model,
+        method=_method("ipo", answer_format.IPO_HYPERPARAMETERS),
+    )
+    seconds = time.monotonic() - started
+    assert (ipo.model_extra or {})["lineage"]["parent_job_id"] == sft.id
+    sft_adapter = _adapter(client, sft, tmp_path / "sft-adapter")
+    ipo_adapter = _adapter(client, ipo, tmp_path / "ipo-adapter")
+    base_dir = smollm2_models_dir / MODEL
+    after_sft = measure(*load_chain(base_dir, [sft_adapter]), samples=4, seed=0)
+    after_ipo = measure(*load_chain(base_dir, [sft_adapter, ipo_adapter]), samples=4, seed=0)
+    print(
+        f"\n{_summary('base', base_report)}\n{_summary('base + SFT', after_sft)}\n"
+        f"{_summary('base + SFT + IPO', after_ipo)}\njobs {seconds:.0f}s"
+    )
+    for b, s1, s2 in zip(base_report.examples, after_sft.examples, after_ipo.examples, strict=True):
+        print(f"  {b['prompt']}\n    base: {b['reply']}\n    SFT:  {s1['reply']}\n    +IPO: {s2['reply']}")
+
+    # the supervised stage taught the format (a behaviour the base lacks), with the filler left in a share of
+    # the sampled replies (in process: 0.73 concise)
+    assert after_sft.prefix_rate >= 0.8 and after_sft.sampled_prefix_rate >= 0.8
+    assert after_sft.sampled_concise_rate <= 0.85
+    # the preference stage made the concise ending the habit, sampled too (in process: 0.98)
+    assert after_ipo.prefix_rate >= 0.8 and after_ipo.concise_rate >= 0.8
+    assert after_ipo.sampled_concise_rate >= max(0.9, after_sft.sampled_concise_rate + 0.1)
+    # and neither stage traded correctness away (at most one held-out answer lost)
+    assert after_ipo.correct_rate >= base_report.correct_rate - 1 / base_report.n_prompts

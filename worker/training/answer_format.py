@@ -8,9 +8,9 @@ one-word format trades correctness away. A prefix keeps the scaffold ("Answer: T
 Oslo."), so the format can rise while correctness is measured alongside and must not fall. The base model
 never opens a reply with ``Answer:`` (0 of the held-out prompts, greedy and sampled).
 
-- ``TRAIN_FACTS`` (24) give the preference pairs; ``HELD_OUT_FACTS`` (12) are other questions, never
+- ``TRAIN_FACTS`` (24) give the preference pairs; ``HELD_OUT_FACTS`` (13) are other questions, never
   trained on, used to measure. The held-out facts are ones the base model answers correctly (greedy, checked
-  by tests/training/test_real_behaviour.py), so a fall in correctness after training is visible.
+  by tests/e2e/test_real_model_end_to_end.py), so a fall in correctness after training is visible.
 - Preference pairs (:func:`preference_rows`) differ only in the prefix: chosen ``Answer: <sentence>``,
   rejected ``<sentence>``, so all a model can learn from them is the format.
 - Two stages (:func:`supervised_rows`, :func:`concise_preference_rows`): supervised data teaches the
@@ -35,15 +35,22 @@ TAIL = " I hope this helps! Let me know if you have any other questions."
 """The filler the two-stage data's verbose replies end with (the concise reply is preferred)."""
 
 IPO_HYPERPARAMETERS: dict[str, Any] = {
-    # The job's ``method.ipo.hyperparameters`` for this data on SmolLM2-135M-Instruct (the real-model test and
-    # ``ipo demo --model``). IPO plus the recipe's NLL term on chosen (``sft_weight``, as the tiny preset):
-    # pure IPO drifted on this model (both replies' likelihoods fell). A LoRA-sized step (lr 2e-4, the
-    # handbook's SFT rate) and 3 passes over the 24 pairs: 18 steps of 4 pairs, about 5 s a step on 2 quiet
-    # CPU cores. beta 0.1: a per-token margin target of 5 nats (TRL's default beta).
-    "beta": 0.1,
+    # The job's ``method.ipo.hyperparameters`` for this data on SmolLM2-135M-Instruct (the real-model tests and
+    # ``ipo demo --model``): IPO plus the recipe's NLL term on chosen (``sft_weight``, as the tiny preset), a
+    # LoRA-sized step (lr 2e-4, the handbook's SFT rate) and 4 passes over the 24 pairs (24 steps of 4 pairs,
+    # about 5 s a step on 2 quiet CPU cores).
+    # beta 0.5: TRL's IPO averages the log-ratios over each reply's tokens, so the margin target 1/(2*beta)
+    # is per token: 1 nat here. With TRL's default 0.1 (5 nats a token) the cheapest way to the target on
+    # these pairs, whose rejected reply is the model's own answer sentence, was to make that sentence itself
+    # unlikely: replies in German or Greek, 2 of 13 held-out answers correct, none in the format. Measured
+    # in process on the worker's own training entry point (2026-11-30, seed 0; greedy format / correct /
+    # sampled format on the 13 held-out questions): beta 0.1, 3 epochs: 0/13, 2/13, 0.00; beta 1.0, 3
+    # epochs: 0/13, 13/13, -; beta 0.3, 3 epochs: 12/13, 13/13, 0.40; beta 0.5, 3 epochs: 12/13, 13/13,
+    # 0.56; 4 epochs: 13/13, 13/13, 0.71; 5 epochs: 13/13, 12/13, 0.83.
+    "beta": 0.5,
     "sft_weight": 1.0,
     "learning_rate": 2e-4,
-    "n_epochs": 3,
+    "n_epochs": 4,
     "batch_size": 4,
     "gradient_accumulation_steps": 1,
     "max_length": 128,
@@ -51,9 +58,12 @@ IPO_HYPERPARAMETERS: dict[str, Any] = {
 
 SFT_HYPERPARAMETERS: dict[str, Any] = {
     # ``method.supervised.hyperparameters`` for :func:`supervised_rows` on SmolLM2-135M-Instruct (the first
-    # stage of the two-stage test): the Zephyr SFT preset's learning rate and LoRA shape, with 3 passes over
-    # the 24 dialogues in steps of 4 (18 steps) and the short length the data needs.
-    "learning_rate": 2e-4,
+    # stage of the two-stage test): the Zephyr SFT preset's LoRA shape, 3 passes over the 24 dialogues in
+    # steps of 4 (18 steps), the short length the data needs and the tiny preset's LoRA step (lr 1e-3). At the
+    # handbook's 2e-4 the 18 steps did not teach the format (in process, 2026-11-30, seed 0: greedy 0/13,
+    # sampled 0.02); at 1e-3: greedy 13/13 concise and correct, sampled 1.00 in the format, 0.73 concise
+    # (the filler in the rest), and IPO on :func:`concise_preference_rows` on top: sampled 0.98 concise.
+    "learning_rate": 1e-3,
     "n_epochs": 3,
     "batch_size": 4,
     "gradient_accumulation_steps": 1,

@@ -5,8 +5,8 @@
 
 For each held-out question: one greedy reply (the model's mode: format, conciseness and correctness) and
 ``samples`` replies sampled at temperature 1 (``evaluate.sample_replies``: the model's distribution, the
-format rate). Used by the real-model tests (tests/training/test_real_behaviour.py,
-tests/e2e/test_real_model_end_to_end.py) and ``ipo demo --model smollm2-135m-instruct``.
+format rate). Used by the real-model tests (tests/e2e/test_real_model_end_to_end.py) and
+``ipo demo --model smollm2-135m-instruct``.
 """
 
 from __future__ import annotations
