@@ -29,9 +29,9 @@ from app.dashboard.security import (
 from app.deps import Ctx, DbSession
 from app.errors import Conflict, InvalidRequest, NotFound, Unauthorized
 from app.models import Job, JobStatus
+from app.models.job import ACTIVE_STATUSES
 from app.routes.params import Cursor, JobId
 from app.services import files as files_service
-from app.services import job_checks
 from app.services import jobs as jobs_service
 from app.services.views import checkpoint_view, job_view
 from contracts.method import Method
@@ -43,7 +43,7 @@ router.include_router(playground.api)
 
 PAGE_SIZE = 20
 CHECKPOINTS_SHOWN = 100
-ACTIVE = {s.value for s in job_checks.ACTIVE}
+ACTIVE = {s.value for s in ACTIVE_STATUSES}
 
 
 def static_files() -> StaticFiles:

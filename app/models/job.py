@@ -26,6 +26,10 @@ class JobStatus(enum.StrEnum):
         return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
+ACTIVE_STATUSES = (JobStatus.VALIDATING_FILES, JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.PAUSED)
+"""The statuses that are not terminal: counted against ``IPO_MAX_ACTIVE_JOBS`` and cancellable."""
+
+
 class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (

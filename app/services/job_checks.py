@@ -13,7 +13,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.errors import InvalidRequest, RateLimited, describe_validation_errors
-from app.models import FileStatus, Job, JobStatus, Project, StoredFile
+from app.models import FileStatus, Job, Project, StoredFile
+from app.models.job import ACTIVE_STATUSES
 from app.schemas.requests import JobCreate
 from app.services import files as files_service
 from app.services.prompt_lengths import (
@@ -37,8 +38,6 @@ from contracts.model_info import ModelInfoError, read_config, unknown_target_mod
 from contracts.pair_tokens import describe_left_out
 from contracts.sft_formats import SUPERVISED_FORMATS
 
-ACTIVE = (JobStatus.VALIDATING_FILES, JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.PAUSED)
-"""The statuses that count against ``IPO_MAX_ACTIVE_JOBS`` (and that a user can cancel)."""
 ACTIVE_JOBS_RETRY_AFTER = 30
 """``Retry-After`` of the too-many-active-jobs 429: jobs take minutes, so polling faster is pointless."""
 
@@ -238,7 +237,7 @@ def check_active_jobs(session: Session, project_id: str, max_active: int) -> Non
     count = session.scalar(
         select(func.count())
         .select_from(Job)
-        .where(Job.project_id == project_id, Job.status.in_([s.value for s in ACTIVE]))
+        .where(Job.project_id == project_id, Job.status.in_([s.value for s in ACTIVE_STATUSES]))
     )
     if (count or 0) >= max_active:
         raise RateLimited(

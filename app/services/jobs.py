@@ -19,10 +19,10 @@ from sqlalchemy.orm import Session
 from app.errors import Conflict, InvalidRequest, NotFound
 from app.models import Checkpoint, Job, JobEvent, JobStatus, OutboxMessage
 from app.models.base import new_id, utcnow
+from app.models.job import ACTIVE_STATUSES
 from app.schemas.requests import JobCreate
 from app.services import metrics, webhooks
 from app.services.job_checks import (
-    ACTIVE,
     check_active_jobs,
     check_fits_model,
     check_method_fits_data,
@@ -265,7 +265,7 @@ def _transition(
 
 def cancel_job(session: Session, project_id: str, job_id: str) -> Job:
     job = get_job(session, project_id, job_id)
-    job = _transition(session, job, ACTIVE, JobStatus.CANCELLED, "cancel", finished_at=utcnow())
+    job = _transition(session, job, ACTIVE_STATUSES, JobStatus.CANCELLED, "cancel", finished_at=utcnow())
     add_event(session, job, "Job cancelled by user")
     webhooks.emit_job(session, job, webhooks.JOB_CANCELLED)
     metrics.job_ended(session, job)
