@@ -84,14 +84,15 @@ def check_method_fits_data(method: Method, data_files: dict[str, StoredFile]) ->
     format was recognised at upload), preference-only hyperparameters on a supervised job, and a
     ``samples.holdout`` count beside a validation file (whose prompts are sampled instead)."""
     prefix = f"method.{method.type}.hyperparameters"
-    hp = method.params().hyperparameters
+    params = method.params()
+    hp = params.hyperparameters
     for name in () if method.is_preference else PREFERENCE_ONLY:
         if getattr(hp, name) != "auto":
             raise InvalidRequest(
                 f"{name} applies to preference methods (ipo, dpo), not to supervised fine-tuning.",
                 param=f"{prefix}.{name}",
             )
-    holdout = method.params().samples.holdout
+    holdout = params.samples.holdout
     if "validation_file" in data_files and holdout != "auto" and holdout > 0:
         raise InvalidRequest(
             f"holdout {holdout} holds training prompts out for samples, but this job has a validation_file, "
