@@ -11,6 +11,8 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.models.job import lock_jobs_of_new_events
+
 PING_AFTER_IDLE_SECONDS = 1.0
 """A pooled connection that sat unused this long is pinged (``SELECT 1``) before it is handed out, so a
 database restart or an idle timeout costs no request. One used more recently is handed out as is: a
@@ -78,7 +80,11 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
-    return sessionmaker(engine, expire_on_commit=False)
+    """The sessions every part of the API uses: objects stay readable after commit, and a job's event ids
+    are handed out in commit order (``app.models.job.lock_jobs_of_new_events``)."""
+    factory = sessionmaker(engine, expire_on_commit=False)
+    event.listen(factory, "before_flush", lock_jobs_of_new_events)
+    return factory
 
 
 def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:

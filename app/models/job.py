@@ -6,8 +6,8 @@ import enum
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, DateTime, ForeignKey, Index, Integer, String, UniqueConstraint
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy import BigInteger, DateTime, ForeignKey, Index, Integer, String, UniqueConstraint, select
+from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from app.models.base import Base, JsonDoc, utcnow
 
@@ -106,7 +106,8 @@ class JobEvent(Base):
     )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
-    """Assigned by the database: monotonically increasing, so per job too."""
+    """Assigned by the database from a sequence; one job's ids are also in commit order
+    (:func:`lock_jobs_of_new_events`), so a reader that saw id N never later finds a lower id of that job."""
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
     attempt: Mapped[int | None] = mapped_column(Integer)
@@ -117,6 +118,26 @@ class JobEvent(Base):
     message: Mapped[str] = mapped_column(String(4000))
     data: Mapped[dict[str, Any] | None] = mapped_column(JsonDoc)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+def lock_jobs_of_new_events(session: Session, _flush_context: Any, _instances: Any) -> None:
+    """``before_flush`` hook (installed by ``app.db.make_sessionmaker``): on Postgres, lock the row of every
+    existing job that gets a new event in this flush (``SELECT ... FOR UPDATE``, in id order), so that a
+    job's event ids are handed out in commit order.
+
+    Why: ids come from a sequence at INSERT time, so without this one transaction could take id 10,
+    another take 11 and commit first; a client that read 11 and resumes after it (SSE ``Last-Event-ID``,
+    the events list's ``after``) would never see 10. Held from the INSERT to the commit, the job's row lock
+    makes the next writer of that job's events wait, take a higher id and commit later. Every event writer
+    (worker reports, cancel/pause, the reaper) already updates or locks that job row, so this adds no new
+    lock order. SQLite needs nothing: one writer at a time, holding its lock until commit.
+    """
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    created = {o.id for o in session.new if isinstance(o, Job)}  # not visible to anyone else yet
+    job_ids = sorted({o.job_id for o in session.new if isinstance(o, JobEvent)} - created)
+    if job_ids:
+        session.connection().execute(select(Job.id).where(Job.id.in_(job_ids)).order_by(Job.id).with_for_update())
 
 
 class Checkpoint(Base):

@@ -6,17 +6,14 @@ the feed right after its commit (``EventHub.wake``), so a stream served by the p
 the worker's report gets it at once; events written by other processes (another API replica, the
 reaper) arrive on the next poll.
 
-Event ids come from a sequence, so a transaction can commit id 10 after another committed id 11. A feed
-re-reads ``REORDER_SECONDS`` worth of ids behind its cursor and skips the ones it has already seen, so a
-late-committing event is still delivered (possibly after a higher id).
+A job's event ids are handed out in commit order (``app.models.job.lock_jobs_of_new_events``), so a feed
+polls strictly after the highest id it has seen and a ``Last-Event-ID`` resume misses nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -27,7 +24,6 @@ from app.services.events import events_since
 from app.services.views import event_view
 
 POLL_SECONDS = 0.5
-REORDER_SECONDS = 5.0
 BUFFER_EVENTS = 10_000
 """Events a feed keeps for its subscribers; a subscriber further behind re-reads the database."""
 
@@ -44,7 +40,6 @@ class JobFeed:
     buffer: list[Row] = field(default_factory=list)
     trimmed: int = 0
     """How many rows were dropped from the front of ``buffer`` (positions stay absolute)."""
-    seen: set[int] = field(default_factory=set)
     terminal: bool = False
     """The job ended and every one of its events is in ``buffer``."""
     subscribers: int = 0
@@ -62,16 +57,13 @@ class JobFeed:
             return None
         return self.buffer[position - self.trimmed :]
 
-    def add(self, rows: Iterable[Row]) -> bool:
-        fresh = [r for r in rows if r[0] not in self.seen]
-        for event_id, _ in fresh:
-            self.seen.add(event_id)
-        self.buffer.extend(fresh)
+    def add(self, rows: list[Row]) -> bool:
+        self.buffer.extend(rows)
         if len(self.buffer) > BUFFER_EVENTS:
             drop = len(self.buffer) - BUFFER_EVENTS
             self.buffer = self.buffer[drop:]
             self.trimmed += drop
-        return bool(fresh)
+        return bool(rows)
 
     def publish(self) -> None:
         self.changed.set()
@@ -115,20 +107,14 @@ class EventHub:
 
     async def _run(self, feed: JobFeed) -> None:
         cursor = feed.base
-        history: deque[tuple[float, int | None]] = deque()  # (when, cursor): how far back to re-read
         while True:
-            now = time.monotonic()
-            history.append((now, cursor))
-            while len(history) > 1 and history[1][0] <= now - REORDER_SECONDS:
-                history.popleft()
-            since = history[0][1]
             try:
-                rows, terminal = await run_in_threadpool(self._poll, feed.job_id, since)
+                rows, terminal = await run_in_threadpool(self._poll, feed.job_id, cursor)
             except Exception:  # the database is down: keep the streams open and try again
                 rows, terminal = [], False
             if rows:
                 cursor = max(cursor or 0, max(r[0] for r in rows))
-            fresh = feed.add(rows)  # rows re-read from the reorder window are not fresh
+            fresh = feed.add(rows)
             if fresh or terminal:
                 feed.terminal = terminal and not fresh
                 feed.publish()

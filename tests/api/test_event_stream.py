@@ -1,5 +1,5 @@
 """The SSE stream's shared feed: one poll per job however many clients watch, wake-after-commit delivery,
-``Last-Event-ID`` replay across the feed's start, and events that commit out of id order.
+``Last-Event-ID`` replay across the feed's start, and a job's event ids committing in id order.
 
 The streams are the real ``sse_events`` generators over a real database (``build_context``); the only
 instrument is a counter wrapped around the real poll.
@@ -12,9 +12,10 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from app.main import build_context
 from app.models import Job, JobEvent
@@ -141,30 +142,48 @@ def test_a_late_subscriber_replays_from_its_last_event_id(settings, job) -> None
     assert len({i for i, _ in late}) == len(late)
 
 
-def test_an_event_that_commits_after_a_higher_id_is_still_delivered(settings, job) -> None:
+def _lock_waiters(ctx: AppContext) -> int:
+    """Backends of this database waiting for a lock now (pg_stat_activity)."""
+    with ctx.sessions() as session:
+        return int(
+            session.scalar(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock'"
+                )
+            )
+            or 0
+        )
+
+
+def test_a_jobs_event_ids_commit_in_order_so_a_resume_misses_nothing(settings, job) -> None:
+    """A writer that takes an event id while another transaction holds an earlier one waits for it, so a
+    client that saw id N (a stream, ``Last-Event-ID``, the list's ``after``) never later finds a lower id."""
     if not settings.resolved_database_url.startswith("postgresql"):
         pytest.skip("SQLite serialises writers: ids cannot commit out of order")
     job_id, project_id = job
     ctx, _ = _ctx(settings)
 
+    slow = ctx.sessions()
+    slow.begin()
+    row = slow.get(Job, job_id)
+    assert row is not None
+    slow_event = add_event(slow, row, "slow")
+    slow.flush()  # takes an id, not yet committed
+    fast = ThreadPoolExecutor(1).submit(_emit, ctx, job_id, "fast", wake=False)
+    while not fast.done() and _lock_waiters(ctx) == 0:
+        time.sleep(0.02)
+    assert not fast.done(), "the second writer took an id and committed while a lower id was in flight"
+    slow.commit()
+    slow.close()
+    fast_id = fast.result(timeout=30)
+    assert fast_id > slow_event.id
+
     async def main() -> list[tuple[int, str]]:
-        task = asyncio.create_task(_collect(sse_events(ctx, job_id, None)))
+        task = asyncio.create_task(_collect(sse_events(ctx, job_id, slow_event.id - 1)))
         await asyncio.sleep(0.2)
-        slow = ctx.sessions()
-        slow.begin()
-        row = slow.get(Job, job_id)
-        assert row is not None
-        slow_event = add_event(slow, row, "slow")  # takes an id, not yet committed
-        slow.flush()
-        fast_id = await asyncio.to_thread(_emit, ctx, job_id, "fast")
-        assert fast_id > slow_event.id
-        await asyncio.sleep(0.5)  # the feed has moved its cursor past the slow event's id
-        slow.commit()
-        slow.close()
-        ctx.event_hub.wake([job_id])
-        await asyncio.sleep(0.3)
         await asyncio.to_thread(_end, ctx, job_id, project_id)
         return await asyncio.wait_for(task, 20)
 
     messages = [m for _, m in asyncio.run(main())]
-    assert messages.index("fast") < messages.index("slow")
+    assert messages[:2] == ["slow", "fast"]
