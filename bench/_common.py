@@ -136,6 +136,7 @@ def tiny_model_dir() -> Path:
     out = ROOT / ".cache" / "bench-models" / digest / "tiny-mistral"
     if not (out / "config.json").exists():
         print(f"building the tiny model into {out} ...", flush=True)
+        (ROOT / ".cache").mkdir(exist_ok=True)  # a fresh clone has none
         staging = Path(tempfile.mkdtemp(prefix="building-", dir=ROOT / ".cache"))
         tiny.build_tiny_model(staging / "tiny-mistral", seed=0)
         out.parent.mkdir(parents=True, exist_ok=True)
