@@ -75,7 +75,8 @@ class Settings(BaseSettings):
     dispatch_interval_seconds: float = Field(1.0, gt=0)
     """How often the dispatcher loop sends pending outbox rows, re-dispatches lost jobs and reaps leases."""
     redispatch_after_seconds: int = Field(60, ge=1)
-    """A job still ``queued`` this long after its message was sent is dispatched again (lost message)."""
+    """A job still ``queued`` this long after its message was sent is dispatched again (lost message); later
+    rings wait as long as the job has queued, up to 10x this (``app.services.dispatch.next_redispatch``)."""
     run_dispatcher: bool = True
     """Run the outbox dispatcher/reaper loop inside the API process."""
     log_level: str = "INFO"

@@ -99,6 +99,33 @@ def wrk_script(tmp: Path, endpoint: str, api_key: str, job_id: str, file_id: str
     return script
 
 
+def outbox_backlog(database_url: str, limit_seconds: float = 300.0) -> str:
+    """Whether the leader's dispatcher kept up with the creates: the doorbells still unsent when the last
+    create round ends, and how long the leader then takes to send them all (None: not within the limit)."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(database_url)
+    count = text("SELECT count(*) FROM outbox WHERE sent_at IS NULL")
+    try:
+        with engine.connect() as conn:
+            total = conn.scalar(text("SELECT count(*) FROM outbox"))
+            pending = conn.scalar(count)
+        started = time.monotonic()
+        left = pending
+        while left and time.monotonic() - started < limit_seconds:
+            time.sleep(0.5)
+            with engine.connect() as conn:
+                left = conn.scalar(count)
+        drained = (
+            f"sent within {time.monotonic() - started:.1f} s"
+            if not left
+            else f"{left} still unsent after {limit_seconds:.0f} s"
+        )
+        return f"{pending} of {total} unsent, {drained}"
+    finally:
+        engine.dispose()
+
+
 def run_wrk(targets: list[str], script: Path, connections: int, seconds: int) -> Wrk:
     """One wrk per target at once, ``connections`` split evenly; figures summed (rps) or worst (p99)."""
     per = max(1, connections // len(targets))
@@ -122,9 +149,9 @@ def run_wrk(targets: list[str], script: Path, connections: int, seconds: int) ->
 
 
 @contextmanager
-def service(tmp: Path) -> Iterator[tuple[list[str], str | None, str, str, str]]:
+def service(tmp: Path) -> Iterator[tuple[list[str], str | None, str, str, str, str]]:
     """Two replicas (and HAProxy when installed) on one fresh database. Yields (replica URLs, balancer URL
-    or None, API key, a job id, a file id)."""
+    or None, API key, a job id, a file id, the database URL)."""
     from app.auth import create_key
     from app.db import make_engine, make_sessionmaker
     from app.migrate import upgrade
@@ -200,7 +227,7 @@ def service(tmp: Path) -> Iterator[tuple[list[str], str | None, str, str, str]]:
                 j = httpx.post(f"{urls[1]}/v1/fine_tuning/jobs", headers=headers, json=body, timeout=60)
                 j.raise_for_status()
                 job_ids.append(j.json()["id"])
-            yield urls, lb_url, key, job_ids[0], file_id
+            yield urls, lb_url, key, job_ids[0], file_id, database_url
         finally:
             for p in reversed(procs):
                 stop_process(p, 30)
@@ -222,7 +249,7 @@ def main() -> None:
     loads = [loadavg()]
     results: dict[str, dict[str, list[Wrk]]] = {}
     with tempfile.TemporaryDirectory(prefix="ipo-bench-replicas-") as tmp_name, service(Path(tmp_name)) as st:
-        urls, lb_url, key, job_id, file_id = st
+        urls, lb_url, key, job_id, file_id, database_url = st
         configs = {"1 replica": [urls[0]], "2 replicas": urls}
         if lb_url:
             configs["2 replicas via HAProxy"] = [lb_url]
@@ -241,6 +268,7 @@ def main() -> None:
                     )
                     time.sleep(1)
             loads.append(loadavg())
+        backlog = outbox_backlog(database_url)
     cells = {
         "db": "postgres + redis",
         "load during runs": " / ".join(loads),
@@ -260,6 +288,7 @@ def main() -> None:
                 f"p50 {p50:.1f} / p99 {p99:.1f} ms" + (f", {bad} non-2xx/errors" if bad else "") + ratio
             )
         cells[endpoint] = "; ".join(parts)
+    cells["create"] += f"; leader's outbox after the creates: {backlog}"
     record("replicas_bench", f"replicas {a.seconds} {a.connections} {a.rounds}", cells)
 
 

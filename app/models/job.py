@@ -36,6 +36,7 @@ class Job(Base):
         Index("ix_jobs_project_created", "project_id", "created_at", "id"),
         Index("ix_jobs_project_status_created", "project_id", "status", "created_at", "id"),
         Index("ix_jobs_status_lease", "status", "lease_expires_at"),
+        Index("ix_jobs_status_redispatch", "status", "redispatch_at"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -94,7 +95,11 @@ class Job(Base):
     queued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     """When the job last became ``queued`` (created, resumed, requeued): the start of its queue wait."""
     dispatched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    """When the last Celery message for this job was sent (the sweeper re-sends lost ones)."""
+    """When the last Celery message for this job was sent."""
+    redispatch_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    """When to ring the doorbell again if the job is still unclaimed (a lost message): set when one is sent
+    (``app.services.dispatch.next_redispatch``), cleared while one waits in the outbox, so it is non-null
+    only for a job with no doorbell pending."""
 
 
 class JobEvent(Base):

@@ -74,8 +74,10 @@ OUTBOX_WRITTEN = "ipo.outbox_written"
 
 
 def enqueue_dispatch(session: Session, job: Job) -> None:
-    """Write the doorbell into the outbox; the dispatcher sends it after this transaction commits."""
+    """Write the doorbell into the outbox; the dispatcher sends it after this transaction commits. The
+    redispatch sweep leaves the job alone until this one is sent (``Job.redispatch_at``)."""
     session.info[OUTBOX_WRITTEN] = True
+    job.redispatch_at = None
     session.add(
         OutboxMessage(project_id=job.project_id, kind="dispatch_job", payload={"job_id": job.id}, created_at=utcnow())
     )

@@ -1,7 +1,7 @@
 """Prometheus metrics: process-local histograms and counters, plus gauges read from the ledger at scrape time.
 
-Gauges (jobs by status, queue depth, per-worker tokens/s and GPU memory, pending webhook deliveries)
-are computed from the database on every scrape, so they are right whatever the number of API
+Gauges (jobs by status, queue depth, per-worker tokens/s and GPU memory, pending webhook deliveries, unsent
+doorbells) are computed from the database on every scrape, so they are right whatever the number of API
 processes or replicas. Histograms and counters live in the process that observed them: with several
 uvicorn workers ``prometheus_client`` sums them across processes through ``PROMETHEUS_MULTIPROC_DIR``, which
 ``ipo serve --workers N`` prepares (``ipo_cli/server.py`` ``prepare_metrics_dir``). Separate replicas are
@@ -26,7 +26,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.models import DeliveryStatus, Job, JobEvent, JobStatus, WebhookDelivery
+from app.models import DeliveryStatus, Job, JobEvent, JobStatus, OutboxMessage, WebhookDelivery
 from app.models.base import as_utc
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,14 @@ def _ledger_families(session: Session) -> list[Metric]:
         )
         or 0,
     )
-    return [jobs, depth, tokens, memory, pending]
+    outbox = GaugeMetricFamily(
+        "ipo_outbox_pending",
+        "Doorbells committed but not yet sent to the broker: the leader's dispatcher lag (near 0 when it keeps up).",
+    )
+    outbox.add_metric(
+        [], session.scalar(select(func.count()).select_from(OutboxMessage).where(OutboxMessage.sent_at.is_(None))) or 0
+    )
+    return [jobs, depth, tokens, memory, pending, outbox]
 
 
 def _latest_worker_metrics(session: Session) -> dict[str, dict[str, Any]]:

@@ -49,6 +49,8 @@ def test_job_lifecycle_metrics(client: TestClient, upload, auth) -> None:
     _, queued = scrape(client)
     assert value(queued, "ipo_jobs", status="queued") == value(before, "ipo_jobs", status="queued") + 2
     assert value(queued, "ipo_queue_depth") == value(before, "ipo_queue_depth") + 2
+    # no dispatcher runs in these tests: the two doorbells wait in the outbox
+    assert value(queued, "ipo_outbox_pending") == value(before, "ipo_outbox_pending") + 2
     assert ("ipo_jobs", frozenset({("status", "paused")})) in queued  # every status is exposed, zeros included
 
     worker = f"gpu-{secrets.token_hex(3)}"

@@ -42,7 +42,7 @@ def test_a_job_asks_for_devices_and_keeps_them_through_spec_dispatch_and_claim(c
     # the doorbell goes to the queue of 2-device workers; the claim tells the worker how many to reserve
     bell = RecordingDoorbell()
     with client.app.state.ctx.sessions() as session, session.begin():
-        send_pending(session, bell)
+        send_pending(session, bell, client.app.state.ctx.settings)
     assert bell.devices[job_id] == 2 and bell.devices[default.json()["id"]] == 1
     claim = client.post(f"/internal/v1/jobs/{job_id}/claim", headers=WORKER, json={"worker_id": "w"})
     assert claim.status_code == 200, claim.text
