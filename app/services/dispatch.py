@@ -63,6 +63,10 @@ class CeleryDoorbell:
         )
 
 
+BATCH = 100
+"""Rows each step of a tick takes in one transaction (outbox rows sent, jobs re-rung, leases reaped). A tick
+that fills a batch is followed by the next at once, not after ``IPO_DISPATCH_INTERVAL_SECONDS``."""
+
 REDISPATCH_MAX_FACTOR = 10
 """The wait between doorbells of one unclaimed job grows with its time in queue up to this many times
 ``IPO_REDISPATCH_AFTER_SECONDS`` (10 min at the default 60 s): a lost message is still recovered within
@@ -78,7 +82,7 @@ def next_redispatch(settings: Settings, job: Job, now: datetime) -> datetime:
     return now + timedelta(seconds=min(max(base, waited), base * REDISPATCH_MAX_FACTOR))
 
 
-def send_pending(session: Session, doorbell: Doorbell, settings: Settings, batch: int = 100) -> int:
+def send_pending(session: Session, doorbell: Doorbell, settings: Settings, batch: int = BATCH) -> int:
     """Ring the doorbell of up to ``batch`` unsent outbox rows, oldest first; returns how many were sent.
 
     Rows are claimed ``FOR UPDATE SKIP LOCKED`` (another replica's pass takes the next ones) and their jobs
@@ -115,7 +119,7 @@ def send_pending(session: Session, doorbell: Doorbell, settings: Settings, batch
     return sent
 
 
-def redispatch_lost(session: Session, batch: int = 100) -> int:
+def redispatch_lost(session: Session, batch: int = BATCH) -> int:
     """Queued, unclaimed jobs whose ``redispatch_at`` has passed get a new doorbell (through the outbox):
     the last message may have been lost (broker flushed or restarted without persistence). One indexed
     range query; a job with a doorbell still pending has no ``redispatch_at``, so it is never doubled."""
@@ -140,7 +144,7 @@ def reap_expired_leases(session: Session, settings: Settings) -> int:
         session.scalars(
             select(Job)
             .where(Job.lease_token.is_not(None), Job.lease_expires_at < now)
-            .limit(100)
+            .limit(BATCH)
             .with_for_update(skip_locked=True)
         )
     )
@@ -192,7 +196,9 @@ def tick(
 
 
 class DispatcherThread(threading.Thread):
-    """Runs :func:`tick` every ``dispatch_interval_seconds``.
+    """Runs :func:`tick` every ``dispatch_interval_seconds``, at once when a commit wrote an outbox row (the
+    ``wake`` event), and back to back while a step fills its ``BATCH`` (a backlog drains at the speed of
+    the broker, not at 100 rows per interval).
 
     The reaper holds off for one lease period after this loop starts and after any tick that failed
     (database down): a lease that ran out while heartbeats could not be recorded (API restarting,
@@ -221,9 +227,11 @@ class DispatcherThread(threading.Thread):
                 if self.leader is None or self.leader.held():  # followers only wait (app.services.leader)
                     now = time.monotonic()
                     purge = now >= purge_after
-                    tick(self.sessions, self.settings, self.doorbell, reap=now >= reap_after, purge=purge)
+                    stats = tick(self.sessions, self.settings, self.doorbell, reap=now >= reap_after, purge=purge)
                     if purge:
                         purge_after = now + PURGE_EVERY_SECONDS
+                    if any(stats[step] >= BATCH for step in ("reaped", "redispatched", "sent")):
+                        continue  # a full batch: more are waiting
             except Exception as exc:  # database or broker down: log, keep looping, recover by itself
                 log.warning("dispatcher tick failed: %s: %s", type(exc).__name__, exc)
                 reap_after = time.monotonic() + self.settings.lease_seconds

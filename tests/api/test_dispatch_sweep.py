@@ -1,9 +1,11 @@
-"""The leader's doorbell passes on a real database: ``send_pending`` reads a batch's jobs in one query, and
-the redispatch sweep rings an unclaimed job again only when its ``redispatch_at`` is due, never while a
-doorbell is pending, and backs off with the job's time in queue."""
+"""The leader's doorbell passes on a real database: ``send_pending`` reads a batch's jobs in one query, the
+loop drains a backlog back to back, and the redispatch sweep rings an unclaimed job again only when its
+``redispatch_at`` is due, never while a doorbell is pending, and backs off with the job's time in queue."""
 
 from __future__ import annotations
 
+import threading
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -11,7 +13,14 @@ from sqlalchemy import event, select
 
 from app.models import Job, OutboxMessage
 from app.models.base import as_utc, utcnow
-from app.services.dispatch import REDISPATCH_MAX_FACTOR, next_redispatch, redispatch_lost, send_pending
+from app.services.dispatch import (
+    BATCH,
+    REDISPATCH_MAX_FACTOR,
+    DispatcherThread,
+    next_redispatch,
+    redispatch_lost,
+    send_pending,
+)
 from app.settings import Settings
 from tests.api.conftest import RecordingDoorbell
 
@@ -113,3 +122,30 @@ def test_the_wait_between_doorbells_grows_with_the_time_in_queue_up_to_a_cap() -
     assert next_redispatch(settings, job, now) == now + timedelta(seconds=60 * REDISPATCH_MAX_FACTOR)
     job.queued_at = None
     assert next_redispatch(settings, job, now) == now + timedelta(seconds=60)
+
+
+def test_the_dispatcher_thread_drains_a_backlog_without_waiting_for_its_interval(client, upload, auth) -> None:
+    """2.5 batches of doorbells with a one-hour interval: the thread sends them all back to back."""
+    ctx = client.app.state.ctx
+    (job_id,) = _create_jobs(client, upload, auth, 1)
+    with ctx.sessions() as session, session.begin():
+        job = session.get(Job, job_id)
+        assert job is not None
+        session.add_all(
+            OutboxMessage(
+                project_id=job.project_id, kind="dispatch_job", payload={"job_id": job_id}, created_at=utcnow()
+            )
+            for _ in range(BATCH * 5 // 2)
+        )
+    bell = RecordingDoorbell()
+    settings = ctx.settings.model_copy(update={"dispatch_interval_seconds": 3600.0})
+    thread = DispatcherThread(ctx.sessions, settings, bell, threading.Event())
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while _pending(ctx, job_id) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _pending(ctx, job_id) == 0, "the backlog waited for the next interval"
+    finally:
+        thread.stop()
+    assert bell.rung.count(job_id) >= BATCH * 5 // 2 + 1
