@@ -15,16 +15,15 @@ from app.auth import KeyCache
 from app.dashboard import routes as dashboard
 from app.db import make_engine, make_sessionmaker
 from app.errors import install_error_handlers
+from app.leader_loops import LeaderLoops
 from app.middleware.auth_gate import AuthGateMiddleware
 from app.middleware.body_limit import BodyLimitMiddleware, BodyLimits
 from app.middleware.http_metrics import HttpMetricsMiddleware
 from app.middleware.request_log import RequestLogMiddleware
 from app.routes import chat, files, health, internal, jobs, metrics, models, schemas, webhooks
-from app.services.dispatch import CeleryDoorbell, DispatcherThread, Doorbell
+from app.services.dispatch import Doorbell
 from app.services.event_feed import EventHub, db_poll
-from app.services.leader import Leadership
 from app.services.rate_limit import make_rate_limiter
-from app.services.webhook_delivery import WebhookSenderThread
 from app.settings import Settings, get_settings
 from app.state import AppContext
 from app.storage import open_storage
@@ -56,27 +55,22 @@ def create_app(settings: Settings | None = None, doorbell: Doorbell | None = Non
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        dispatcher = None
         # One leader across all API processes on this database runs the singleton loops (app.services.leader).
-        leader = Leadership(settings.resolved_database_url)
-        if settings.run_dispatcher:
-            dispatcher = DispatcherThread(
-                ctx.sessions, settings, doorbell or CeleryDoorbell(settings), ctx.wake_dispatcher, leader
-            )
-            dispatcher.start()
-        sender = WebhookSenderThread(ctx.sessions, settings, leader) if settings.run_webhook_sender else None
-        if sender is not None:
-            sender.start()
+        loops = LeaderLoops(
+            ctx.sessions,
+            settings,
+            ctx.wake_dispatcher,
+            dispatcher=settings.run_dispatcher,
+            webhooks=settings.run_webhook_sender,
+            doorbell=doorbell,
+        )
+        loops.start()
         try:
             yield
         finally:
             if (gateway := getattr(app.state, "inference", None)) is not None:
                 await gateway.aclose()
-            if sender is not None:
-                sender.stop()
-            if dispatcher is not None:
-                dispatcher.stop()
-            leader.release()
+            loops.stop()
             ctx.engine.dispose()
 
     app = FastAPI(

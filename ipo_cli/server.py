@@ -1,4 +1,4 @@
-"""``ipo up | serve | worker | migrate``: run the parts of the service.
+"""``ipo up | serve | dispatcher | worker | migrate``: run the parts of the service.
 
 ``ipo up`` is the embedded default in one command: SQLite, the Celery filesystem transport and a
 local artifact directory under ``./var``, the API (with its dispatcher) and one worker process.
@@ -29,6 +29,7 @@ Port = Annotated[int, typer.Option(help="TCP port.")]
 def register(app: typer.Typer) -> None:
     app.command("up")(up)
     app.command("serve")(serve)
+    app.command("dispatcher")(dispatcher)
     app.command("worker")(worker)
     app.command("migrate")(migrate)
     app.command("inference")(inference)
@@ -76,6 +77,41 @@ def serve(
     finally:
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+DISPATCHER_POOL_SIZE = 4
+"""Database connections of an ``ipo dispatcher`` process: its two loops use one each, plus headroom."""
+
+
+def dispatcher() -> None:
+    """Run the singleton loops (outbox dispatcher + lease reaper, webhook sender) in a process of their own,
+    until SIGTERM or Ctrl-C. For API replicas run with ``IPO_RUN_DISPATCHER=false`` and
+    ``IPO_RUN_WEBHOOK_SENDER=false``, so request bursts and doorbells do not share a process. Several may
+    run: one leads (Postgres advisory lock), the others take over within seconds when it stops."""
+    import threading
+
+    from app.db import make_engine, make_sessionmaker
+    from app.leader_loops import LeaderLoops
+    from app.settings import Settings
+    from contracts.logs import configure_logging
+    from ipo_cli.database import ready_database_url
+
+    settings = Settings()
+    ready_database_url(settings)
+    configure_logging(settings.log_level, settings.log_format)
+    engine = make_engine(settings.resolved_database_url, DISPATCHER_POOL_SIZE)
+    loops = LeaderLoops(make_sessionmaker(engine), settings, threading.Event(), dispatcher=True, webhooks=True)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    loops.start()
+    typer.echo("ipo dispatcher: running the dispatcher, reaper and webhook sender (leader when it holds the lock)")
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        loops.stop()
+        engine.dispose()
 
 
 def prepare_metrics_dir(workers: int) -> Path | None:
