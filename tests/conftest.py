@@ -84,12 +84,13 @@ def tiny_models_dir() -> Path:
 
     Built once and cached under ``.cache/test-models/<hash of the code that builds it>`` (a changed
     builder gets a fresh model; concurrent runs build into a temp dir and rename atomically).
-    ``IPO_TEST_TINY_MODEL=<dir>`` points at an already-built model instead.
+    ``IPO_TEST_TINY_MODEL=<dir>`` points at an already-built model instead; it is copied (a few MB), not
+    linked, since the worker refuses a model directory that resolves outside its models directory.
     """
     prebuilt = os.environ.get("IPO_TEST_TINY_MODEL")
     if prebuilt:
         models = Path(tempfile.mkdtemp(prefix="ipo-models-"))
-        (models / "tiny-mistral").symlink_to(Path(prebuilt).resolve())
+        shutil.copytree(Path(prebuilt).resolve(), models / "tiny-mistral")
         return models
     from worker.training import demo_data, tiny
 

@@ -66,8 +66,7 @@ def _method(batch_size: int, quantization: str = "none") -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def models_dir(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model as a worker's models directory: a copy (a few MB), since the worker refuses a model
-    directory that resolves outside it (``IPO_TEST_TINY_MODEL`` makes a link)."""
+    """The tiny model in this module's own models directory (a copy of a few MB)."""
     models = tmp_path_factory.mktemp("models")
     shutil.copytree((tiny_models_dir / "tiny-mistral").resolve(), models / "tiny-mistral")
     return models
