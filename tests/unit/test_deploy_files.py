@@ -25,7 +25,7 @@ DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 CI_RUN = ROOT / ".ci" / "run"
 
-IPO_SERVICES = ("migrate", "api-1", "api-2", "worker", "worker-multi")
+IPO_SERVICES = ("migrate", "api-1", "api-2", "dispatcher", "worker", "worker-multi")
 API_REPLICAS = ("api-1", "api-2")
 HAPROXY_CFG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
 
@@ -125,7 +125,7 @@ def test_worker_token_has_no_default(compose: dict[str, Any]) -> None:
 
 def test_only_api_side_gets_ledger_credentials(services: dict[str, dict[str, Any]]) -> None:
     # docs/design.md: app/ is the only process that writes the database; a worker needs no DB credentials.
-    for name in ("migrate", *API_REPLICAS):
+    for name in ("migrate", "dispatcher", *API_REPLICAS):
         url = services[name]["environment"]["IPO_DATABASE_URL"]
         assert url.startswith("postgresql+psycopg://") and "@postgres:5432/" in url
         assert "${POSTGRES_PASSWORD:-" in url  # from the environment, with a local default
@@ -169,6 +169,22 @@ def test_two_api_replicas_of_one_definition(services: dict[str, dict[str, Any]])
     assert "ports" not in api  # reached through the load balancer only
     assert "adapters:/data/adapters" in api["volumes"]  # unpacked adapters, shared with the inference server
     assert any(str(v).endswith(":/models:ro") for v in api["volumes"])
+
+
+def test_the_singleton_loops_run_in_their_own_service(services: dict[str, dict[str, Any]]) -> None:
+    dispatcher = services["dispatcher"]
+    assert dispatcher["command"] == ["dispatcher"]
+    assert dispatcher["build"]["target"] == "api"  # app/ code, no torch
+    assert _depends_on(dispatcher) == {
+        "migrate": "service_completed_successfully",
+        "postgres": "service_healthy",
+        "redis": "service_healthy",
+    }
+    assert dispatcher["restart"] == "unless-stopped" and "ports" not in dispatcher
+    for name in API_REPLICAS:  # so the replicas leave the loops to it
+        env = services[name]["environment"]
+        assert env["IPO_RUN_DISPATCHER"] == "false" and env["IPO_RUN_WEBHOOK_SENDER"] == "false"
+    assert "IPO_RUN_DISPATCHER" not in dispatcher["environment"]
 
 
 def _haproxy_servers() -> list[str]:
