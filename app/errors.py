@@ -184,20 +184,39 @@ def loc_to_param(loc: tuple[Any, ...]) -> str | None:
     return ".".join(parts) or None
 
 
+OTHER_ERRORS_NAMED = 3
+"""How many further invalid fields a one-line validation message names (with their reasons) before counting."""
+
+
 def describe_validation_errors(errors: Sequence[Any], prefix: str = "") -> tuple[str | None, str]:
     """The ``(param, one-line message)`` of a list of pydantic/FastAPI errors: the first error names its
-    field; the others are counted. ``prefix`` is put before the field (``hyperparameters.``)."""
+    field (``param``); up to ``OTHER_ERRORS_NAMED`` others follow with their reasons, the rest are counted,
+    so a misspelled field beside the missing one it was meant to be (``training_fil``) is named too.
+    ``prefix`` is put before each field (``hyperparameters.``)."""
     if not errors:
         return (prefix.rstrip(".") or None), "Invalid request."
+
+    def field(error: Any) -> str | None:
+        name = loc_to_param(tuple(error.get("loc", ())))
+        return (prefix + name if name else prefix.rstrip(".") or None) if prefix else name
+
     first = errors[0]
-    param = loc_to_param(tuple(first.get("loc", ())))
-    if prefix:
-        param = prefix + param if param else prefix.rstrip(".")
+    param = field(first)
     message = str(first.get("msg", "invalid value"))
     message = f"{param}: {message}" if param else message
-    others = {loc_to_param(tuple(e.get("loc", ()))) for e in errors[1:]} - {loc_to_param(tuple(first.get("loc", ())))}
+    others: dict[str | None, str] = {}
+    for error in errors[1:]:
+        name = field(error)
+        if name != param and name not in others:
+            others[name] = str(error.get("msg", "invalid value"))
     if others:
-        message += f" (and {len(others)} more invalid field{'s' if len(others) > 1 else ''})"
+        named = [f"{name}: {msg}" if name else msg for name, msg in list(others.items())[:OTHER_ERRORS_NAMED]]
+        rest = len(others) - len(named)
+        message += (
+            "; also "
+            + "; ".join(named)
+            + (f" (and {rest} more invalid field{'s' if rest > 1 else ''})" if rest else "")
+        )
     return param, message
 
 

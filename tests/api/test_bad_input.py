@@ -151,6 +151,10 @@ def test_unknown_fields_wrong_types_and_nul(client, auth, upload, unchanged) -> 
     ]
     for body, param in cases:
         _error(client.post("/v1/fine_tuning/jobs", headers=auth, json=body), 400, param)
+    # A misspelled field: the required one is reported missing, and the typo is named beside it.
+    typo = _error(client.post("/v1/fine_tuning/jobs", headers=auth, json={"model": "m", "training_fil": "f"}), 400)
+    assert typo["param"] == "training_file"
+    assert "training_fil: Extra inputs are not permitted" in str(typo["message"]), typo
     lora = {"lora": {"target_modules": ["q\x00"]}}
     nul = {"model": "tiny-mistral", "training_file": "file-x", "method": {"type": "ipo", "ipo": lora}}
     assert "NUL" in str(_error(client.post("/v1/fine_tuning/jobs", headers=auth, json=nul), 400)["message"])
