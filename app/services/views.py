@@ -177,7 +177,8 @@ def page_object(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
 
 def checkpoint_view(row: Checkpoint, job: Job) -> CheckpointObject:
     base = job.fine_tuned_model or f"ft:{job.base_model or job.model}:{job.suffix or 'ipo'}:{job.id}"
-    metrics: dict[str, Any] = dict(row.metrics or {})
+    # OpenAI's checkpoint metrics carry the step too (``metrics.step``), beside ``step_number``.
+    metrics: dict[str, Any] = {"step": row.step, **(row.metrics or {})}
     return CheckpointObject(
         id=row.id,
         created_at=unix(row.created_at) or 0,

@@ -114,7 +114,7 @@ def test_claim_is_exclusive_and_writes_are_fenced(client: TestClient, upload, au
     assert again.status_code == 200 and again.json()["status"] == "succeeded"
     assert client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=auth).json()["trained_tokens"] == 1234
     ckpts = client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints", headers=auth).json()["data"]
-    assert [(c["step_number"], c["metrics"]) for c in ckpts] == [(4, {"train_loss": 0.5})]
+    assert [(c["step_number"], c["metrics"]) for c in ckpts] == [(4, {"step": 4, "train_loss": 0.5})]
     # After finishing, the lease is gone: any further write is fenced off.
     late = client.post(f"/internal/v1/jobs/{job_id}/heartbeat", headers=WORKER, json={"lease_token": token})
     assert late.status_code == 409
