@@ -112,6 +112,7 @@ def dispatcher() -> None:
     finally:
         loops.stop()
         engine.dispose()
+        typer.echo("ipo dispatcher: stopped (the leader lock, if held, is released)")
 
 
 def prepare_metrics_dir(workers: int) -> Path | None:

@@ -89,7 +89,7 @@ def test_ipo_dispatcher_sends_the_api_s_doorbells_and_stops_on_sigterm(
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert "ipo dispatcher: running" in log.read_text()
+    assert "ipo dispatcher: running" in log.read_text() and "ipo dispatcher: stopped" in log.read_text()
     # The lock went with it: another process leads at once (Postgres; SQLite has one process by design).
     leader = Leadership(own_settings.resolved_database_url)
     try:
