@@ -129,10 +129,12 @@ def test_supervised_run_reports_metrics_checkpoints_and_learns(
     for m in train_metrics:
         assert set(m) >= SFT_METRICS, SFT_METRICS - set(m)
         assert "ipo_margin" not in m and 0.0 <= m["token_accuracy"] <= 1.0
-    assert train_metrics[-1]["train_loss"] < train_metrics[0]["train_loss"]
-    assert train_metrics[-1]["token_accuracy"] > train_metrics[0]["token_accuracy"]
+    # It learns: on the fixed held-out file (each training step's figures are one batch of 8 and already
+    # at 92-97% token accuracy, so step-to-step they are noise: last vs first step differed by chance).
     valid = [r.data for r in reporter.of_kind("metrics") if r.data and "valid_loss" in r.data]
-    assert valid and "valid_token_accuracy" in valid[-1]
+    assert len(valid) >= 2 and "valid_token_accuracy" in valid[-1]
+    assert valid[-1]["valid_loss"] < valid[0]["valid_loss"]
+    assert valid[-1]["valid_token_accuracy"] >= valid[0]["valid_token_accuracy"]
 
     assert [c.step for c in reporter.of_kind("checkpoint")] == [4, 8]
     artifacts = {r.name: Path(r.path or "") for r in reporter.of_kind("artifact")}
