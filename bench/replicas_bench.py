@@ -15,6 +15,10 @@ connections each on A and on B: clients spread over replicas, no balancer in the
 deploy/haproxy/haproxy.cfg). Reports requests/s (2xx only), p50/p99 latency and the ratio to 1 replica
 measured in the same round; the row keeps the median of the rounds.
 
+``--dispatcher-process`` runs the production shape of docker-compose.yml instead: the replicas with
+``IPO_RUN_DISPATCHER=false`` and the singleton loops in an ``ipo dispatcher`` process of their own (so no
+replica pays for sending the doorbells of the creates).
+
 On a machine with C cores shared with other work, N replicas can only help while cores are idle: the
 figure is what it is, recorded with the load average.
 """
@@ -149,9 +153,10 @@ def run_wrk(targets: list[str], script: Path, connections: int, seconds: int) ->
 
 
 @contextmanager
-def service(tmp: Path) -> Iterator[tuple[list[str], str | None, str, str, str, str]]:
-    """Two replicas (and HAProxy when installed) on one fresh database. Yields (replica URLs, balancer URL
-    or None, API key, a job id, a file id, the database URL)."""
+def service(tmp: Path, dispatcher_process: bool = False) -> Iterator[tuple[list[str], str | None, str, str, str, str]]:
+    """Two replicas (and HAProxy when installed) on one fresh database, and with ``dispatcher_process`` an
+    ``ipo dispatcher`` running the loops instead of them. Yields (replica URLs, balancer URL or None, API
+    key, a job id, a file id, the database URL)."""
     from app.auth import create_key
     from app.db import make_engine, make_sessionmaker
     from app.migrate import upgrade
@@ -184,6 +189,16 @@ def service(tmp: Path) -> Iterator[tuple[list[str], str | None, str, str, str, s
         procs: list[subprocess.Popen[bytes]] = []
         urls = []
         try:
+            if dispatcher_process:
+                env["IPO_RUN_DISPATCHER"] = "false"
+                log = tmp / "dispatcher.log"
+                procs.append(
+                    start_process(
+                        [sys.executable, "-m", "ipo_cli.main", "dispatcher"],
+                        {**env, "IPO_VAR_DIR": str(tmp / "var-dispatcher")},
+                        log,
+                    )
+                )
             for name in ("a", "b"):
                 port = free_port()
                 log = tmp / f"api-{name}.log"
@@ -242,13 +257,21 @@ def main() -> None:
     p.add_argument("--seconds", type=int, default=15, help="wrk duration per measurement")
     p.add_argument("--connections", type=int, default=50, help="concurrent connections in total")
     p.add_argument("--rounds", type=int, default=2, help="rounds (1 replica, 2 replicas[, via HAProxy]) per endpoint")
+    p.add_argument(
+        "--dispatcher-process",
+        action="store_true",
+        help="replicas with IPO_RUN_DISPATCHER=false and the loops in an `ipo dispatcher` process",
+    )
     a = p.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed (apt-get install wrk)")
     wait_for_quiet()
     loads = [loadavg()]
     results: dict[str, dict[str, list[Wrk]]] = {}
-    with tempfile.TemporaryDirectory(prefix="ipo-bench-replicas-") as tmp_name, service(Path(tmp_name)) as st:
+    with (
+        tempfile.TemporaryDirectory(prefix="ipo-bench-replicas-") as tmp_name,
+        service(Path(tmp_name), a.dispatcher_process) as st,
+    ):
         urls, lb_url, key, job_id, file_id, database_url = st
         configs = {"1 replica": [urls[0]], "2 replicas": urls}
         if lb_url:
@@ -270,7 +293,7 @@ def main() -> None:
             loads.append(loadavg())
         backlog = outbox_backlog(database_url)
     cells = {
-        "db": "postgres + redis",
+        "db": "postgres + redis" + ("; loops in `ipo dispatcher`" if a.dispatcher_process else ""),
         "load during runs": " / ".join(loads),
         "connections x seconds": f"{a.connections} x {a.seconds} s, {a.rounds} rounds (median)",
     }
@@ -289,7 +312,8 @@ def main() -> None:
             )
         cells[endpoint] = "; ".join(parts)
     cells["create"] += f"; leader's outbox after the creates: {backlog}"
-    record("replicas_bench", f"replicas {a.seconds} {a.connections} {a.rounds}", cells)
+    key = f"replicas {a.seconds} {a.connections} {a.rounds}" + (" dispatcher-process" if a.dispatcher_process else "")
+    record("replicas_bench", key, cells)
 
 
 if __name__ == "__main__":
