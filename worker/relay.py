@@ -121,6 +121,10 @@ class Relay:
         if not report.path:
             log.warning("job %s: %s report without a path", self.job_id, report.kind)
             return
+        # The events reported before this upload go first, so the job's event list reads in step order
+        # ("Step 10/10: ..." before "Checkpoint saved at step 10"). Best effort: if the API is unreachable
+        # they stay buffered (2 s, the supervisor's own flush budget) and the upload below retries on its own.
+        self.events.flush(retry_seconds=2.0)
         path = Path(report.path)
         if report.kind == "checkpoint":
             step = report.step if report.step is not None else int((report.data or {}).get("step", 0))

@@ -23,6 +23,8 @@ class Upload:
     fields: dict[str, str]
     filename: str
     content: bytes
+    events_before: int = 0
+    """How many events the API had received when this upload arrived (the order a reader sees)."""
 
 
 @dataclass
@@ -160,7 +162,7 @@ class _Handler(BaseHTTPRequestHandler):
                 # As the API: checkpoints while running or paused, artifacts only while running.
                 if self._status() not in (("running",) if action == "artifacts" else ("running", "paused")):
                     return self._error(409, f"Job is {self._status()}.", "invalid_state")
-                upload = Upload(fields, filename, content)
+                upload = Upload(fields, filename, content, events_before=len(state.events))
                 if action == "checkpoints":
                     state.checkpoints.append(upload)
                     return self._send(200, {"id": f"ckpt-{len(state.checkpoints)}", "status": None})

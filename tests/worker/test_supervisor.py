@@ -118,6 +118,9 @@ def test_success_relays_everything_in_order(settings: WorkerSettings, api: ApiCl
     assert api_state.duplicates == 0
 
     assert [c.fields["step"] for c in api_state.checkpoints] == ["2", "4"]
+    for ckpt in api_state.checkpoints:  # a step's events reach the API before its checkpoint
+        before = [e["data"]["step"] for e in api_state.events[: ckpt.events_before] if e["type"] == "metrics"]
+        assert int(ckpt.fields["step"]) in before, (ckpt.fields["step"], before)
     with zipfile.ZipFile(io.BytesIO(api_state.checkpoints[0].content)) as zf:
         assert sorted(zf.namelist()) == ["adapter_model.safetensors", "trainer_state.json"]
     assert json.loads(api_state.checkpoints[1].fields["metrics"]) == {"step": 4, "train_loss": 0.25}
