@@ -22,16 +22,28 @@ from worker.archive import zip_dir
 log = logging.getLogger(__name__)
 
 
+METRICS_IN_MESSAGE = (
+    ("train_loss", "training loss", "{:.4f}"),
+    ("valid_loss", "validation loss", "{:.4f}"),
+    ("valid_preference_accuracy", "validation preference accuracy", "{:.2f}"),
+    ("valid_token_accuracy", "validation token accuracy", "{:.2f}"),
+    ("samples/changed_fraction", "greedy samples differing from the reference", "{:.0%}"),
+)
+"""The metrics a ``Step N/M`` event's message names, when present (label, format); all are in its data."""
+
+
 def metrics_message(data: Mapping[str, Any], step: int | None) -> str:
-    """``Step 10/50: training loss=0.9100, validation loss=0.9500``, from whatever keys are there."""
+    """``Step 10/50: training loss=0.9100, validation loss=0.9500``, from whichever of
+    ``METRICS_IN_MESSAGE`` are there (a samples evaluation reads ``Step 10/50: greedy samples differing from
+    the reference=25%``), so no step event is a bare ``Step N/M``."""
     step = step if step is not None else data.get("step")
     total = data.get("total_steps")
     head = f"Step {step}/{total}" if total else f"Step {step}"
     parts = []
-    for key, label in (("train_loss", "training loss"), ("valid_loss", "validation loss")):
+    for key, label, fmt in METRICS_IN_MESSAGE:
         value = data.get(key)
-        if isinstance(value, int | float):
-            parts.append(f"{label}={value:.4f}")
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            parts.append(f"{label}={fmt.format(value)}")
     return head + (": " + ", ".join(parts) if parts else "")
 
 

@@ -97,6 +97,13 @@ def _metrics_events(state: State) -> list[dict[str, Any]]:
 def test_metrics_message() -> None:
     assert metrics_message({"total_steps": 50, "train_loss": 0.91}, 10) == "Step 10/50: training loss=0.9100"
     assert metrics_message({"step": 3}, None) == "Step 3"
+    assert (
+        metrics_message({"total_steps": 10, "valid_loss": 0.5, "valid_preference_accuracy": 0.75}, 4)
+        == "Step 4/10: validation loss=0.5000, validation preference accuracy=0.75"
+    )
+    # the samples callback's event: named by what it measured, not a bare "Step 2/10"
+    samples = {"total_steps": 10, "samples/changed_fraction": 0.25, "samples/policy_logp_chosen": -3.2}
+    assert metrics_message(samples, 2) == "Step 2/10: greedy samples differing from the reference=25%"
 
 
 def test_success_relays_everything_in_order(settings: WorkerSettings, api: ApiClient, api_state: State) -> None:
