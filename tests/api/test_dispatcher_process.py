@@ -1,6 +1,7 @@
 """``ipo dispatcher``: the singleton loops in a process of their own, for API replicas run with
 ``IPO_RUN_DISPATCHER=false``. A real subprocess on a database of its own sends the doorbell of a job the
-API committed, stops on SIGTERM, and gives the leader lock up as it goes."""
+API commits while it runs (woken by the commit's NOTIFY on Postgres, not its interval), stops on SIGTERM,
+and gives the leader lock up as it goes."""
 
 from __future__ import annotations
 
@@ -48,17 +49,8 @@ def test_ipo_dispatcher_sends_the_api_s_doorbells_and_stops_on_sigterm(
     own_settings: Settings, tmp_path: Path, redis_url: str | None
 ) -> None:
     assert not own_settings.run_dispatcher  # the API process below never sends a doorbell itself
+    postgres = own_settings.resolved_database_url.startswith("postgresql")
     auth = {"Authorization": f"Bearer {_key(own_settings, 'dispatcher-test')}"}
-    with TestClient(create_app(own_settings, doorbell=RecordingDoorbell())) as client:
-        data = "\n".join(pref_line(i) for i in range(8)).encode()
-        file_id = client.post(
-            "/v1/files", headers=auth, data={"purpose": "fine-tune"}, files={"file": ("t.jsonl", data)}
-        ).json()["id"]
-        r = client.post("/v1/fine_tuning/jobs", headers=auth, json={"model": "tiny-mistral", "training_file": file_id})
-        assert r.status_code == 200, r.text
-        job_id = r.json()["id"]
-    assert _sent_at(own_settings, job_id) is None
-
     queue = f"ipo.jobs.dispatcher-test-{os.getpid()}"
     env = {
         **os.environ,
@@ -67,6 +59,8 @@ def test_ipo_dispatcher_sends_the_api_s_doorbells_and_stops_on_sigterm(
         "IPO_QUEUE": queue,
         "IPO_WORKER_TOKEN": "worker-secret",
         "IPO_LOG_LEVEL": "INFO",
+        # On Postgres the API's commit wakes it (LISTEN/NOTIFY): an interval of an hour must not matter.
+        "IPO_DISPATCH_INTERVAL_SECONDS": "3600" if postgres else "0.5",
     }
     if redis_url:
         env["IPO_BROKER_URL"] = redis_url
@@ -75,8 +69,22 @@ def test_ipo_dispatcher_sends_the_api_s_doorbells_and_stops_on_sigterm(
         proc = subprocess.Popen([sys.executable, "-m", "ipo_cli.main", "dispatcher"], env=env, stdout=out, stderr=out)
     try:
         deadline = time.monotonic() + 60
+        ready = "is now the leader" if postgres else "ipo dispatcher: running"  # SQLite: always the leader
+        while ready not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)
+        with TestClient(create_app(own_settings, doorbell=RecordingDoorbell())) as client:
+            data = "\n".join(pref_line(i) for i in range(8)).encode()
+            file_id = client.post(
+                "/v1/files", headers=auth, data={"purpose": "fine-tune"}, files={"file": ("t.jsonl", data)}
+            ).json()["id"]
+            body = {"model": "tiny-mistral", "training_file": file_id}
+            r = client.post("/v1/fine_tuning/jobs", headers=auth, json=body)
+            assert r.status_code == 200, r.text
+            job_id = r.json()["id"]
+        deadline = time.monotonic() + 60
         while _sent_at(own_settings, job_id) is None and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
+            time.sleep(0.1)
         assert _sent_at(own_settings, job_id) is not None, log.read_text()
         if redis_url:
             import redis
