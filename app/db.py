@@ -12,6 +12,7 @@ from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.models.job import lock_jobs_of_new_events
+from app.models.outbox import notify_new_outbox_rows
 
 PING_AFTER_IDLE_SECONDS = 1.0
 """A pooled connection that sat unused this long is pinged (``SELECT 1``) before it is handed out, so a
@@ -80,10 +81,12 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
-    """The sessions every part of the API uses: objects stay readable after commit, and a job's event ids
-    are handed out in commit order (``app.models.job.lock_jobs_of_new_events``)."""
+    """The sessions every part of the API uses: objects stay readable after commit, a job's event ids are
+    handed out in commit order (``app.models.job.lock_jobs_of_new_events``), and a commit that wrote
+    doorbells wakes the dispatcher wherever it runs (``app.models.outbox.notify_new_outbox_rows``)."""
     factory = sessionmaker(engine, expire_on_commit=False)
     event.listen(factory, "before_flush", lock_jobs_of_new_events)
+    event.listen(factory, "before_flush", notify_new_outbox_rows)
     return factory
 
 

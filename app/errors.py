@@ -198,7 +198,9 @@ def describe_validation_errors(errors: Sequence[Any], prefix: str = "") -> tuple
 
     def field(error: Any) -> str | None:
         name = loc_to_param(tuple(error.get("loc", ())))
-        return (prefix + name if name else prefix.rstrip(".") or None) if prefix else name
+        if not prefix:
+            return name
+        return prefix + name if name else prefix.rstrip(".")
 
     first = errors[0]
     param = field(first)

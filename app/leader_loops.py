@@ -18,8 +18,8 @@ from sqlalchemy import create_engine
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
+from app.models.outbox import OUTBOX_CHANNEL
 from app.services.dispatch import CeleryDoorbell, DispatcherThread, Doorbell
-from app.services.jobs import OUTBOX_CHANNEL
 from app.services.leader import Leadership
 from app.services.webhook_delivery import WebhookSenderThread
 from app.settings import Settings
@@ -32,7 +32,7 @@ LISTEN_RETRY_SECONDS = 2.0
 
 class OutboxListener(threading.Thread):
     """Sets ``wake`` whenever a commit in any process wrote an outbox row (Postgres ``LISTEN ipo_outbox``;
-    ``app.services.jobs.enqueue_dispatch`` sends the NOTIFY), so the leading dispatcher sends the doorbell
+    ``app.models.outbox.notify_new_outbox_rows`` sends the NOTIFY), so the leading dispatcher sends the doorbell
     at once wherever the job was created. On a dedicated connection; if it drops, it reconnects, and
     ``IPO_DISPATCH_INTERVAL_SECONDS`` covers the gap."""
 
@@ -41,15 +41,12 @@ class OutboxListener(threading.Thread):
         self.engine = create_engine(database_url, poolclass=NullPool, connect_args={"connect_timeout": 5})
         self.wake = wake
         self.stopping = threading.Event()
-        self.listening = threading.Event()
-        """Set while LISTEN is in effect (tests wait for it)."""
 
     def run(self) -> None:
         while not self.stopping.is_set():
             try:
                 self._listen()
             except Exception as exc:  # database down or connection cut: retry, the interval covers it
-                self.listening.clear()
                 log.warning("outbox listener: %s: %s", type(exc).__name__, exc)
                 self.stopping.wait(LISTEN_RETRY_SECONDS)
 
@@ -59,13 +56,11 @@ class OutboxListener(threading.Thread):
             conn = raw.driver_connection  # psycopg.Connection
             conn.autocommit = True
             conn.execute(f"LISTEN {OUTBOX_CHANNEL}")
-            self.listening.set()
             self.wake.set()  # rows committed before LISTEN took effect: look now
             while not self.stopping.is_set():
                 for _ in conn.notifies(timeout=1.0, stop_after=1):
                     self.wake.set()
         finally:
-            self.listening.clear()
             with contextlib.suppress(Exception):
                 raw.close()
 

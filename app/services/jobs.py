@@ -13,7 +13,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select, text, tuple_, update
+from sqlalchemy import func, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from app.errors import Conflict, InvalidRequest, NotFound
@@ -69,10 +69,6 @@ def add_event(
 
 EVENTS_WRITTEN = "ipo.events_written"
 """Session.info: ids of jobs that got events; the request dependency wakes their live feeds after commit."""
-OUTBOX_CHANNEL = "ipo_outbox"
-"""The Postgres NOTIFY channel a commit that wrote an outbox row signals on."""
-OUTBOX_NOTIFIED = "ipo.outbox_notified"
-"""Session.info: the transaction (its ``id``) that already sent the NOTIFY."""
 OUTBOX_WRITTEN = "ipo.outbox_written"
 """Session.info flag: the request dependency wakes the dispatcher after committing such a session."""
 
@@ -82,12 +78,6 @@ def enqueue_dispatch(session: Session, job: Job) -> None:
     redispatch sweep leaves the job alone until this one is sent (``Job.redispatch_at``)."""
     session.info[OUTBOX_WRITTEN] = True
     job.redispatch_at = None
-    transaction = id(session.get_transaction())
-    if session.get_bind().dialect.name == "postgresql" and session.info.get(OUTBOX_NOTIFIED) != transaction:
-        # Delivered at commit: wakes the leading dispatcher in whichever process it runs
-        # (app.leader_loops.OutboxListener) instead of at its next interval. Once per transaction.
-        session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": OUTBOX_CHANNEL})
-        session.info[OUTBOX_NOTIFIED] = transaction
     session.add(
         OutboxMessage(project_id=job.project_id, kind="dispatch_job", payload={"job_id": job.id}, created_at=utcnow())
     )
