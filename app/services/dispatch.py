@@ -200,7 +200,8 @@ class DispatcherThread(threading.Thread):
     ``wake`` event), and back to back while a step fills its ``BATCH`` (a backlog drains at the speed of
     the broker, not at 100 rows per interval).
 
-    The reaper holds off for one lease period after this loop starts and after any tick that failed
+    The reaper holds off for one lease period whenever this process becomes the leader (at start, after a
+    take-over, after the leader lock came back with the database) and after any tick that failed
     (database down): a lease that ran out while heartbeats could not be recorded (API restarting,
     database restarting) says nothing about the worker, and a live one renews it within one heartbeat.
     A worker that really died is reaped one lease period later than otherwise.
@@ -220,12 +221,17 @@ class DispatcherThread(threading.Thread):
         self.stopping = threading.Event()
 
     def run(self) -> None:
-        reap_after = time.monotonic() + self.settings.lease_seconds
+        reap_after = 0.0
+        leading = False
         purge_after = 0.0  # the first tick as leader purges; then every PURGE_EVERY_SECONDS
         while not self.stopping.is_set():
             try:
-                if self.leader is None or self.leader.held():  # followers only wait (app.services.leader)
+                if self.leader is not None and not self.leader.held():  # followers only wait (app.services.leader)
+                    leading = False
+                else:
                     now = time.monotonic()
+                    if not leading:  # leases may have run out while no one could record heartbeats
+                        leading, reap_after = True, max(reap_after, now + self.settings.lease_seconds)
                     purge = now >= purge_after
                     stats = tick(self.sessions, self.settings, self.doorbell, reap=now >= reap_after, purge=purge)
                     if purge:

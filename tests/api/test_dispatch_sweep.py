@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy import event, select
 
-from app.models import Job, OutboxMessage
+from app.models import Job, JobStatus, OutboxMessage
 from app.models.base import as_utc, utcnow
 from app.services.dispatch import (
     BATCH,
@@ -149,3 +149,55 @@ def test_the_dispatcher_thread_drains_a_backlog_without_waiting_for_its_interval
     finally:
         thread.stop()
     assert bell.rung.count(job_id) >= BATCH * 5 // 2 + 1
+
+
+class _Leadership:
+    """A leader lock that is lost until ``regain`` is set (the database restarting, a take-over)."""
+
+    def __init__(self) -> None:
+        self.regain = threading.Event()
+        self.since: float | None = None
+
+    def held(self) -> bool:
+        if self.regain.is_set() and self.since is None:
+            self.since = time.monotonic()
+        return self.regain.is_set()
+
+
+def test_a_new_leader_holds_the_reaper_off_for_one_lease_period(client, upload, auth) -> None:
+    """A lease that ran out while no process led (the database restarting: heartbeats could not be
+    recorded, the leader lock was lost with its connection) is not reaped the moment the lock is back: a
+    live worker gets one lease period to heartbeat again. The CI run that found it reaped a live worker's
+    job after a Postgres restart (attempt 2)."""
+    ctx = client.app.state.ctx
+    (job_id,) = _create_jobs(client, upload, auth, 1)
+    lease = 2.0
+    with ctx.sessions() as session, session.begin():
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.status, job.attempt, job.worker_id = JobStatus.RUNNING, 1, "worker-0"
+        job.lease_token, job.lease_expires_at = "token", utcnow() - timedelta(seconds=30)
+    settings = ctx.settings.model_copy(update={"dispatch_interval_seconds": 0.05, "lease_seconds": lease})
+    leader = _Leadership()
+    thread = DispatcherThread(ctx.sessions, settings, RecordingDoorbell(), threading.Event(), leader)  # type: ignore[arg-type]
+    thread.start()
+    try:
+        time.sleep(lease + 0.5)  # longer than the hold-off at start: it must count from becoming leader
+        leader.regain.set()
+        time.sleep(lease / 2)
+        assert _lease_token(ctx, job_id) == "token", "reaped at once on becoming leader"
+        deadline = time.monotonic() + 30
+        while _lease_token(ctx, job_id) is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        reaped_after = time.monotonic() - (leader.since or 0.0)
+    finally:
+        thread.stop()
+    assert _lease_token(ctx, job_id) is None, "a lease expired long ago was never reaped"
+    assert reaped_after >= lease - 0.1, reaped_after
+
+
+def _lease_token(ctx: Any, job_id: str) -> str | None:
+    with ctx.sessions() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        return job.lease_token
