@@ -40,7 +40,7 @@ def build_context(settings: Settings) -> AppContext:
         engine=engine,
         sessions=sessions,
         read_sessions=make_sessionmaker(engine.execution_options(isolation_level="AUTOCOMMIT")),
-        storage=open_storage(settings.resolved_storage_url),
+        storage=open_storage(settings.resolved_storage_url, settings.storage_public_endpoint_url),
         worker_token=settings.resolved_worker_token(),
         rate_limiter=make_rate_limiter(settings.rate_limit_per_minute, settings.resolved_redis_url),
         key_cache=KeyCache(settings.api_key_cache_seconds),

@@ -34,6 +34,14 @@ class Settings(BaseSettings):
     storage_url: str | None = None
     """Artifact store: ``file://PATH`` or ``s3://BUCKET[/PREFIX]`` (S3-compatible; endpoint, region and
     credentials from the AWS SDK environment, app/storage/s3.py). Default: ``file://{var_dir}/storage``."""
+    storage_presign_seconds: int = Field(0, ge=0, le=7 * 24 * 3600)
+    """With ``s3://`` storage and > 0, file downloads (``GET /v1/files/{id}/content``, the dashboard's) answer
+    ``307`` to a presigned URL of the object valid this many seconds, so the bytes go from the store to the
+    client without passing through the API (the ``openai`` SDK and browsers follow it). 0 (default):
+    the API streams them. At most 7 days, S3's limit for SigV4 URLs."""
+    storage_public_endpoint_url: str | None = None
+    """The S3 endpoint clients reach, when it is not the one the API uses (``http://minio:9000`` inside
+    compose): presigned URLs are signed for this host. Default: the API's endpoint."""
     models_dir: Path | None = None
     """Base models (one directory each, with config.json); also the allow-list. Default ``{var_dir}/models``."""
     worker_token: str | None = None

@@ -8,18 +8,17 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Header
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from app.dashboard.pages import HtmlRoute
 from app.dashboard.security import DashboardCaller
 from app.deps import Ctx, DbSession
-from app.models import StoredFile
 from app.routes.events_stream import sse_events
+from app.routes.files import file_download
 from app.routes.params import Cursor, FileId, JobId
 from app.services import events as events_service
 from app.services import files as files_service
 from app.services import jobs as jobs_service
-from app.state import AppContext
 
 router = APIRouter(include_in_schema=False, route_class=HtmlRoute)
 
@@ -49,21 +48,13 @@ def job_status(session: DbSession, caller: DashboardCaller, job_id: JobId) -> JS
 
 
 @router.get("/files/{file_id}/download")
-def download_file(ctx: Ctx, session: DbSession, caller: DashboardCaller, file_id: FileId) -> StreamingResponse:
-    return _download(ctx, files_service.get_file(session, caller.project_id, file_id))
+def download_file(ctx: Ctx, session: DbSession, caller: DashboardCaller, file_id: FileId) -> Response:
+    return file_download(ctx, files_service.get_file(session, caller.project_id, file_id))
 
 
 @router.get("/jobs/{job_id}/checkpoints/{checkpoint_id}/download")
 def download_checkpoint(
     ctx: Ctx, session: DbSession, caller: DashboardCaller, job_id: JobId, checkpoint_id: FileId
-) -> StreamingResponse:
+) -> Response:
     checkpoint = jobs_service.get_checkpoint(session, caller.project_id, job_id, checkpoint_id)
-    return _download(ctx, files_service.get_file(session, caller.project_id, checkpoint.file_id))
-
-
-def _download(ctx: AppContext, row: StoredFile) -> StreamingResponse:
-    return StreamingResponse(
-        files_service.file_content(ctx.storage, row),
-        media_type="application/octet-stream",
-        headers={"Content-Disposition": f'attachment; filename="{row.filename}"', "Content-Length": str(row.bytes)},
-    )
+    return file_download(ctx, files_service.get_file(session, caller.project_id, checkpoint.file_id))

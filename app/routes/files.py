@@ -5,16 +5,18 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Form, Query, UploadFile
-from fastapi.responses import StreamingResponse
+from fastapi.responses import RedirectResponse, Response, StreamingResponse
 
 from app.deps import Ctx, CurrentCaller, DbSession, IdempotencyKeyHeader
 from app.errors import InvalidRequest
+from app.models import StoredFile
 from app.routes.idempotent import run_idempotent
 from app.routes.params import Cursor, FileId
 from app.schemas.objects import DeletedObject, ErrorResponse, FileObject, ListObject
 from app.services import files as files_service
 from app.services import idempotency
 from app.services.views import file_view
+from app.state import AppContext
 
 router = APIRouter(
     prefix="/v1/files",
@@ -96,10 +98,25 @@ def delete_file(ctx: Ctx, session: DbSession, caller: CurrentCaller, file_id: Fi
 @router.get(
     "/{file_id}/content",
     response_class=StreamingResponse,
-    responses={200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}},
+    responses={
+        200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+        307: {"description": "With IPO_STORAGE_PRESIGN_SECONDS: the content at a presigned URL (Location)"},
+    },
 )
-def file_content(ctx: Ctx, session: DbSession, caller: CurrentCaller, file_id: FileId) -> StreamingResponse:
-    row = files_service.get_file(session, caller.project_id, file_id)
+def file_content(ctx: Ctx, session: DbSession, caller: CurrentCaller, file_id: FileId) -> Response:
+    """The file's bytes, or with ``IPO_STORAGE_PRESIGN_SECONDS`` on S3 storage a ``307`` to a presigned URL."""
+    return file_download(ctx, files_service.get_file(session, caller.project_id, file_id))
+
+
+def file_download(ctx: AppContext, row: StoredFile) -> Response:
+    """A download of ``row`` as an attachment: a ``307 Temporary Redirect`` to a presigned URL valid
+    ``IPO_STORAGE_PRESIGN_SECONDS`` when that is > 0 and the store has such URLs (``s3://``), else the
+    bytes streamed from storage in 1 MiB chunks with ``Content-Length``. Shared by ``/v1`` and the
+    dashboard."""
+    seconds = ctx.settings.storage_presign_seconds
+    url = ctx.storage.presigned_url(row.storage_key, seconds, row.filename) if seconds > 0 else None
+    if url is not None:
+        return RedirectResponse(url, status_code=307, headers={"Cache-Control": "no-store"})
     return StreamingResponse(
         files_service.file_content(ctx.storage, row),
         media_type="application/octet-stream",

@@ -41,7 +41,9 @@ class Storage(Protocol):
     ``iter_bytes``/``open`` stream an object back; both raise ``FileNotFoundError`` for a missing key.
     ``delete`` is idempotent. ``local_copy`` yields a local filesystem path holding the object's bytes for
     code that needs a real file (the data validators); it is the object itself for ``file://``, a
-    temporary download deleted on exit otherwise.
+    temporary download deleted on exit otherwise. ``presigned_url`` is a URL anyone holding it can GET
+    the object from for ``expires_seconds``, served as an attachment named ``filename``; ``None`` when the
+    backend has no such URLs (``file://``: the API streams the bytes itself).
     """
 
     def put_stream(self, key: str, stream: BinaryIO, max_bytes: int | None = None) -> StoredObject: ...
@@ -50,6 +52,7 @@ class Storage(Protocol):
     def delete(self, key: str) -> None: ...
     def exists(self, key: str) -> bool: ...
     def local_copy(self, key: str) -> AbstractContextManager[Path]: ...
+    def presigned_url(self, key: str, expires_seconds: int, filename: str) -> str | None: ...
 
 
 class LocalStorage:
@@ -108,3 +111,7 @@ class LocalStorage:
         if not path.is_file():
             raise FileNotFoundError(f"no stored object {key!r}")
         yield path
+
+    def presigned_url(self, key: str, expires_seconds: int, filename: str) -> str | None:
+        """Always ``None``: a directory has no URLs of its own; the API streams the file."""
+        return None

@@ -19,6 +19,12 @@ key to copy from (a copy would double the bytes written per artifact, and S3's `
 limited to 5 GiB in one call). tests/unit/test_storage.py checks this on a real S3 server: an over-limit
 multipart upload leaves neither an object nor an incomplete upload behind.
 
+Presigned downloads (``IPO_STORAGE_PRESIGN_SECONDS``): ``presigned_url`` signs a ``GetObject`` (SigV4, query
+string) with the API's credentials, so a client fetches a large adapter straight from the store instead of
+through an API process. The signature covers the host, so when clients reach the store at another address
+than the API does (``http://minio:9000`` inside compose), ``public_endpoint_url``
+(``IPO_STORAGE_PUBLIC_ENDPOINT_URL``) is the address the URL is signed for; signing is local, no request.
+
 Memory: uploads read the source in 1 MiB chunks into parts of ``part_size`` bytes, at most
 ``max_concurrency`` parts in flight (8 MiB x 4 by default, s3transfer's defaults); downloads stream the
 response body in 1 MiB chunks. Nothing holds a whole artifact.
@@ -78,7 +84,9 @@ def _missing(exc: ClientError) -> bool:
 class S3Storage:
     """Objects under ``s3://bucket/prefix/KEY``. The client comes from boto3's default credential chain
     (environment, config files, roles); ``client`` may be passed in (tests). ``part_size`` is both the
-    multipart threshold and the part size in bytes (minimum 5 MiB, S3's smallest non-final part)."""
+    multipart threshold and the part size in bytes (minimum 5 MiB, S3's smallest non-final part).
+    ``public_endpoint_url``: the endpoint presigned URLs are signed for (default: the one the AWS SDK
+    environment names, as for the client)."""
 
     def __init__(
         self,
@@ -88,6 +96,7 @@ class S3Storage:
         client: Any = None,
         part_size: int = DEFAULT_PART_SIZE,
         max_concurrency: int = 4,
+        public_endpoint_url: str | None = None,
     ) -> None:
         if part_size < 5 << 20:
             raise ValueError(f"part_size must be at least 5 MiB (S3's minimum part), got {part_size}")
@@ -95,6 +104,13 @@ class S3Storage:
         self.prefix = prefix.strip("/")
         self.client = client or boto3.session.Session().client(
             "s3", config=Config(retries={"mode": "standard"}, user_agent_extra="ipo-align")
+        )
+        # boto3 still presigns with SigV2 unless told otherwise; SigV4 is what every S3 region accepts.
+        self.signer = boto3.session.Session().client(
+            "s3",
+            endpoint_url=public_endpoint_url,  # None: the endpoint the SDK environment names, as for `client`
+            region_name=self.client.meta.region_name,
+            config=Config(signature_version="s3v4", user_agent_extra="ipo-align"),
         )
         self.transfer = TransferConfig(
             multipart_threshold=part_size,
@@ -161,3 +177,22 @@ class S3Storage:
             yield Path(tmp)
         finally:
             Path(tmp).unlink(missing_ok=True)
+
+    def presigned_url(self, key: str, expires_seconds: int, filename: str) -> str | None:
+        """A SigV4 query-string URL for ``GetObject`` of ``key``, valid ``expires_seconds`` (S3 allows up to
+        7 days), answered with ``Content-Disposition: attachment; filename="..."`` and
+        ``application/octet-stream`` as the API's own download is. Does not check that the object exists."""
+        safe = filename.replace('"', "").replace("\\", "")
+        return cast(
+            str,
+            self.signer.generate_presigned_url(
+                "get_object",
+                Params={
+                    "Bucket": self.bucket,
+                    "Key": self.object_key(key),
+                    "ResponseContentDisposition": f'attachment; filename="{safe}"',
+                    "ResponseContentType": "application/octet-stream",
+                },
+                ExpiresIn=expires_seconds,
+            ),
+        )

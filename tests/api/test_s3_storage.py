@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from urllib.parse import urlparse
 
 import boto3
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -109,3 +110,33 @@ def test_refused_uploads_leave_no_object(s3_client: TestClient, s3_url: str, aut
     assert second.status_code == 422, second.text
     assert list(_objects(s3_url)) == [k for k in _objects(s3_url) if k.endswith(first.json()["id"])]
     assert len(_objects(s3_url)) == 1
+
+
+def test_downloads_redirect_to_presigned_urls_when_configured(
+    settings: Settings, s3_url: str, s3_server: str, auth: dict[str, str], good_jsonl: bytes
+) -> None:
+    """``IPO_STORAGE_PRESIGN_SECONDS``: ``GET /v1/files/{id}/content`` answers 307 to the object at the public
+    endpoint, and the bytes come from the store with no API key; unset, the API streams them itself."""
+    public = s3_server.replace("127.0.0.1", "localhost")
+    update = {"storage_url": s3_url, "storage_presign_seconds": 120, "storage_public_endpoint_url": public}
+    with TestClient(create_app(settings.model_copy(update=update), doorbell=RecordingDoorbell())) as client:
+        r = client.post(
+            "/v1/files", headers=auth, files={"file": ("train.jsonl", good_jsonl)}, data={"purpose": "fine-tune"}
+        )
+        file_id = r.json()["id"]
+        r = client.get(f"/v1/files/{file_id}/content", headers=auth, follow_redirects=False)
+        assert r.status_code == 307, r.text
+        location = r.headers["location"]
+        assert location.startswith(public + "/") and "X-Amz-Expires=120" in location
+        assert r.headers["cache-control"] == "no-store" and r.content == b""
+        got = httpx.get(location)
+        assert got.status_code == 200 and got.content == good_jsonl
+        assert got.headers["content-disposition"] == 'attachment; filename="train.jsonl"'
+        assert client.get("/v1/files/file-nope/content", headers=auth, follow_redirects=False).status_code == 404
+
+    with TestClient(create_app(settings.model_copy(update={"storage_presign_seconds": 120}))) as client:
+        r = client.post(  # file:// has no URLs of its own: the same setting streams
+            "/v1/files", headers=auth, files={"file": ("train.jsonl", good_jsonl)}, data={"purpose": "fine-tune"}
+        )
+        r = client.get(f"/v1/files/{r.json()['id']}/content", headers=auth, follow_redirects=False)
+        assert r.status_code == 200 and r.content == good_jsonl

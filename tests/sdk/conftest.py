@@ -12,6 +12,7 @@ import secrets
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,8 +53,16 @@ class LiveServer:
 
 @pytest.fixture(scope="session")
 def live_server(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    with serve(database_url, tmp_path_factory.mktemp("live")) as server:
+        yield server
+
+
+@contextmanager
+def serve(database_url: str, root: Path, **settings: str) -> Iterator[LiveServer]:
+    """``uvicorn app.main:create_app`` on a free loopback port, on ``database_url`` (migrated here), with its
+    var dir and models under ``root``; ``settings`` are more ``IPO_*`` variables (``storage_url="s3://..."``
+    sets ``IPO_STORAGE_URL``). The environment is this process's, so the AWS SDK variables pass through."""
     upgrade(database_url)
-    root = tmp_path_factory.mktemp("live")
     models = root / "models"
     (models / "tiny-mistral").mkdir(parents=True)
     (models / "tiny-mistral" / "config.json").write_text(json.dumps({"model_type": "mistral"}))
@@ -68,6 +77,7 @@ def live_server(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> 
         "IPO_MAX_UPLOAD_BYTES": str(MAX_UPLOAD_BYTES),
         "IPO_MAX_ACTIVE_JOBS": "100",
         "IPO_REQUEST_BODY_TIMEOUT_SECONDS": str(BODY_TIMEOUT_SECONDS),
+        **{f"IPO_{name.upper()}": value for name, value in settings.items()},
     }
     log = (root / "server.log").open("wb")
     proc = subprocess.Popen(

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import socket
 import uuid
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -20,7 +22,7 @@ import pytest
 from openai import OpenAI
 
 from tests.api import worker_steps
-from tests.sdk.conftest import MAX_UPLOAD_BYTES, WORKER_TOKEN, LiveServer
+from tests.sdk.conftest import MAX_UPLOAD_BYTES, WORKER_TOKEN, LiveServer, serve
 
 WORKER = {"Authorization": f"Bearer {WORKER_TOKEN}"}
 
@@ -206,3 +208,20 @@ def test_chunked_oversized_upload_is_refused_over_a_real_socket(live_server: Liv
     body = json.loads(body_bytes)
     assert body["error"]["code"] == "file_too_large" and body["error"]["param"] == "file"
     assert live_server.stored_blobs() == before
+
+
+def test_file_content_follows_a_presigned_redirect(
+    s3_env: Callable[[], str], s3_server: str, database_url: str, tmp_path: Path
+) -> None:
+    """With S3 storage and ``IPO_STORAGE_PRESIGN_SECONDS``, ``client.files.content`` gets the bytes from the
+    store: the unchanged SDK follows the 307, and httpx drops the API key on the way to the other origin."""
+    public = s3_server.replace("127.0.0.1", "localhost")
+    with serve(
+        database_url, tmp_path, storage_url=s3_env(), storage_presign_seconds="60", storage_public_endpoint_url=public
+    ) as server:
+        client = OpenAI(base_url=f"{server.url}/v1", api_key=server.new_key(), max_retries=0)
+        file_id = client.files.create(file=("train.jsonl", DATA), purpose="fine-tune").id
+        raw = client.files.with_raw_response.content(file_id)
+        assert raw.http_response.url.host == "localhost" and raw.content == DATA
+        assert [r.status_code for r in raw.http_response.history] == [307]
+        assert "authorization" not in raw.http_response.request.headers  # the key stays with the API

@@ -162,3 +162,35 @@ def test_s3_prefix_is_applied(s3_env: Callable[[], str]) -> None:
     bucket = urlparse(url).netloc
     keys = [o["Key"] for o in boto3.session.Session().client("s3").list_objects_v2(Bucket=bucket)["Contents"]]
     assert keys == ["artifacts/p/f"]
+
+
+def test_presigned_url_serves_the_object_as_an_attachment(store: Storage, store_url: str) -> None:
+    """``s3://``: a SigV4 URL anyone can GET the bytes from (no API key), named as the file; ``file://``
+    has no such URLs (``None``: the API streams)."""
+    import httpx
+
+    data = os.urandom(3000)
+    store.put_stream("p/f", io.BytesIO(data))
+    url = store.presigned_url("p/f", 60, 'adapter "v1".zip')
+    if store_url.startswith("file://"):
+        assert url is None
+        return
+    assert url is not None and "X-Amz-Algorithm=AWS4-HMAC-SHA256" in url and "X-Amz-Expires=60" in url
+    r = httpx.get(url)
+    assert r.status_code == 200 and r.content == data
+    assert r.headers["content-disposition"] == 'attachment; filename="adapter v1.zip"'
+    assert r.headers["content-type"] == "application/octet-stream"
+
+
+def test_presigned_urls_are_signed_for_the_public_endpoint(s3_env: Callable[[], str], s3_server: str) -> None:
+    """Clients may reach the store at another address than the API (``http://minio:9000`` inside compose,
+    a public name outside): the URL names, and is signed for, ``IPO_STORAGE_PUBLIC_ENDPOINT_URL``."""
+    import httpx
+
+    public = s3_server.replace("127.0.0.1", "localhost")
+    store = open_storage(s3_env(), public_endpoint_url=public)
+    store.put_stream("p/f", io.BytesIO(b"abc"))
+    url = store.presigned_url("p/f", 60, "f.bin")
+    assert url is not None and url.startswith(public + "/")
+    assert "X-Amz-SignedHeaders=host" in url
+    assert httpx.get(url).content == b"abc"
