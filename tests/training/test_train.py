@@ -127,6 +127,26 @@ def test_cancel_stops_without_checkpoint(tiny_model_dir: Path, demo_files: tuple
     assert not reporter.of_kind("checkpoint") and not reporter.of_kind("done")
 
 
+def test_a_far_ipo_target_at_a_lora_rate_is_warned_about(
+    tiny_model_dir: Path, demo_files: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """beta 0.1 (TRL's and OpenAI's DPO default) at the tiny preset's lr 1e-3: one warn event naming the 5-nat
+    target, and the job trains as asked (stopped here before its first step, to stay quick)."""
+    flag = StopFlag()
+    flag.request("cancelled")
+    warned = ListReporter()
+    request = _request(tiny_model_dir, demo_files, tmp_path / "far", validation=False, max_steps=2, beta=0.1)
+    assert train(request, warned, flag) == EXIT_STOPPED
+    (warning,) = [r for r in warned.of_kind("event") if r.level == "warn"]
+    assert "margin target 1/(2*beta) at 5 nats per token" in (warning.message or "")
+    assert "learning_rate 0.001" in (warning.message or "")
+
+    quiet = ListReporter()
+    request = _request(tiny_model_dir, demo_files, tmp_path / "near", validation=False, max_steps=2, beta=0.5)
+    assert train(request, quiet, flag) == EXIT_STOPPED
+    assert not [r for r in quiet.of_kind("event") if r.level == "warn"]
+
+
 def _adapter_weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path / "adapter_model.safetensors"))
 

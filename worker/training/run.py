@@ -88,6 +88,7 @@ def _train(request: TrainRequest, reporter: Reporter, flag: Any) -> int:
     import torch
 
     from contracts.chat_templates import special_tokens
+    from worker.training.ipo_target import far_target_warning
     from worker.training.loading import load_tokenizer, resolve_device
 
     started = time.monotonic()
@@ -102,6 +103,8 @@ def _train(request: TrainRequest, reporter: Reporter, flag: Any) -> int:
     specials = special_tokens(Path(request.model_path))
     request, held_out = _hold_out(request, reporter, specials, out)
     cfg = _resolve(request, device, specials)
+    if (advice := far_target_warning(cfg)) is not None:
+        reporter.event(advice, level="warn")
 
     # 2-4. tokenizer, data, model and trainer: TRL's DPOTrainer (ipo, dpo) or SFTTrainer (supervised)
     tokenizer = load_tokenizer(request.model_path)
