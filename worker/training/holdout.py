@@ -15,9 +15,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from contracts.data_formats import PreferenceExample
+from contracts.data_formats import PreferenceExample, parse_preference_file
 from contracts.method import Samples
 from worker.training.recipe import ConfigError
+from worker.training.reporter import Reporter
+from worker.training.request import TrainRequest
 
 AUTO_SHARE = 10
 """``holdout: auto`` holds out at most one prompt in this many (a tenth), so training keeps 90% or more."""
@@ -86,3 +88,29 @@ def hold_out(
         for number, line in enumerate(src, 1):  # the validator's 1-based physical line numbers
             (samples if number in held_set else train).write(line if line.endswith(b"\n") else line + b"\n")
     return Holdout(held, count, len(examples) - len(held), train_out, samples_out)
+
+
+def hold_out_for_samples(
+    request: TrainRequest, reporter: Reporter, specials: tuple[str, ...], out: Path
+) -> tuple[TrainRequest, Holdout | None]:
+    """Without a validation file, the request training on the training file less the prompts held out for
+    samples (``worker/training/holdout.py``), and the file of those prompts; else the request unchanged and
+    None. An invalid training file is left for ``run._resolve`` to report."""
+    config = request.method.params().samples
+    if not request.method.is_preference or config.n_prompts == 0:
+        return request, None
+    if request.validation_file:
+        if isinstance(config.holdout, int) and config.holdout > 0:
+            reporter.event("samples.holdout is ignored: samples come from the validation file")
+        return request, None
+    examples, report = parse_preference_file(request.train_file, special_tokens=specials)
+    if not report.ok:
+        return request, None
+    held = hold_out(request.train_file, examples, config, seed=request.seed, out_dir=out / "holdout")
+    if held is None:
+        return request, None
+    reporter.event(
+        held.describe(),
+        data={"samples_holdout": {"prompts": held.n_prompts, "pairs": len(held.lines), "lines": held.lines}},
+    )
+    return request.model_copy(update={"train_file": str(held.train_file)}), held

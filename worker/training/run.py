@@ -1,5 +1,6 @@
-"""The trainer child process: one IPO/DPO LoRA run with TRL's ``DPOTrainer``, or a supervised one with
-TRL's ``SFTTrainer`` (``sft.py``); both share the configuration, callbacks, checkpoints and outputs.
+"""The trainer child process: one IPO/DPO LoRA run with TRL's ``DPOTrainer`` (built in ``preference.py``), or
+a supervised one with TRL's ``SFTTrainer`` (``sft.py``); both share the configuration, callbacks, checkpoints
+and outputs. ``_train`` reads top to bottom as the run's steps, in the order of TRL's ``scripts/dpo.py``.
 
 ``python -m worker.training.run REQUEST_JSON --report-fd N`` (see ``worker/training/request.py`` for
 the contract: report lines, signals, exit codes). ``train()`` is the in-process entry point.
@@ -18,19 +19,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from contracts.logs import configure_logging, log_context
-from worker.training.distributed import (
-    NullReporter,
-    current_rank,
-    fsdp_active,
-    open_report_fd,
-    record_exit,
-    start_rank,
-)
+from worker.training.distributed import NullReporter, current_rank, open_report_fd, record_exit, start_rank
+from worker.training.preference import build_preference_trainer
 from worker.training.reporter import JsonLinesReporter, Reporter
 from worker.training.request import EXIT_OK, EXIT_STOPPED, TrainRequest
 
 if TYPE_CHECKING:
-    from worker.training.holdout import Holdout
     from worker.training.recipe import TrainingConfig
 
 EXIT_FAILED = 1
@@ -88,8 +82,10 @@ def _train(request: TrainRequest, reporter: Reporter, flag: Any) -> int:
     import torch
 
     from contracts.chat_templates import special_tokens
+    from worker.training.holdout import hold_out_for_samples
     from worker.training.ipo_target import far_target_warning
     from worker.training.loading import load_tokenizer, resolve_device
+    from worker.training.sft import build_supervised_trainer
 
     started = time.monotonic()
     out = Path(request.output_dir)
@@ -101,7 +97,7 @@ def _train(request: TrainRequest, reporter: Reporter, flag: Any) -> int:
 
     # 1. configuration: every "auto" resolved for this data, model and device (after samples' held-out prompts)
     specials = special_tokens(Path(request.model_path))
-    request, held_out = _hold_out(request, reporter, specials, out)
+    request, held_out = hold_out_for_samples(request, reporter, specials, out)
     cfg = _resolve(request, device, specials)
     if (advice := far_target_warning(cfg)) is not None:
         reporter.event(advice, level="warn")
@@ -110,9 +106,11 @@ def _train(request: TrainRequest, reporter: Reporter, flag: Any) -> int:
     tokenizer = load_tokenizer(request.model_path)
     template = _chat_template(request, tokenizer, reporter)
     if cfg.loss_type == "sft":
-        trainer, reporting, n_examples = _supervised_trainer(request, reporter, flag, cfg, template, tokenizer, out)
+        trainer, reporting, n_examples = build_supervised_trainer(
+            request, reporter, flag, cfg, template, tokenizer, out
+        )
     else:
-        trainer, reporting, n_examples = _preference_trainer(
+        trainer, reporting, n_examples = build_preference_trainer(
             request, reporter, flag, cfg, template, tokenizer, out, device, specials, held_out
         )
     unit = "examples" if cfg.loss_type == "sft" else "pairs"
@@ -150,111 +148,6 @@ def _train(request: TrainRequest, reporter: Reporter, flag: Any) -> int:
     reporter.event(f"training finished in {time.monotonic() - started:.1f}s")
     reporter.done(reporting.trained_tokens)
     return EXIT_OK
-
-
-def _preference_trainer(
-    request: TrainRequest,
-    reporter: Reporter,
-    flag: Any,
-    cfg: TrainingConfig,
-    template: str,
-    tokenizer: Any,
-    out: Path,
-    device: str,
-    specials: tuple[str, ...],
-    held_out: Holdout | None,
-) -> tuple[Any, Any, int]:
-    """Steps 2-4 for IPO/DPO: the preference data, the model, cached reference log-probs, ``IpoDPOTrainer``;
-    samples from the prompts ``held_out`` of the training file when there are."""
-    from worker.training.callbacks import ReportingCallback
-    from worker.training.data import describe_skipped, load_preference_data
-    from worker.training.loading import load_model
-    from worker.training.ref_cache import PreparedInputs
-
-    train_data = load_preference_data(request.train_file, tokenizer, max_length=cfg.max_length, special_tokens=specials)
-    eval_data = None
-    if request.validation_file:
-        eval_data = load_preference_data(
-            request.validation_file,
-            tokenizer,
-            max_length=cfg.max_length,
-            name="validation file",
-            special_tokens=specials,
-        )
-    cfg = cfg.model_copy(update={"text_rows": train_data.text_mode, "chat_template": template})
-    if fsdp_active():  # no reference pass outside the sharded model (distributed.fsdp_active)
-        cfg = cfg.model_copy(update={"precompute_ref_log_probs": False})
-    reporter.resolved(cfg.resolved_dict())
-    for prepared, name in ((train_data, "training file"), (eval_data, "validation file")):
-        if prepared is not None and prepared.text_rows:
-            reporter.event(f"{name}: {prepared.text_rows}")
-        warning = describe_skipped(prepared, cfg.max_length, name) if prepared else None
-        if warning:
-            reporter.event(warning, level="warn")
-
-    # 3. model, and the cached tokenized pairs + reference log-probs of an earlier run, if any
-    model = load_model(request.model_path, cfg, request.parent_adapters)
-    cached = PreparedInputs(request, cfg, tokenizer, device)
-    # FSDP: TRL's per-step reference forward inside the sharded model instead (distributed.fsdp_active)
-    precompute = cached.load(cfg.precompute_ref_log_probs) if not fsdp_active() else False
-
-    # 4. trainer
-    reporting = ReportingCallback(reporter, total_steps=cfg.total_steps, beta=cfg.beta, loss_type=cfg.loss_type)
-    # samples are rank 0's alone (generation is not collective; the others would only repeat them)
-    samples = (
-        _samples_callback(request, cfg, tokenizer, out, reporter, reporting, held_out)
-        if current_rank().is_main
-        else None
-    )
-    trainer = _build_trainer(
-        model,
-        tokenizer,
-        dpo_args(cfg, out, precompute=precompute, evaluate=eval_data is not None),
-        cfg,
-        train_dataset=cached.train if cached.train is not None else train_data.dataset,
-        eval_dataset=cached.eval if cached.eval is not None else (eval_data.dataset if eval_data else None),
-        reporting=reporting,
-        flag=flag,
-        extra_callbacks=[samples] if samples is not None else [],
-    )
-    if current_rank().is_main:  # every rank computed the same scores; one writes them to the cache
-        cached.report_and_store(trainer, reporter)
-    return trainer, reporting, train_data.n_examples
-
-
-def _supervised_trainer(
-    request: TrainRequest, reporter: Reporter, flag: Any, cfg: TrainingConfig, template: str, tokenizer: Any, out: Path
-) -> tuple[Any, Any, int]:
-    """Steps 2-4 for supervised: conversations tokenized with assistant masks (``sft.py``), the model, TRL's
-    ``SFTTrainer`` with the same LoRA set-up and callbacks as the preference stage."""
-    from worker.training.callbacks import NonFiniteGuard, ReportingCallback, StopCallback, TokenCountInLogHistory
-    from worker.training.loading import load_model, lora_config
-    from worker.training.sft import build_sft_trainer, describe_skipped, load_supervised_data, sft_args
-
-    train_data = load_supervised_data(request.train_file, tokenizer, max_length=cfg.max_length)
-    eval_data = None
-    if request.validation_file:
-        eval_data = load_supervised_data(
-            request.validation_file, tokenizer, max_length=cfg.max_length, name="validation file"
-        )
-    cfg = cfg.model_copy(update={"chat_template": template})
-    reporter.resolved(cfg.resolved_dict())
-    for prepared, name in ((train_data, "training file"), (eval_data, "validation file")):
-        warning = describe_skipped(prepared, cfg.max_length, name) if prepared else None
-        if warning:
-            reporter.event(warning, level="warn")
-    model = load_model(request.model_path, cfg, request.parent_adapters)
-    reporting = ReportingCallback(reporter, total_steps=cfg.total_steps, beta=cfg.beta, loss_type=cfg.loss_type)
-    trainer = build_sft_trainer(
-        model,
-        tokenizer,
-        sft_args(cfg, out, evaluate=eval_data is not None),
-        peft_config=lora_config(cfg),
-        train_dataset=train_data.dataset,
-        eval_dataset=eval_data.dataset if eval_data else None,
-        callbacks=[reporting, TokenCountInLogHistory(reporting), StopCallback(flag), NonFiniteGuard(reporting)],
-    )
-    return trainer, reporting, train_data.n_examples
 
 
 def _chat_template(request: TrainRequest, tokenizer: Any, reporter: Reporter) -> str:
@@ -310,177 +203,6 @@ def _final_samples(trainer: Any, reporter: Reporter, started: float) -> None:
         if isinstance(callback, SamplesCallback):
             callback.final(trainer.model, trainer.state.global_step)
             reporter.event(f"sampling took {callback.seconds:.1f}s of {time.monotonic() - started:.1f}s")
-
-
-def _hold_out(
-    request: TrainRequest, reporter: Reporter, specials: tuple[str, ...], out: Path
-) -> tuple[TrainRequest, Holdout | None]:
-    """Without a validation file, the request training on the training file less the prompts held out for
-    samples (``worker/training/holdout.py``), and the file of those prompts; else the request unchanged and
-    None. An invalid training file is left for ``_resolve`` to report."""
-    from contracts.data_formats import parse_preference_file
-    from worker.training.holdout import hold_out
-
-    config = request.method.params().samples
-    if not request.method.is_preference or config.n_prompts == 0:
-        return request, None
-    if request.validation_file:
-        if isinstance(config.holdout, int) and config.holdout > 0:
-            reporter.event("samples.holdout is ignored: samples come from the validation file")
-        return request, None
-    examples, report = parse_preference_file(request.train_file, special_tokens=specials)
-    if not report.ok:
-        return request, None
-    held = hold_out(request.train_file, examples, config, seed=request.seed, out_dir=out / "holdout")
-    if held is None:
-        return request, None
-    reporter.event(
-        held.describe(),
-        data={"samples_holdout": {"prompts": held.n_prompts, "pairs": len(held.lines), "lines": held.lines}},
-    )
-    return request.model_copy(update={"train_file": str(held.train_file)}), held
-
-
-def _samples_callback(
-    request: TrainRequest,
-    cfg: TrainingConfig,
-    tokenizer: Any,
-    out: Path,
-    reporter: Reporter,
-    reporting: Any,
-    held_out: Holdout | None = None,
-) -> Any:
-    """``SamplesCallback`` for the method's ``samples`` block, or None when ``n_prompts`` is 0. Samples at the
-    evaluation cadence (``eval_every``; without a validation file the same rule, a quarter of the run)."""
-    from worker.settings import WorkerSettings
-    from worker.training.graders import GraderEndpoint, Graders
-    from worker.training.samples import SamplesCallback, choose_prompts
-
-    config = request.method.params().samples
-    if config.n_prompts == 0:
-        return None
-    settings = WorkerSettings()  # the worker's environment, inherited by this child: the grader endpoint
-    endpoint = None
-    if settings.grader_base_url:
-        key = settings.grader_api_key.get_secret_value() if settings.grader_api_key else None
-        endpoint = GraderEndpoint(settings.grader_base_url, key, settings.grader_timeout_seconds)
-    graders = Graders(config.graders, endpoint)
-    if warning := graders.startup_warning():
-        reporter.event(warning, level="warn")
-    prompts, source = choose_prompts(
-        tokenizer,
-        validation_file=request.validation_file,
-        train_file=request.train_file,
-        held_out_file=str(held_out.samples_file) if held_out else None,
-        held_out_lines=held_out.lines if held_out else (),
-        n_prompts=config.n_prompts,
-        max_length=cfg.max_length,
-    )
-    note = (
-        ""
-        if request.validation_file or held_out
-        else " (no validation file and none held out, see samples.holdout: these prompts are also trained on)"
-    )
-    reporter.event(f"samples: {len(prompts)} prompts from the {source}{note}")
-    return SamplesCallback(
-        reporter,
-        tokenizer,
-        prompts,
-        source=source,
-        config=config,
-        every=cfg.eval_every or max(1, cfg.total_steps // 4),
-        seed=cfg.seed,
-        out_path=out / "samples.jsonl",
-        total_steps=cfg.total_steps,
-        metrics_rows=reporting.rows,
-        graders=graders,
-    )
-
-
-def dpo_args(cfg: TrainingConfig, out: Path, *, precompute: bool, evaluate: bool) -> Any:
-    """TRL ``DPOConfig`` for the resolved recipe: the IPO (or sigmoid) loss, plus TRL's "sft" NLL term when
-    ``sft_weight`` > 0; checkpoints under ``out/checkpoints`` every ``checkpoint_every`` steps; no hub, no
-    trackers (progress is reported through the callbacks)."""
-    from trl import DPOConfig
-
-    on_cuda = cfg.device == "cuda"
-    loss_type: list[str] = [str(cfg.loss_type)] + (["sft"] if cfg.sft_weight > 0 else [])
-    loss_weights = [1.0] + ([cfg.sft_weight] if cfg.sft_weight > 0 else [])
-    return DPOConfig(
-        output_dir=str(out / "checkpoints"),
-        loss_type=loss_type,
-        loss_weights=loss_weights,
-        beta=cfg.beta,
-        learning_rate=cfg.learning_rate,
-        num_train_epochs=cfg.n_epochs,
-        max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        max_length=cfg.max_length,
-        warmup_steps=cfg.warmup_ratio,  # transformers 5: a float < 1 is a ratio of the total steps
-        lr_scheduler_type=cfg.lr_scheduler,
-        optim=cfg.optim,
-        logging_steps=cfg.logging_steps,
-        save_strategy="steps",
-        save_steps=cfg.checkpoint_every,
-        eval_strategy="steps" if evaluate else "no",
-        eval_steps=cfg.eval_every,
-        bf16=on_cuda,
-        use_cpu=not on_cuda,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        use_liger_kernel=cfg.use_liger_kernel,
-        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
-        precompute_ref_log_probs=precompute,
-        precompute_ref_batch_size=2 * cfg.batch_size,  # no grad, no activations kept: twice the batch fits
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        # several processes (DDP): every LoRA weight takes part in every forward, so DDP need not search the
-        # graph for unused ones each step (transformers' default for a model without gradient checkpointing)
-        ddp_find_unused_parameters=False,
-        save_total_limit=None,
-    )
-
-
-def _build_trainer(
-    model: Any,
-    tokenizer: Any,
-    args: Any,
-    cfg: TrainingConfig,
-    *,
-    train_dataset: Any,
-    eval_dataset: Any,
-    reporting: Any,
-    flag: Any,
-    extra_callbacks: list[Any] | None = None,
-) -> Any:
-    """``IpoDPOTrainer`` with the LoRA adapter and the reporting, stop and divergence callbacks (the guard
-    after the stop callback: its ``should_save = False`` must override a pause's save), then
-    ``extra_callbacks`` (samples: they see the guard's and the stop's decision)."""
-    from worker.training.callbacks import LogAtSaveSteps, NonFiniteGuard, StopCallback, TokenCountInLogHistory
-    from worker.training.loading import lora_config
-    from worker.training.trainer import IpoDPOTrainer
-
-    return IpoDPOTrainer(
-        model=model,
-        ref_model=None,  # PEFT: the reference is the base model with the adapter disabled (no second copy)
-        args=args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-        peft_config=lora_config(cfg),
-        callbacks=[
-            reporting,
-            TokenCountInLogHistory(reporting),
-            StopCallback(flag),
-            LogAtSaveSteps(),
-            NonFiniteGuard(reporting),
-            *(extra_callbacks or []),
-        ],
-    )
 
 
 def _train_or_finish(trainer: Any, resume_from: str | None, total_steps: int, reporter: Reporter) -> None:

@@ -40,6 +40,8 @@ if TYPE_CHECKING:
     from datasets import Dataset
 
     from worker.training.recipe import TrainingConfig
+    from worker.training.reporter import Reporter
+    from worker.training.request import TrainRequest
 
 
 @dataclass
@@ -158,7 +160,7 @@ def describe_skipped(prepared: PreparedSupervised, max_length: int, name: str = 
 
 def sft_args(cfg: TrainingConfig, out: Path, *, evaluate: bool) -> Any:
     """TRL ``SFTConfig`` for the resolved recipe: the same schedule, checkpoints, precision and reporting
-    settings as the preference stage's ``DPOConfig`` (``run.dpo_args``); the loss mask comes with the data
+    settings as the preference stage's ``DPOConfig`` (``preference.dpo_args``); the loss mask comes with the data
     (``assistant_masks``), so TRL's own ``assistant_only_loss`` / ``completion_only_loss`` stay off; no
     packing (each example is one sequence, as in the handbook's SFT recipe)."""
     from trl import SFTConfig
@@ -224,6 +226,40 @@ def build_sft_trainer(
         peft_config=peft_config,
         callbacks=callbacks,
     )
+
+
+def build_supervised_trainer(
+    request: TrainRequest, reporter: Reporter, flag: Any, cfg: TrainingConfig, template: str, tokenizer: Any, out: Path
+) -> tuple[Any, Any, int]:
+    """Steps 2-4 for supervised: conversations tokenized with assistant masks (``sft.py``), the model, TRL's
+    ``SFTTrainer`` with the same LoRA set-up and callbacks as the preference stage."""
+    from worker.training.callbacks import NonFiniteGuard, ReportingCallback, StopCallback, TokenCountInLogHistory
+    from worker.training.loading import load_model, lora_config
+
+    train_data = load_supervised_data(request.train_file, tokenizer, max_length=cfg.max_length)
+    eval_data = None
+    if request.validation_file:
+        eval_data = load_supervised_data(
+            request.validation_file, tokenizer, max_length=cfg.max_length, name="validation file"
+        )
+    cfg = cfg.model_copy(update={"chat_template": template})
+    reporter.resolved(cfg.resolved_dict())
+    for prepared, name in ((train_data, "training file"), (eval_data, "validation file")):
+        warning = describe_skipped(prepared, cfg.max_length, name) if prepared else None
+        if warning:
+            reporter.event(warning, level="warn")
+    model = load_model(request.model_path, cfg, request.parent_adapters)
+    reporting = ReportingCallback(reporter, total_steps=cfg.total_steps, beta=cfg.beta, loss_type=cfg.loss_type)
+    trainer = build_sft_trainer(
+        model,
+        tokenizer,
+        sft_args(cfg, out, evaluate=eval_data is not None),
+        peft_config=lora_config(cfg),
+        train_dataset=train_data.dataset,
+        eval_dataset=eval_data.dataset if eval_data else None,
+        callbacks=[reporting, TokenCountInLogHistory(reporting), StopCallback(flag), NonFiniteGuard(reporting)],
+    )
+    return trainer, reporting, train_data.n_examples
 
 
 def _lines(lines: list[int], limit: int = 10) -> str:
