@@ -54,7 +54,8 @@ class ApiClient:
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_suffix(dest.suffix + ".part")
         try:
-            with self.http.stream("GET", f"/v1/files/{file_id}/content") as response:
+            # follow a 307 to a presigned URL (IPO_STORAGE_PRESIGN_SECONDS): httpx drops the key on the way
+            with self.http.stream("GET", f"/v1/files/{file_id}/content", follow_redirects=True) as response:
                 if response.status_code >= 400:
                     response.read()
                     raise CliError(_error_line(response), 3)

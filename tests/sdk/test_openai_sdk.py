@@ -21,6 +21,7 @@ import openai
 import pytest
 from openai import OpenAI
 
+from ipo_cli.http import ApiClient
 from tests.api import worker_steps
 from tests.sdk.conftest import MAX_UPLOAD_BYTES, WORKER_TOKEN, LiveServer, serve
 
@@ -214,7 +215,8 @@ def test_file_content_follows_a_presigned_redirect(
     s3_env: Callable[[], str], s3_server: str, database_url: str, tmp_path: Path
 ) -> None:
     """With S3 storage and ``IPO_STORAGE_PRESIGN_SECONDS``, ``client.files.content`` gets the bytes from the
-    store: the unchanged SDK follows the 307, and httpx drops the API key on the way to the other origin."""
+    store: the unchanged SDK follows the 307, and httpx drops the API key on the way to the other origin.
+    The ``ipo`` CLI's download follows it too."""
     public = s3_server.replace("127.0.0.1", "localhost")
     with serve(
         database_url, tmp_path, storage_url=s3_env(), storage_presign_seconds="60", storage_public_endpoint_url=public
@@ -225,3 +227,6 @@ def test_file_content_follows_a_presigned_redirect(
         assert raw.http_response.url.host == "localhost" and raw.content == DATA
         assert [r.status_code for r in raw.http_response.history] == [307]
         assert "authorization" not in raw.http_response.request.headers  # the key stays with the API
+        # and the CLI's download (`ipo files download`) writes the object, not the redirect's empty body
+        dest = ApiClient(server.url, client.api_key).download(file_id, tmp_path / "out" / "train.jsonl")
+        assert dest.read_bytes() == DATA
