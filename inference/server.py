@@ -11,14 +11,10 @@ because the client went away (a streaming client that stops reading, or any clie
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,8 +24,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import BaseModel, ConfigDict, Field
 
 from contracts.chat import ChatCompletionRequest
-from inference.engine import Engine, EngineError, Generation, Prepared
+from inference.engine import Engine, EngineError
+from inference.model_thread import Server
 from inference.settings import InferenceSettings
+from inference.streaming import outcome_of, stream_chunks, usage
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -62,86 +60,6 @@ def error_response(
     headers = {"Retry-After": "1"} if status in (429, 503) else None
     body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
     return JSONResponse(body, status, headers=headers)
-
-
-@dataclass
-class Stats:
-    """What ``/health`` reports: requests admitted now and counts since start."""
-
-    active: int = 0
-    completed: int = 0
-    cancelled: int = 0
-    refused_busy: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-class Server:
-    """The engine, its single model thread and the admission counter."""
-
-    def __init__(self, settings: InferenceSettings, engine: Engine) -> None:
-        self.settings = settings
-        self.engine = engine
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ipo-inference")
-        self.stats = Stats()
-        self.adapters: list[tuple[str, str]] = []
-        """Snapshot of the loaded adapters (name, path), replaced on the model thread after each change."""
-
-    async def on_model_thread(self, fn: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
-
-    def try_admit(self) -> bool:
-        with self.stats.lock:
-            if self.stats.active >= self.settings.inference_max_concurrent:
-                self.stats.refused_busy += 1
-                return False
-            self.stats.active += 1
-            return True
-
-    def release(self, reason: str) -> None:
-        with self.stats.lock:
-            self.stats.active -= 1
-            if reason == "cancelled":
-                self.stats.cancelled += 1
-            else:
-                self.stats.completed += 1
-
-    def snapshot_adapters(self) -> None:
-        self.adapters = [(a.name, a.path) for a in self.engine.adapters.values()]
-
-    def run_choices(
-        self,
-        prepared: Prepared,
-        body: ChatCompletionRequest,
-        cancel: threading.Event,
-        on_text: Callable[[int, str], None] | None,
-        on_done: Callable[[int, Generation], None] | None,
-        on_start: Callable[[int], None] | None = None,
-    ) -> list[Generation]:
-        """Generate the ``n`` choices one after the other (on the model thread)."""
-        out = []
-        for i in range(body.n):
-            if on_start is not None:
-                on_start(i)
-            emit = (lambda t, i=i: on_text(i, t)) if on_text is not None else None
-            gen = self.engine.generate(
-                prepared,
-                body,
-                seed_offset=i,
-                max_time=self.settings.inference_timeout_seconds,
-                cancel=cancel,
-                on_text=emit,
-            )
-            out.append(gen)
-            if on_done is not None:
-                on_done(i, gen)
-            if gen.finish_reason == "cancelled":
-                break
-        return out
-
-
-def _usage(prompt_tokens: int, gens: list[Generation]) -> dict[str, int]:
-    completion = sum(g.completion_tokens for g in gens)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
 
 
 def create_app(settings: InferenceSettings | None = None, engine: Engine | None = None) -> FastAPI:
@@ -252,7 +170,7 @@ def create_app(settings: InferenceSettings | None = None, engine: Engine | None 
         cancel = threading.Event()
         if body.stream:
             return StreamingResponse(
-                _stream(server, prepared, body, cancel, completion_id, now),
+                stream_chunks(server, prepared, body, cancel, completion_id, now),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
@@ -260,7 +178,7 @@ def create_app(settings: InferenceSettings | None = None, engine: Engine | None 
         future = asyncio.get_running_loop().run_in_executor(
             server.executor, lambda: server.run_choices(prepared, body, cancel, None, None)
         )
-        future.add_done_callback(lambda f: server.release(_reason(f, cancel)))
+        future.add_done_callback(lambda f: server.release(outcome_of(f, cancel)))
         try:
             gens = await asyncio.shield(future)
         except asyncio.CancelledError:
@@ -283,16 +201,12 @@ def create_app(settings: InferenceSettings | None = None, engine: Engine | None 
                     }
                     for i, g in enumerate(gens)
                 ],
-                "usage": _usage(len(prepared.input_ids), gens),
+                "usage": usage(len(prepared.input_ids), gens),
                 "system_fingerprint": None,
             }
         )
 
     return app
-
-
-def _reason(future: Any, cancel: threading.Event) -> str:
-    return "cancelled" if cancel.is_set() or future.cancelled() or future.exception() is not None else "completed"
 
 
 async def _watch_disconnect(request: Request, cancel: threading.Event) -> None:
@@ -302,102 +216,6 @@ async def _watch_disconnect(request: Request, cancel: threading.Event) -> None:
         if message["type"] == "http.disconnect":
             cancel.set()
             return
-
-
-def _sse(obj: Any) -> bytes:
-    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
-
-
-async def _stream(
-    server: Server,
-    prepared: Prepared,
-    body: ChatCompletionRequest,
-    cancel: threading.Event,
-    completion_id: str,
-    created: int,
-) -> AsyncIterator[bytes]:
-    """OpenAI's chunk stream: per choice a ``role`` delta, content deltas and a last delta with its
-    ``finish_reason``; then, with ``stream_options.include_usage``, a chunk with ``usage`` and no choices;
-    then ``data: [DONE]``. Closing the stream early (the client left) cancels the generation."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[tuple[str, int, Any]] = asyncio.Queue()
-
-    def put(item: tuple[str, int, Any]) -> None:
-        loop.call_soon_threadsafe(queue.put_nowait, item)
-
-    future = loop.run_in_executor(
-        server.executor,
-        lambda: server.run_choices(
-            prepared,
-            body,
-            cancel,
-            lambda i, t: put(("text", i, t)),
-            lambda i, g: put(("done", i, g)),
-            lambda i: put(("start", i, None)),
-        ),
-    )
-
-    def finished(f: Any) -> None:
-        server.release(_reason(f, cancel))
-        put(("end", -1, f))
-
-    future.add_done_callback(finished)
-
-    def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
-        return _sse(
-            {
-                "id": completion_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": body.model,
-                "system_fingerprint": None,
-                "choices": choices,
-                **extra,
-            }
-        )
-
-    started: set[int] = set()
-
-    def role(i: int) -> bytes | None:
-        if i in started:
-            return None
-        started.add(i)
-        return chunk(
-            [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
-        )
-
-    gens: list[Generation] = []
-    try:
-        while True:
-            kind, i, value = await queue.get()
-            if kind == "start":  # the role chunk goes out as soon as the choice's generation begins
-                if (first := role(i)) is not None:
-                    yield first
-            elif kind == "text":
-                if (first := role(i)) is not None:
-                    yield first
-                yield chunk([{"index": i, "delta": {"content": value}, "logprobs": None, "finish_reason": None}])
-            elif kind == "done":
-                gens.append(value)
-                if (first := role(i)) is not None:
-                    yield first
-                yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": value.finish_reason}])
-            else:
-                if (exc := value.exception()) is not None:
-                    if isinstance(exc, EngineError):
-                        error = {"message": exc.message, "type": "invalid_request_error", "param": exc.param,
-                                 "code": exc.code}  # fmt: skip
-                    else:
-                        log.error("generation failed", exc_info=exc)
-                        error = {"message": "generation failed", "type": "server_error", "param": None, "code": None}
-                    yield _sse({"error": error})
-                    return
-                break
-        if body.stream_options is not None and body.stream_options.include_usage:
-            yield chunk([], usage=_usage(len(prepared.input_ids), gens))
-        yield b"data: [DONE]\n\n"
-    finally:
-        cancel.set()  # a no-op once generation is over; otherwise the client left: stop generating
 
 
 def run(host: str = "127.0.0.1", port: int = 8001) -> None:
