@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from contracts.chat import ChatCompletionRequest
-from inference.engine import Engine, EngineError, TextAssembler
+from inference.engine import Engine, EngineError
+from inference.text_stream import TextAssembler
 from tests.inference.conftest import TrainedRun
 
 PROMPT = [{"role": "user", "content": "Tell me about the moon."}]
