@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from contracts.internal import HeartbeatRequest, Progress, TrainerReport
-from worker.api_client import ApiClient, ApiError, ApiUnavailable, EventBuffer, LeaseLost
+from worker.api_client import ApiClient, ApiError, ApiUnavailable, LeaseLost
 from worker.archive import zip_dir
+from worker.event_buffer import EventBuffer
 
 log = logging.getLogger(__name__)
 

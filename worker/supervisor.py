@@ -31,7 +31,8 @@ from contracts.internal import (
     StopReason,
     TrainerReport,
 )
-from worker.api_client import ApiClient, ApiError, ApiUnavailable, EventBuffer, LeaseLost, NotFound
+from worker.api_client import ApiClient, ApiError, ApiUnavailable, LeaseLost, NotFound
+from worker.event_buffer import EventBuffer
 from worker.outcome import AttemptFacts, Outcome, decide, is_retryable
 from worker.relay import Relay, metrics_message
 from worker.trainer_process import DEFAULT_TRAINER, EOF, TrainerProcess

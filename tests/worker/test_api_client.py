@@ -8,7 +8,8 @@ import pytest
 from contracts.internal import HeartbeatRequest
 from tests.worker.conftest import JOB_ID
 from tests.worker.fake_api import FakeApi, State
-from worker.api_client import ApiClient, ApiError, ApiUnavailable, EventBuffer, LeaseLost, NotClaimable
+from worker.api_client import ApiClient, ApiError, ApiUnavailable, LeaseLost, NotClaimable
+from worker.event_buffer import EventBuffer
 
 
 def test_transient_statuses_are_retried(api: ApiClient, api_state: State) -> None:
