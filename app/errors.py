@@ -17,6 +17,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.storage.base import StorageUnavailable
 from contracts.logs import request_id_var
 
 log = logging.getLogger(__name__)
@@ -274,6 +275,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(PoolTimeout)
     async def _db_down(_: Request, exc: Exception) -> JSONResponse:
         return database_unavailable_response(exc)
+
+    @app.exception_handler(StorageUnavailable)
+    async def _storage_down(_: Request, exc: StorageUnavailable) -> JSONResponse:
+        log.error("artifact storage unavailable: %s", exc)  # the store's name and reason: operators only
+        return domain_error_response(ServiceUnavailable("Artifact storage is unavailable; try again later."))
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
 
 from app.auth import KeyCache
 from app.dashboard import routes as dashboard
@@ -65,6 +66,10 @@ def create_app(settings: Settings | None = None, doorbell: Doorbell | None = Non
             doorbell=doorbell,
         )
         loops.start()
+        if (problem := await run_in_threadpool(ctx.storage.check)) is not None:
+            log.error(
+                "artifact storage %s is not usable: %s (uploads answer 503)", settings.resolved_storage_url, problem
+            )
         try:
             yield
         finally:

@@ -1,4 +1,6 @@
-"""Liveness (the process answers) and readiness (the database and the broker answer)."""
+"""Liveness (the process answers) and readiness (the database and the broker answer: 503 otherwise). The
+artifact store is checked too but reported as ``degraded`` with 200: most requests do not touch it, and a
+store outage should not take every replica out of the load balancer."""
 
 from __future__ import annotations
 
@@ -44,10 +46,12 @@ def _check_broker(ctx: Ctx) -> str | None:
 @router.get("/readyz", response_model=ReadyStatus, responses={503: {"model": ReadyStatus}})
 async def readyz(ctx: Ctx) -> JSONResponse:
     db, broker = await run_in_threadpool(_check_db, ctx), await run_in_threadpool(_check_broker, ctx)
-    checks = {"database": db or "ok", "broker": broker or "ok"}
+    storage = await run_in_threadpool(ctx.storage.check)
+    checks = {"database": db or "ok", "broker": broker or "ok", "storage": storage or "ok"}
     ok = db is None and broker is None
+    status = ("ok" if storage is None else "degraded") if ok else "unavailable"
     return JSONResponse(
-        {"status": "ok" if ok else "unavailable", "checks": checks},
+        {"status": status, "checks": checks},
         200 if ok else 503,
         headers=None if ok else {"Retry-After": "5"},
     )

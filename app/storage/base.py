@@ -24,6 +24,11 @@ class TooLarge(Exception):
     """The stream exceeded the size limit; nothing was stored."""
 
 
+class StorageUnavailable(Exception):
+    """The store could not be used (bucket missing, credentials refused, endpoint down): the request answers
+    503 with ``Retry-After``; the message (logged, not shown to clients) names the store and the reason."""
+
+
 @dataclass(frozen=True)
 class StoredObject:
     """What ``put_stream`` stored: its key, size in bytes and the hex SHA-256 of its bytes."""
@@ -43,7 +48,9 @@ class Storage(Protocol):
     code that needs a real file (the data validators); it is the object itself for ``file://``, a
     temporary download deleted on exit otherwise. ``presigned_url`` is a URL anyone holding it can GET
     the object from for ``expires_seconds``, served as an attachment named ``filename``; ``None`` when the
-    backend has no such URLs (``file://``: the API streams the bytes itself).
+    backend has no such URLs (``file://``: the API streams the bytes itself). ``check`` is ``None`` when the
+    store can be written, else a short reason (``/readyz``, the startup log); backends raise
+    ``StorageUnavailable`` for such failures during a request.
     """
 
     def put_stream(self, key: str, stream: BinaryIO, max_bytes: int | None = None) -> StoredObject: ...
@@ -53,6 +60,7 @@ class Storage(Protocol):
     def exists(self, key: str) -> bool: ...
     def local_copy(self, key: str) -> AbstractContextManager[Path]: ...
     def presigned_url(self, key: str, expires_seconds: int, filename: str) -> str | None: ...
+    def check(self) -> str | None: ...
 
 
 class LocalStorage:
@@ -115,3 +123,9 @@ class LocalStorage:
     def presigned_url(self, key: str, expires_seconds: int, filename: str) -> str | None:
         """Always ``None``: a directory has no URLs of its own; the API streams the file."""
         return None
+
+    def check(self) -> str | None:
+        """``None`` when the root is a writable directory, else why not."""
+        if not self.root.is_dir():
+            return f"{self.root} is not a directory"
+        return None if os.access(self.root, os.W_OK | os.X_OK) else f"{self.root} is not writable"

@@ -41,11 +41,12 @@ from pathlib import Path
 from typing import Any, BinaryIO, cast
 
 import boto3
+from boto3.exceptions import S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
-from app.storage.base import CHUNK, StoredObject, TooLarge
+from app.storage.base import CHUNK, StorageUnavailable, StoredObject, TooLarge
 
 DEFAULT_PART_SIZE = 8 << 20
 """Multipart threshold and part size, bytes: 8 MiB (s3transfer's default; S3's minimum part is 5 MiB)."""
@@ -129,7 +130,10 @@ class S3Storage:
 
     def put_stream(self, key: str, stream: BinaryIO, max_bytes: int | None = None) -> StoredObject:
         reader = _HashingReader(stream, max_bytes)
-        self.client.upload_fileobj(reader, self.bucket, self.object_key(key), Config=self.transfer)
+        try:
+            self.client.upload_fileobj(reader, self.bucket, self.object_key(key), Config=self.transfer)
+        except (ClientError, S3UploadFailedError, BotoCoreError) as exc:  # TooLarge and the stream's own pass
+            raise StorageUnavailable(f"s3://{self.bucket}: upload of {key!r} failed: {exc}") from exc
         return StoredObject(key=key, size=reader.size, sha256=reader.digest.hexdigest())
 
     def _body(self, key: str) -> Any:
@@ -138,7 +142,21 @@ class S3Storage:
         except ClientError as exc:
             if _missing(exc):
                 raise FileNotFoundError(f"no stored object {key!r}") from exc
-            raise
+            raise StorageUnavailable(f"s3://{self.bucket}: reading {key!r} failed: {exc}") from exc
+        except BotoCoreError as exc:
+            raise StorageUnavailable(f"s3://{self.bucket}: reading {key!r} failed: {exc}") from exc
+
+    def check(self) -> str | None:
+        """``None`` when the bucket answers ``HeadBucket``, else its error code (``NoSuchBucket``/``404``,
+        ``AccessDenied``/``403``) or the connection error."""
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", "")) or "ClientError"
+            return f"bucket {self.bucket!r}: {'NoSuchBucket' if code == '404' else code}"
+        except BotoCoreError as exc:
+            return f"bucket {self.bucket!r}: {type(exc).__name__}"
+        return None
 
     def open(self, key: str) -> BinaryIO:
         return cast(BinaryIO, self._body(key))

@@ -140,3 +140,25 @@ def test_downloads_redirect_to_presigned_urls_when_configured(
         )
         r = client.get(f"/v1/files/{r.json()['id']}/content", headers=auth, follow_redirects=False)
         assert r.status_code == 200 and r.content == good_jsonl
+
+
+def test_a_missing_bucket_is_a_503_and_readyz_says_which(
+    settings: Settings, s3_env: Callable[[], str], auth: dict[str, str], good_jsonl: bytes
+) -> None:
+    """A misconfigured store (here: a bucket nobody created) is not a bare 500: uploads answer 503 with
+    ``Retry-After`` and record nothing, and ``/readyz`` names the bucket while staying 200 (``degraded``:
+    the rest of the API works, and a store outage must not empty the load balancer)."""
+    s3_env()  # the AWS environment pointed at the test server
+    missing = settings.model_copy(update={"storage_url": "s3://ipo-nobody-made-this/artifacts"})
+    with TestClient(create_app(missing, doorbell=RecordingDoorbell())) as client:
+        ready = client.get("/readyz")
+        assert ready.status_code == 200, ready.text
+        assert ready.json()["status"] == "degraded"
+        assert ready.json()["checks"]["storage"] == "bucket 'ipo-nobody-made-this': NoSuchBucket"
+        r = client.post(
+            "/v1/files", headers=auth, files={"file": ("train.jsonl", good_jsonl)}, data={"purpose": "fine-tune"}
+        )
+        assert r.status_code == 503, r.text
+        assert r.headers["retry-after"] and r.json()["error"]["code"] == "service_unavailable"
+        assert "Artifact storage is unavailable" in r.json()["error"]["message"]
+        assert client.get("/v1/files", headers=auth).json()["data"] == []

@@ -194,3 +194,17 @@ def test_presigned_urls_are_signed_for_the_public_endpoint(s3_env: Callable[[], 
     assert url is not None and url.startswith(public + "/")
     assert "X-Amz-SignedHeaders=host" in url
     assert httpx.get(url).content == b"abc"
+
+
+def test_check_says_whether_the_store_can_be_used(store: Storage, store_url: str, tmp_path: Path) -> None:
+    """``None`` for a usable store; a short reason otherwise (a bucket that does not exist, a root that is
+    not a directory), never an exception: ``/readyz`` and the startup log show it."""
+    assert store.check() is None
+    if store_url.startswith("s3://"):
+        missing = open_storage(f"s3://ipo-missing-{os.getpid()}/x")
+        assert missing.check() == f"bucket 'ipo-missing-{os.getpid()}': NoSuchBucket"
+    else:
+        root = tmp_path / "gone"
+        local = open_storage(f"file://{root}")
+        root.rmdir()
+        assert local.check() == f"{root} is not a directory"
