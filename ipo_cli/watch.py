@@ -7,7 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ipo_cli.http import ApiClient
 
@@ -19,7 +20,7 @@ def _fmt(data: dict[str, Any]) -> str:
     for key, label, fmt in (
         ("train_loss", "loss", "{:.4f}"),
         ("ipo_margin", "margin", "{:.3f}"),
-        ("margin_target", "target", "{:.3f}"),
+        ("ipo_margin_target", "target", "{:.3f}"),
         ("preference_accuracy", "acc", "{:.2f}"),
         ("token_accuracy", "token acc", "{:.2f}"),  # supervised jobs
         ("tokens_per_second", "tok/s", "{:.0f}"),
@@ -31,12 +32,21 @@ def _fmt(data: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
+EVENT_STYLES = {"warn": ("yellow", "warning: "), "error": ("red", "error: ")}
+"""How ``watch`` prints an event by level (anything else dim): a warning must not read like a progress note."""
+
+
+def _event_line(event: dict[str, Any]) -> str:
+    style, prefix = EVENT_STYLES.get(str(event.get("level")), ("dim", ""))
+    return f"[{style}]{prefix}{escape(str(event.get('message', '')))}[/{style}]"
+
+
 def watch_job(client: ApiClient, job_id: str, console: Console | None = None) -> str:
     console = console or Console(stderr=False)
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
+        MofNCompleteColumn(),  # "0/?" until the first step says the total
         TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(),
         console=console,
@@ -48,7 +58,7 @@ def watch_job(client: ApiClient, job_id: str, console: Console | None = None) ->
             if event.get("type") == "metrics" and isinstance(data.get("step"), int):
                 bar.update(task, completed=data["step"], total=data.get("total_steps"), info=_fmt(data))
             else:
-                bar.console.print(f"[dim]{event['message']}[/dim]")
+                bar.console.print(_event_line(event))
     job = client.json("GET", f"/v1/fine_tuning/jobs/{job_id}")
     status = str(job["status"])
     if job.get("error"):

@@ -23,7 +23,15 @@ from worker.training.recipe import TINY_IPO, ZEPHYR_IPO, TrainingConfig
 )
 def test_far_target_warning(loss_type: str, beta: float, lr: float, warns: bool) -> None:
     cfg = TrainingConfig(loss_type=loss_type, beta=beta, learning_rate=lr)
-    warning = far_target_warning(cfg)
-    assert (warning is not None) == warns, warning
-    if warning is not None:
-        assert f"{1 / (2 * beta):g} nats per token" in warning and f"learning_rate {lr:g}" in warning
+    advice = far_target_warning(cfg)
+    assert (advice is not None) == warns, advice
+    if advice is not None:
+        message, figures = advice
+        assert f"{1 / (2 * beta):g} nats per token" in message and f"learning_rate {lr:g}." in message
+        assert "method.ipo.hyperparameters.beta" in message
+        assert figures == {"beta": beta, "ipo_margin_target": 1 / (2 * beta), "learning_rate": lr}
+
+
+def test_the_warning_says_when_the_rate_came_from_the_preset() -> None:
+    advice = far_target_warning(TrainingConfig(beta=0.1, learning_rate=1e-3), learning_rate_auto=True)
+    assert advice is not None and "learning_rate 0.001 (auto: this model's preset)" in advice[0]

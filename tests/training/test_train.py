@@ -139,7 +139,8 @@ def test_a_far_ipo_target_at_a_lora_rate_is_warned_about(
     assert train(request, warned, flag) == EXIT_STOPPED
     (warning,) = [r for r in warned.of_kind("event") if r.level == "warn"]
     assert "margin target 1/(2*beta) at 5 nats per token" in (warning.message or "")
-    assert "learning_rate 0.001" in (warning.message or "")
+    assert "learning_rate 0.001 (auto: this model's preset)" in (warning.message or "")
+    assert (warning.data or {})["ipo_margin_target_warning"]["ipo_margin_target"] == pytest.approx(5.0)
 
     quiet = ListReporter()
     request = _request(tiny_model_dir, demo_files, tmp_path / "near", validation=False, max_steps=2, beta=0.5)

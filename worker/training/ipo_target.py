@@ -24,18 +24,23 @@ LORA_SIZED_LR = 1e-4
 20x the IPO recipe's 5e-6, at which the measured runs reached their target."""
 
 
-def far_target_warning(cfg: TrainingConfig) -> str | None:
-    """The warning for ``cfg`` (resolved, concrete), or ``None`` when it does not apply: not IPO, a target
-    under ``FAR_TARGET_NATS`` or a learning rate under ``LORA_SIZED_LR``."""
+def far_target_warning(cfg: TrainingConfig, learning_rate_auto: bool = False) -> tuple[str, dict[str, float]] | None:
+    """The warning for ``cfg`` (resolved, concrete) and its figures (``beta``, ``ipo_margin_target``,
+    ``learning_rate``: the event's ``data``), or ``None`` when it does not apply: not IPO, a target under
+    ``FAR_TARGET_NATS`` or a learning rate under ``LORA_SIZED_LR``. ``learning_rate_auto``: the job left
+    ``learning_rate`` to the preset, which the message says (the user did not pick that rate)."""
     if cfg.loss_type != "ipo" or cfg.beta <= 0:
         return None
     target = 1 / (2 * cfg.beta)
     if target < FAR_TARGET_NATS or cfg.learning_rate < LORA_SIZED_LR:
         return None
-    return (
-        f"beta {cfg.beta:g} sets IPO's margin target 1/(2*beta) at {target:g} nats per token, far for learning_rate "
-        f"{cfg.learning_rate:g}: at such rates IPO tends to reach it by making the rejected replies' own wording "
-        "unlikely and drifts away from the model's answers (measured on SmolLM2-135M-Instruct at lr 2e-4: beta 0.1 "
-        "kept 2 of 13 held-out answers correct, beta 0.5 all 13). Consider beta 0.3-1.0 at this rate, or a rate "
-        "near the recipe's 5e-6 for a small beta; watch the samples and margin metrics"
+    rate = f"learning_rate {cfg.learning_rate:g}" + (" (auto: this model's preset)" if learning_rate_auto else "")
+    message = (
+        f"beta {cfg.beta:g} sets IPO's margin target 1/(2*beta) at {target:g} nats per token, far for {rate}. "
+        "IPO's beta is not DPO's (0.1 is DPO's default): at such rates IPO tends to reach its target by making "
+        "the rejected replies' own wording unlikely, and the model drifts from its answers (measured on "
+        "SmolLM2-135M-Instruct at learning_rate 2e-4: beta 0.1 kept 2 of 13 held-out answers correct, beta 0.5 "
+        "all 13). Consider method.ipo.hyperparameters.beta 0.3-1.0 at this rate, or a learning_rate near 5e-6 "
+        "(the Zephyr recipe's, for beta 0.01); the samples and margin metrics show whether it drifts."
     )
+    return message, {"beta": cfg.beta, "ipo_margin_target": target, "learning_rate": cfg.learning_rate}

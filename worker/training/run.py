@@ -99,8 +99,10 @@ def _train(request: TrainRequest, reporter: Reporter, flag: Any) -> int:
     specials = special_tokens(Path(request.model_path))
     request, held_out = hold_out_for_samples(request, reporter, specials, out)
     cfg = _resolve(request, device, specials)
-    if (advice := far_target_warning(cfg)) is not None:
-        reporter.event(advice, level="warn")
+    hp = request.method.params().hyperparameters
+    auto_rate = hp.learning_rate == "auto" and hp.learning_rate_multiplier == "auto"
+    if (advice := far_target_warning(cfg, learning_rate_auto=auto_rate)) is not None:
+        reporter.event(advice[0], level="warn", data={"ipo_margin_target_warning": advice[1]})
 
     # 2-4. tokenizer, data, model and trainer: TRL's DPOTrainer (ipo, dpo) or SFTTrainer (supervised)
     tokenizer = load_tokenizer(request.model_path)
