@@ -144,6 +144,13 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
+    @field_validator("storage_public_endpoint_url")
+    @classmethod
+    def _endpoint_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+        return value or None
+
     @field_validator("mlflow_allowed_uris", mode="before")
     @classmethod
     def _allowed_uris(cls, value: Any) -> Any:

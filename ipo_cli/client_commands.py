@@ -52,6 +52,21 @@ def files_list(limit: int = 100, base_url: BaseUrl = None, api_key: ApiKey = Non
     )
 
 
+@files.command("download")
+def files_download(
+    file_id: str,
+    out: Annotated[Path | None, typer.Option(help="Where to write it (default: ./<its filename>).")] = None,
+    base_url: BaseUrl = None,
+    api_key: ApiKey = None,
+    as_json: AsJson = False,
+) -> None:
+    """Download a file's content (an uploaded file, a job's metrics CSV or samples, an adapter archive)."""
+    client = ApiClient(base_url, api_key)
+    obj = client.json("GET", f"/v1/files/{file_id}")
+    dest = client.download(file_id, out or Path(Path(str(obj["filename"])).name))
+    _print({**obj, "path": str(dest)}, as_json, f"{dest}  {dest.stat().st_size} bytes")
+
+
 @files.command("delete")
 def files_delete(file_id: str, base_url: BaseUrl = None, api_key: ApiKey = None, as_json: AsJson = False) -> None:
     obj = ApiClient(base_url, api_key).json("DELETE", f"/v1/files/{file_id}")
@@ -207,10 +222,26 @@ def jobs_resume(job_id: str, base_url: BaseUrl = None, api_key: ApiKey = None, a
 
 @jobs.command("events")
 def jobs_events(
-    job_id: str, limit: int = 50, base_url: BaseUrl = None, api_key: ApiKey = None, as_json: AsJson = False
+    job_id: str,
+    limit: Annotated[int, typer.Option(help="The newest N events (1-100, the API's page size).")] = 50,
+    all_events: Annotated[bool, typer.Option("--all", help="Every event, page by page (ignores --limit).")] = False,
+    base_url: BaseUrl = None,
+    api_key: ApiKey = None,
+    as_json: AsJson = False,
 ) -> None:
-    obj = ApiClient(base_url, api_key).json("GET", f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": limit})
-    _print(obj, as_json, "\n".join(f"{e['id']}  {e['level']:<5} {e['message']}" for e in reversed(obj["data"])))
+    """The job's events, oldest first (the newest ``--limit``, or ``--all``)."""
+    client = ApiClient(base_url, api_key)
+    path = f"/v1/fine_tuning/jobs/{job_id}/events"
+    obj = client.json("GET", path, params={"limit": 100 if all_events else limit})
+    events = list(obj["data"])
+    while all_events and obj.get("has_more") and events:  # newest first: page on from the oldest seen
+        obj = client.json("GET", path, params={"limit": 100, "after": events[-1]["id"]})
+        events += obj["data"]
+    _print(
+        {**obj, "data": events, "has_more": False if all_events else obj.get("has_more")},
+        as_json,
+        "\n".join(f"{e['id']}  {e['level']:<5} {e['message']}" for e in reversed(events)),
+    )
 
 
 def sample_events(client: ApiClient, job_id: str) -> list[dict[str, Any]]:

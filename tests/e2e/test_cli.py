@@ -65,6 +65,19 @@ def test_cli_flow(stack: Stack, tmp_path: Path) -> None:
     assert missing_step.returncode == 2 and "steps sampled: 2, 4, 6, 8" in missing_step.stderr
     job = json.loads(ipo(stack, "jobs", "get", created["id"], "--json").stdout)
     assert len(job["result_files"]) == 3  # adapter, metrics.csv, samples.jsonl
+    # Any file by id: here the metrics CSV, named as stored unless --out says otherwise.
+    metrics_id = next(
+        f
+        for f in job["result_files"]
+        if json.loads(ipo(stack, "files", "get", f, "--json").stdout)["filename"].endswith(".csv")
+    )
+    got = ipo(stack, "files", "download", metrics_id, "--out", str(tmp_path / "m.csv")).stdout
+    assert got.startswith(str(tmp_path / "m.csv")) and (tmp_path / "m.csv").read_text().startswith("split,step,")
+    # Every event (--all pages through them: tests/unit/test_cli_events.py), vs the newest few.
+    every = json.loads(ipo(stack, "jobs", "events", created["id"], "--all", "--json").stdout)["data"]
+    newest = json.loads(ipo(stack, "jobs", "events", created["id"], "--limit", "5", "--json").stdout)["data"]
+    assert len({e["id"] for e in every}) == len(every) > 5 and every[:5] == newest
+    assert every[-1]["message"].startswith("Created fine-tuning job")
     out_dir = tmp_path / "adapter"
     ipo(stack, "jobs", "download", created["id"], "--out", str(out_dir))
     assert (out_dir / "adapter_model.safetensors").is_file()
