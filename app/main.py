@@ -66,6 +66,8 @@ def create_app(settings: Settings | None = None, doorbell: Doorbell | None = Non
             doorbell=doorbell,
         )
         loops.start()
+        if settings.storage_presign_seconds and not settings.resolved_storage_url.startswith("s3://"):
+            log.warning("IPO_STORAGE_PRESIGN_SECONDS applies to s3:// storage only: downloads stream through the API")
         if (problem := await run_in_threadpool(ctx.storage.check)) is not None:
             log.error(
                 "artifact storage %s is not usable: %s (uploads answer 503)", settings.resolved_storage_url, problem

@@ -31,6 +31,7 @@ def test_readme_sdk_example_runs(stack: Stack, repo_root: Path, tmp_path: Path, 
     out = capsys.readouterr().out
     assert "succeeded ft:tiny-mistral:" in out, out
     assert "The job has successfully completed" in out
+    assert len(re.findall(r"^(?:info|warn|error) ", out, flags=re.M)) == 5  # the newest 5 events, not all
     names = zipfile.ZipFile(tmp_path / "adapter.zip").namelist()
     assert "adapter_model.safetensors" in names and "adapter_config.json" in names
     assert os.environ["IPO_API_KEY"] == stack.api_key
