@@ -149,45 +149,18 @@ def dpo_args(cfg: TrainingConfig, out: Path, *, precompute: bool, evaluate: bool
     trackers (progress is reported through the callbacks)."""
     from trl import DPOConfig
 
-    on_cuda = cfg.device == "cuda"
+    from worker.training.arguments import shared_arguments
+
     loss_type: list[str] = [str(cfg.loss_type)] + (["sft"] if cfg.sft_weight > 0 else [])
     loss_weights = [1.0] + ([cfg.sft_weight] if cfg.sft_weight > 0 else [])
     return DPOConfig(
-        output_dir=str(out / "checkpoints"),
+        **shared_arguments(cfg, out, evaluate=evaluate),
         loss_type=loss_type,
         loss_weights=loss_weights,
         beta=cfg.beta,
-        learning_rate=cfg.learning_rate,
-        num_train_epochs=cfg.n_epochs,
-        max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        max_length=cfg.max_length,
-        warmup_steps=cfg.warmup_ratio,  # transformers 5: a float < 1 is a ratio of the total steps
-        lr_scheduler_type=cfg.lr_scheduler,
-        optim=cfg.optim,
-        logging_steps=cfg.logging_steps,
-        save_strategy="steps",
-        save_steps=cfg.checkpoint_every,
-        eval_strategy="steps" if evaluate else "no",
-        eval_steps=cfg.eval_every,
-        bf16=on_cuda,
-        use_cpu=not on_cuda,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        use_liger_kernel=cfg.use_liger_kernel,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         precompute_ref_log_probs=precompute,
         precompute_ref_batch_size=2 * cfg.batch_size,  # no grad, no activations kept: twice the batch fits
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        # several processes (DDP): every LoRA weight takes part in every forward, so DDP need not search the
-        # graph for unused ones each step (transformers' default for a model without gradient checkpointing)
-        ddp_find_unused_parameters=False,
-        save_total_limit=None,
     )
 
 

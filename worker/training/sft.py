@@ -165,42 +165,15 @@ def sft_args(cfg: TrainingConfig, out: Path, *, evaluate: bool) -> Any:
     packing (each example is one sequence, as in the handbook's SFT recipe)."""
     from trl import SFTConfig
 
-    on_cuda = cfg.device == "cuda"
+    from worker.training.arguments import shared_arguments
+
     return SFTConfig(
-        output_dir=str(out / "checkpoints"),
-        learning_rate=cfg.learning_rate,
-        num_train_epochs=cfg.n_epochs,
-        max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        max_length=cfg.max_length,
+        **shared_arguments(cfg, out, evaluate=evaluate),
         truncation_mode="keep_start",
         packing=False,
         assistant_only_loss=False,  # the mask is in the data (see the module docstring)
         completion_only_loss=False,
-        warmup_steps=cfg.warmup_ratio,  # transformers 5: a float < 1 is a ratio of the total steps
-        lr_scheduler_type=cfg.lr_scheduler,
-        optim=cfg.optim,
-        logging_steps=cfg.logging_steps,
-        save_strategy="steps",
-        save_steps=cfg.checkpoint_every,
-        eval_strategy="steps" if evaluate else "no",
-        eval_steps=cfg.eval_every,
-        bf16=on_cuda,
-        use_cpu=not on_cuda,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        use_liger_kernel=cfg.use_liger_kernel,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        # several processes (DDP): every LoRA weight takes part in every forward, so DDP need not search the
-        # graph for unused ones each step (transformers' default for a model without gradient checkpointing)
-        ddp_find_unused_parameters=False,
         dataset_num_proc=None,
-        save_total_limit=None,
     )
 
 
