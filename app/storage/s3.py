@@ -113,6 +113,10 @@ class S3Storage:
             region_name=self.client.meta.region_name,
             config=Config(signature_version="s3v4", user_agent_extra="ipo-align"),
         )
+        # /readyz and the startup check: one quick try, so a store that hangs cannot hold a health probe
+        self.probe = boto3.session.Session().client(
+            "s3", config=Config(connect_timeout=2, read_timeout=2, retries={"total_max_attempts": 1})
+        )
         self.transfer = TransferConfig(
             multipart_threshold=part_size,
             multipart_chunksize=part_size,
@@ -148,9 +152,9 @@ class S3Storage:
 
     def check(self) -> str | None:
         """``None`` when the bucket answers ``HeadBucket``, else its error code (``NoSuchBucket``/``404``,
-        ``AccessDenied``/``403``) or the connection error."""
+        ``AccessDenied``/``403``) or the connection error. One try with 2 s timeouts (the ``probe`` client)."""
         try:
-            self.client.head_bucket(Bucket=self.bucket)
+            self.probe.head_bucket(Bucket=self.bucket)
         except ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", "")) or "ClientError"
             return f"bucket {self.bucket!r}: {'NoSuchBucket' if code == '404' else code}"

@@ -208,3 +208,24 @@ def test_check_says_whether_the_store_can_be_used(store: Storage, store_url: str
         local = open_storage(f"file://{root}")
         root.rmdir()
         assert local.check() == f"{root} is not a directory"
+
+
+def test_check_gives_up_on_a_store_that_never_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``/readyz`` calls ``check``: a store that accepts connections and never answers is reported (one try,
+    short timeouts), not waited on with the SDK's defaults (60 s reads, retried)."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    held: list[object] = []
+    threading.Thread(target=lambda: held.extend(server.accept() for _ in range(4)), daemon=True).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{server.getsockname()[1]}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    try:
+        assert open_storage("s3://silent/x").check() == "bucket 'silent': ReadTimeoutError"
+    finally:
+        server.close()
